@@ -1,0 +1,65 @@
+# usvm: `make run` and `make test` work on a fresh Debian 12 machine; they
+# install what is missing with apt-get (as root, or through sudo).
+SHELL := /bin/bash
+PKGS := cmake ninja-build g++ clang libgtest-dev libgmock-dev libbenchmark-dev libfmt-dev
+CTEST_JOBS ?= 2
+BENCH_OUT := build/bench
+
+.PHONY: all deps build run test test-release test-tsan check-tsa asan bench clean
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make: installing missing packages:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -ne 0 ] && sudo=sudo; \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+
+build: deps
+	@cmake --preset release >/dev/null
+	cmake --build build/release
+
+# The main job on the built-in default scenario. Until the scenario runner
+# exists this is the end-to-end demonstration of the address space.
+run: build
+	./build/release/tools/usvm/usvm demo
+
+# Every test (optimised build, assertions on), then the concurrency tests
+# under ThreadSanitizer, then clang's thread-safety analysis of the libraries.
+test: test-release test-tsan check-tsa
+
+test-release: deps
+	@cmake --preset release >/dev/null
+	cmake --build build/release
+	cd build/release && ctest --output-on-failure -j$(CTEST_JOBS)
+
+test-tsan: deps
+	@cmake --preset tsan >/dev/null
+	cmake --build build/tsan
+	cd build/tsan && TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+	  ctest --output-on-failure -j$(CTEST_JOBS) -L concurrency
+
+check-tsa: deps
+	@cmake --preset tsa >/dev/null
+	cmake --build build/tsa
+
+asan: deps
+	@cmake --preset asan >/dev/null
+	cmake --build build/asan
+	cd build/asan && ctest --output-on-failure -j$(CTEST_JOBS)
+
+# Google Benchmark programs; JSON results under build/bench/.
+bench: build
+	@mkdir -p $(BENCH_OUT)
+	@for b in build/release/bench/*_bench; do \
+	  n=$$(basename $$b); echo "== $$n"; \
+	  $$b --benchmark_out=$(BENCH_OUT)/$$n.json --benchmark_out_format=json || exit 1; \
+	done
+
+clean:
+	rm -rf build
