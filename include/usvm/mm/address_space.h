@@ -1,0 +1,216 @@
+// AddressSpace: a simulated process address space (the kernel's mm_struct).
+//
+// It owns the VMAs (an address-ordered map with split and merge), a 4-level
+// CPU page table over a 47-bit user space, and the notifier hub. Frames come
+// from a FramePool shared by every address space of the simulated machine
+// (fork children share it with their parent). Bytes are real: every CPU
+// read and write copies to or from the frame arena.
+//
+// Key operations, with Linux semantics and errors:
+//   Mmap / Munmap / Mprotect / Madvise / Mremap / Fork / Exit
+//   Read / Write / Atomic*  -- the CPU: walks the page table, takes a fault
+//                              (zero page, allocation, COW break, THP) when
+//                              the entry is missing or read-only; EFAULT is
+//                              this world's SIGSEGV/SIGBUS.
+//
+// Invalidation: every change that removes or downgrades a page table entry
+// is bracketed by notifiers().InvalidateRangeStart/End with the kernel's
+// event: UNMAP (munmap, mremap's old range), CLEAR (madvise DONTNEED/FREE,
+// COW break, THP split), PROTECTION_VMA (mprotect), PROTECTION_PAGE (fork's
+// write-protect of the parent), RELEASE (teardown).
+//
+// Locking (in acquisition order):
+//   1. mmap_lock_ (RwSemaphore): write for layout changes (mmap, munmap,
+//      mprotect, mremap, fork, madvise HUGEPAGE/NOHUGEPAGE, exit); read for
+//      faults, CPU accesses and madvise DONTNEED/FREE. Guards the VMA map
+//      and the existence of page table pages (freed only under write).
+//   2. the page table lock of a 2 MiB region (PageTable's per-PMD-slot
+//      RwSemaphore): exclusive to change entries of that region, shared for
+//      a CPU access through them, so a frame cannot be freed or replaced
+//      while bytes are copied to or from it.
+//   Notifier callbacks run with (1) held and (2) not held.
+//
+// Thread-safety: every public method is safe to call concurrently.
+// Lifetime: AddressSpace is shared (std::shared_ptr) so that mirrors can
+// hold the structure (mmgrab) past Exit(); Exit() (mmput of the last user)
+// tears the space down; later calls fail with EFAULT. The FramePool must
+// outlive every AddressSpace.
+#ifndef USVM_MM_ADDRESS_SPACE_H_
+#define USVM_MM_ADDRESS_SPACE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "usvm/base/env.h"
+#include "usvm/base/mutex.h"
+#include "usvm/base/result.h"
+#include "usvm/mm/frame_pool.h"
+#include "usvm/mm/mmu_notifier.h"
+#include "usvm/mm/sim_file.h"
+#include "usvm/mm/types.h"
+
+namespace usvm::mm {
+
+class PageTable;
+struct Vma;
+
+// VMA flags reported by VmaInfo.
+enum : uint32_t {
+  kVmaShared = 1u << 0,     // MAP_SHARED (file or shmem)
+  kVmaAnonymous = 1u << 1,  // anonymous (private anon, or shmem)
+  kVmaHugePage = 1u << 2,   // MADV_HUGEPAGE
+  kVmaNoHugePage = 1u << 3, // MADV_NOHUGEPAGE
+};
+
+// A copy of one VMA's attributes.
+struct VmaInfo {
+  uint64_t start = 0;
+  uint64_t end = 0;
+  uint32_t prot = 0;
+  uint32_t flags = 0;
+  const SimFile* file = nullptr;  // null for private anonymous memory
+  uint64_t pgoff = 0;             // file page index of `start`
+};
+
+// What the CPU page table holds for one 4 KiB page.
+struct PteInfo {
+  enum class Kind : uint8_t {
+    kNone,            // not present
+    kPresent,         // a system frame (or the zero page)
+    kMigration,       // under migration: accessors wait (HMM issue)
+    kDevicePrivate,   // in device memory (HMM issue)
+    kDeviceExclusive, // exclusively owned by a device (HMM issue)
+  };
+  Kind kind = Kind::kNone;
+  Pfn pfn = kInvalidPfn;
+  bool readable = false;
+  bool writable = false;
+  bool dirty = false;
+  bool accessed = false;
+  bool zero_page = false;  // the shared zero page
+  bool file = false;       // a page-cache page (not anonymous)
+  bool huge = false;       // mapped by a 2 MiB entry
+};
+
+struct AddressSpaceConfig {
+  // User space is [min_addr, task_size).
+  uint64_t min_addr = 0x10000;
+  uint64_t task_size = uint64_t{1} << 47;
+  // Top-down allocation starts below this address.
+  uint64_t mmap_base = (uint64_t{1} << 47) - (uint64_t{1} << 40);
+  // Transparent huge pages in MADV_HUGEPAGE regions ("madvise" mode).
+  bool thp = true;
+};
+
+class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
+ public:
+  static Result<std::shared_ptr<AddressSpace>> TryCreate(FramePool& pool,
+                                                        AddressSpaceConfig config = {},
+                                                        Env& env = Env::Default());
+  ~AddressSpace();
+  AddressSpace(const AddressSpace&) = delete;
+  AddressSpace& operator=(const AddressSpace&) = delete;
+
+  // ---- layout -----------------------------------------------------------
+
+  // mmap(2). `flags`: exactly one of kMapShared/kMapPrivate, plus
+  // kMapAnonymous (then `file` must be null), kMapFixed,
+  // kMapFixedNoReplace, kMapPopulate. Returns the address.
+  // EINVAL: zero length, bad flags or prot, unaligned fixed address or file
+  // offset, anonymous with a file or file-backed without one. ENOMEM: no
+  // room, length overflow, or populate could not allocate. EEXIST:
+  // kMapFixedNoReplace over an existing mapping.
+  Result<uint64_t> Mmap(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
+                        std::shared_ptr<SimFile> file = nullptr, uint64_t offset = 0);
+  // munmap(2). EINVAL: unaligned address, zero length, or a range outside
+  // user space. Unmapping nothing succeeds.
+  Result<void> Munmap(uint64_t addr, uint64_t len);
+  // mprotect(2). EINVAL: unaligned address or unknown prot bits. ENOMEM:
+  // part of the range is not mapped (nothing is changed then).
+  Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
+  // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
+  // kMadvNoHugePage. EINVAL: unaligned address, unknown advice, FREE on a
+  // shared or file mapping. ENOMEM: part of the range is not mapped (the
+  // mapped parts are still advised, as in Linux).
+  Result<void> Madvise(uint64_t addr, uint64_t len, int advice);
+  // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap.
+  // Returns the new address. EINVAL: bad flags/alignment/lengths or
+  // overlapping fixed ranges; EFAULT: the old range is not one mapping;
+  // ENOMEM: cannot grow in place and may not move, or no room.
+  Result<uint64_t> Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len,
+                          uint32_t flags, uint64_t new_addr = 0);
+  // fork(2) of the memory: a new address space with copies of every VMA;
+  // private memory becomes copy-on-write in both, shared stays shared.
+  Result<std::shared_ptr<AddressSpace>> Fork();
+  // Tears the address space down (exit_mmap): one RELEASE to the notifier
+  // hub, then every mapping is unmapped. Idempotent. Later calls: EFAULT.
+  void Exit();
+  bool exited() const;
+
+  // ---- the CPU ----------------------------------------------------------
+
+  // Copies between the simulated memory and a host buffer, faulting pages
+  // in as a CPU would. EFAULT: no VMA, missing permission, or beyond the
+  // end of a file (SIGBUS). A failed access may have copied the bytes
+  // before the failing page, as a real memcpy would. ENOMEM: out of frames.
+  Result<void> Read(uint64_t addr, void* dst, uint64_t len);
+  Result<void> Write(uint64_t addr, const void* src, uint64_t len);
+  // 8-byte atomics on naturally aligned addresses (EINVAL if unaligned).
+  Result<uint64_t> AtomicLoad(uint64_t addr);
+  Result<void> AtomicStore(uint64_t addr, uint64_t v);
+  Result<uint64_t> AtomicFetchAdd(uint64_t addr, uint64_t v);
+  Result<uint64_t> AtomicExchange(uint64_t addr, uint64_t v);
+  // Returns the old value; the store happened iff it equals `expected`.
+  Result<uint64_t> AtomicCompareExchange(uint64_t addr, uint64_t expected, uint64_t desired);
+  // Faults [addr, addr+len) in as a read or write access would, without
+  // copying (get_user_pages without pins; MAP_POPULATE).
+  Result<void> Populate(uint64_t addr, uint64_t len, bool write);
+
+  // ---- queries (take the mmap lock for read) ----------------------------
+
+  // find_vma: the first VMA ending above addr, if any.
+  std::optional<VmaInfo> FindVma(uint64_t addr) const;
+  std::vector<VmaInfo> Vmas() const;
+  size_t VmaCount() const;
+  PteInfo QueryPte(uint64_t addr) const;
+
+  struct Stats {
+    uint64_t faults = 0;        // page faults handled (any kind)
+    uint64_t zero_maps = 0;     // read faults served by the zero page
+    uint64_t anon_allocs = 0;   // anonymous 4 KiB frames allocated by faults
+    uint64_t huge_faults = 0;   // 2 MiB frames mapped by faults
+    uint64_t cow_breaks = 0;    // copies made by write faults
+    uint64_t cow_reuses = 0;    // write faults that reused an exclusive page
+    uint64_t thp_splits = 0;    // huge entries split into 4 KiB entries
+    uint64_t rss_pages = 0;     // present 4 KiB entries (huge counts 512)
+  };
+  Stats GetStats() const;
+
+  // ---- for the layers above --------------------------------------------
+
+  RwSemaphore& mmap_lock() const USVM_RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
+  MmuNotifierSubscriptions& notifiers() { return *notifiers_; }
+  FramePool& pool() const { return pool_; }
+  Env& env() const { return env_; }
+  const AddressSpaceConfig& config() const { return config_; }
+
+ private:
+  class Impl;
+  AddressSpace(FramePool& pool, AddressSpaceConfig config, Env& env);
+
+  FramePool& pool_;
+  Env& env_;
+  const AddressSpaceConfig config_;
+  mutable RwSemaphore mmap_lock_;
+  std::unique_ptr<MmuNotifierSubscriptions> notifiers_;
+  // All mutable state; its fields are guarded by mmap_lock_ and the page
+  // table locks as documented in src/mm/address_space_impl.h.
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace usvm::mm
+
+#endif  // USVM_MM_ADDRESS_SPACE_H_

@@ -1,0 +1,65 @@
+// Basic mm vocabulary: page sizes, protection bits, mmap/madvise/mremap
+// flags with Linux's values, and the page frame number type.
+#ifndef USVM_MM_TYPES_H_
+#define USVM_MM_TYPES_H_
+
+#include <cstdint>
+
+namespace usvm::mm {
+
+inline constexpr uint64_t kPageShift = 12;
+inline constexpr uint64_t kPageSize = uint64_t{1} << kPageShift;
+inline constexpr uint64_t kPageMask = ~(kPageSize - 1);
+inline constexpr uint64_t kHugeShift = 21;  // PMD-sized transparent huge page
+inline constexpr uint64_t kHugePageSize = uint64_t{1} << kHugeShift;
+inline constexpr uint64_t kHugeMask = ~(kHugePageSize - 1);
+inline constexpr uint64_t kPagesPerHuge = kHugePageSize / kPageSize;  // 512
+
+// A system page frame number: frame i holds bytes [i * 4096, (i+1) * 4096)
+// of the FramePool's arena.
+using Pfn = uint64_t;
+inline constexpr Pfn kInvalidPfn = ~Pfn{0};
+
+inline constexpr uint64_t PageAlignDown(uint64_t a) { return a & kPageMask; }
+inline constexpr uint64_t PageAlignUp(uint64_t a) { return (a + kPageSize - 1) & kPageMask; }
+inline constexpr bool IsPageAligned(uint64_t a) { return (a & (kPageSize - 1)) == 0; }
+inline constexpr bool IsHugeAligned(uint64_t a) { return (a & (kHugePageSize - 1)) == 0; }
+
+// mmap/mprotect protection (PROT_*).
+enum : uint32_t {
+  kProtNone = 0x0,
+  kProtRead = 0x1,
+  kProtWrite = 0x2,
+  kProtExec = 0x4,
+  kProtAll = kProtRead | kProtWrite | kProtExec,
+};
+
+// mmap flags (MAP_*), Linux values.
+enum : uint32_t {
+  kMapShared = 0x01,
+  kMapPrivate = 0x02,
+  kMapFixed = 0x10,
+  kMapAnonymous = 0x20,
+  kMapPopulate = 0x8000,
+  kMapFixedNoReplace = 0x100000,
+};
+
+// madvise advice (MADV_*), Linux values.
+enum : int {
+  kMadvNormal = 0,
+  kMadvDontNeed = 4,
+  kMadvFree = 8,
+  kMadvHugePage = 14,
+  kMadvNoHugePage = 15,
+};
+
+// mremap flags (MREMAP_*), Linux values.
+enum : uint32_t {
+  kMremapMayMove = 1,
+  kMremapFixed = 2,
+  kMremapDontUnmap = 4,
+};
+
+}  // namespace usvm::mm
+
+#endif  // USVM_MM_TYPES_H_
