@@ -1,0 +1,164 @@
+#include "usvm/gpu/fault_unit.h"
+
+#include <atomic>
+#include <chrono>
+
+namespace usvm::gpu {
+
+// One outstanding fault. The answer is published through `answer`
+// (release) after `error`; raisers read it lock-free in their wait
+// condition. Other fields are guarded by the unit's lock_.
+struct FaultUnit::Pending {
+  uint64_t id = 0;
+  uint64_t page = 0;
+  uint8_t access = 0;
+  uint32_t engine = 0;
+  uint64_t launch = 0;
+  uint32_t raisers = 0;
+  bool fetched = false;
+  Error error{Errc::kOk};
+  std::atomic<int> answer{0};  // 0 pending, 1 replayed, 2 cancelled
+};
+
+FaultUnit::FaultUnit(Env& env) : env_(env) {}
+
+FaultUnit::~FaultUnit() { Shutdown(); }
+
+Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint64_t launch) {
+  if (access == 0 || (access & ~uint8_t(kAccessRead | kAccessWrite | kAccessAtomic)))
+    return Err(Errc::kInval, "bad access kind");
+  if (va >= kVaLimit) return Err(Errc::kInval, "va beyond 48 bits");
+  const uint64_t page = va & ~(kPageSize - 1);
+  std::shared_ptr<Pending> p;
+  bool fresh = false;
+  {
+    MutexLock l(lock_);
+    if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
+    ++stats_.raised;
+    auto it = by_page_.find(page);
+    if (it != by_page_.end()) {
+      p = it->second;
+      p->access |= access;
+      ++stats_.coalesced;
+    } else {
+      p = std::make_shared<Pending>();
+      p->id = next_id_++;
+      p->page = page;
+      p->access = access;
+      p->engine = engine;
+      p->launch = launch;
+      by_page_.emplace(page, p);
+      by_id_.emplace(p->id, p);
+      queue_.push_back(p);
+      fresh = true;
+    }
+    ++p->raisers;
+  }
+  if (fresh) arrivals_.WakeAll();
+  answers_.Wait([&] { return p->answer.load(std::memory_order_acquire) != 0; });
+  if (p->answer.load(std::memory_order_acquire) == 1) return {};
+  return Err(p->error);
+}
+
+std::vector<Fault> FaultUnit::TryFetch(size_t max) {
+  std::vector<Fault> out;
+  MutexLock l(lock_);
+  while (!queue_.empty() && out.size() < max) {
+    std::shared_ptr<Pending> p = std::move(queue_.front());
+    queue_.pop_front();
+    p->fetched = true;
+    out.push_back({p->id, p->page, p->access, p->engine, p->launch, p->raisers});
+    ++stats_.fetched;
+  }
+  return out;
+}
+
+Result<std::vector<Fault>> FaultUnit::Fetch(size_t max, uint64_t timeout_ns) {
+  if (max == 0) return Err(Errc::kInval, "max is zero");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::nanoseconds(timeout_ns);
+  for (;;) {
+    {
+      MutexLock l(lock_);
+      if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
+    }
+    std::vector<Fault> out = TryFetch(max);
+    if (!out.empty()) return out;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return Err(Errc::kTime, "no faults");
+    // The condition takes lock_ itself; wakers never hold lock_ while
+    // waking, so the order is always queue mutex -> lock_.
+    (void)arrivals_.WaitFor(
+        [&] {
+          MutexLock l(lock_);
+          return shutdown_ || !queue_.empty();
+        },
+        deadline - now);
+  }
+}
+
+Result<void> FaultUnit::AnswerLocked(uint64_t id, Errc code, const char* what) {
+  auto it = by_id_.find(id);
+  if (it == by_id_.end()) return Err(Errc::kNoEnt, "no such outstanding fault");
+  std::shared_ptr<Pending> p = it->second;
+  by_id_.erase(it);
+  by_page_.erase(p->page);
+  if (!p->fetched) {
+    for (auto q = queue_.begin(); q != queue_.end(); ++q)
+      if (*q == p) {
+        queue_.erase(q);
+        break;
+      }
+  }
+  if (code == Errc::kOk) {
+    ++stats_.replayed;
+    p->answer.store(1, std::memory_order_release);
+  } else {
+    ++stats_.cancelled;
+    p->error = Error(code, what);
+    p->answer.store(2, std::memory_order_release);
+  }
+  return {};
+}
+
+Result<void> FaultUnit::Replay(uint64_t id) {
+  {
+    MutexLock l(lock_);
+    USVM_TRY(AnswerLocked(id, Errc::kOk, nullptr));
+  }
+  answers_.WakeAll();
+  return {};
+}
+
+Result<void> FaultUnit::Cancel(uint64_t id, Error error) {
+  if (error.code() == Errc::kOk) return Err(Errc::kInval, "cancel needs an error");
+  {
+    MutexLock l(lock_);
+    USVM_TRY(AnswerLocked(id, error.code(), error.what()));
+  }
+  answers_.WakeAll();
+  return {};
+}
+
+void FaultUnit::Shutdown() {
+  {
+    MutexLock l(lock_);
+    shutdown_ = true;
+    std::vector<uint64_t> ids;
+    for (auto& [id, p] : by_id_) ids.push_back(id);
+    for (uint64_t id : ids) (void)AnswerLocked(id, Errc::kCanceled, "fault unit shut down");
+  }
+  answers_.WakeAll();
+  arrivals_.WakeAll();
+}
+
+FaultStats FaultUnit::Stats() const {
+  MutexLock l(lock_);
+  return stats_;
+}
+
+size_t FaultUnit::outstanding() const {
+  MutexLock l(lock_);
+  return by_id_.size();
+}
+
+}  // namespace usvm::gpu
