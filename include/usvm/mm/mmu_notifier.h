@@ -12,50 +12,80 @@
 // the mmap lock.
 //
 // MmuNotifierSubscriptions is the per-address-space hub (the kernel's
-// struct mmu_notifier_subscriptions). This file holds the classic
-// whole-address-space notifiers (struct mmu_notifier): register, the
-// start/end/release callbacks. Interval notifiers build on the same hub.
+// struct mmu_notifier_subscriptions). It serves two kinds of subscriber:
+//
+//  * classic whole-address-space notifiers (MmuNotifier, struct
+//    mmu_notifier): Register/Unregister, or the shared, reference-counted
+//    Get/Put (mmu_notifier_get/put: one notifier per (allocator, mm));
+//    start/end/release callbacks;
+//  * interval notifiers (MmuIntervalNotifier, mmu_interval_notifier.h):
+//    an augmented interval tree of subscriptions, the global
+//    invalidate_seq, the count of active invalidations, a wait queue and a
+//    deferred list, with the sequence protocol of mm/mmu_notifier.c.
+//
+// Interval invalidation, step by step (mn_itree_*):
+//   1. Start: under the spinlock, active++; if any subscription overlaps,
+//      the global seq becomes odd. cur_seq = that seq.
+//   2. Walk the overlapping subscriptions WITHOUT the spinlock (the tree
+//      cannot change while the seq is odd: Insert/Remove go to the
+//      deferred list), calling InvalidateStart (pass 1) with cur_seq; then
+//      every returned finish object's Finish (pass 2), in order.
+//   3. End: under the spinlock, active--; the last one to end an odd
+//      sequence makes it even, applies the deferred inserts and removes,
+//      and wakes ReadBegin/Remove sleepers.
+// Nested and concurrent invalidations from many threads therefore share one
+// odd sequence until the last of them ends. A non-blockable invalidation
+// whose callback returns false stops the walk, still runs the finish pass
+// of the callbacks that succeeded, ends its part (3) and fails with EAGAIN;
+// its caller must not call InvalidateRangeEnd.
+//
+// Invariants:
+//   - invalidate_seq is even iff no invalidation that hit a subscription
+//     is active; it only grows.
+//   - while it is odd the tree is not modified; the deferred list is empty
+//     while it is even.
+//   - a subscription's seq is odd and differs from the global seq while it
+//     is not colliding with an active invalidation.
+//
+// Locking:
+//   - lock_ (SpinLock) guards the tree, the deferred list, active count and
+//     writes of invalidate_seq. Never held across a callback.
+//   - list_lock_ (RwSemaphore) guards the classic list: shared for
+//     callbacks (the kernel's SRCU read side), exclusive to change it, so
+//     Unregister/Put return only once no callback of that notifier runs.
+//   - order: mmap_lock -> list_lock_ -> lock_. The hub takes the mmap lock
+//     itself only in Register, Get and the first Insert (as the kernel's
+//     mmu_notifier_register does), so those must not be called with the
+//     mmap lock held; use the ...Locked forms under the write lock.
+//   - Remove, Unregister and Put from an invalidation callback of the same
+//     hub would deadlock (they wait for the callback to return); they
+//     detect it and fail with EDEADLK.
+//
+// Fast path: when nothing was ever subscribed, InvalidateRangeStart/End
+// are two relaxed atomic loads. "Has interval subscriptions" is sticky and
+// first set under the mmap write lock, like the kernel's has_itree, so an
+// invalidation bracket (run under the mmap lock) never sees it change.
+//
+// Thread-safety: every public method is safe to call concurrently.
 #ifndef USVM_MM_MMU_NOTIFIER_H_
 #define USVM_MM_MMU_NOTIFIER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
+#include "usvm/base/interval_tree.h"
+#include "usvm/base/intrusive_list.h"
 #include "usvm/base/mutex.h"
 #include "usvm/base/result.h"
 #include "usvm/base/thread_annotations.h"
+#include "usvm/base/wait_queue.h"
+#include "usvm/mm/mmu_interval_notifier.h"
+#include "usvm/mm/mmu_notifier_range.h"
 
 namespace usvm::mm {
 
-class AddressSpace;
-
-// Why a range is invalidated (enum mmu_notifier_event).
-enum class NotifyEvent : uint8_t {
-  kUnmap,           // munmap, the old range of mremap: the range is gone
-  kClear,           // madvise DONTNEED/FREE, COW break, THP split, reclaim
-  kProtectionVma,   // mprotect
-  kProtectionPage,  // write-protect of individual pages (fork's COW setup)
-  kSoftDirty,       // soft-dirty tracking reset
-  kRelease,         // address space teardown
-  kMigrate,         // migrate_vma (owner says who migrates)
-  kExclusive,       // make a page device-exclusive (owner says who)
-};
-
-const char* NotifyEventName(NotifyEvent e);
-
-// struct mmu_notifier_range.
-struct NotifierRange {
-  AddressSpace* mm = nullptr;
-  uint64_t start = 0;  // page aligned
-  uint64_t end = 0;    // exclusive, page aligned
-  NotifyEvent event = NotifyEvent::kUnmap;
-  // The driver cookie of kMigrate/kExclusive, so a driver can skip its own
-  // migrations; nullptr otherwise.
-  const void* owner = nullptr;
-  // False for invalidations that may not sleep (the OOM reaper's); a
-  // callback that would have to sleep then returns false / EAGAIN.
-  bool blockable = true;
-};
+class MmuNotifierAllocator;
 
 // A classic whole-address-space notifier (struct mmu_notifier with its
 // ops). The owner keeps it alive while registered.
@@ -63,48 +93,182 @@ class MmuNotifier {
  public:
   virtual ~MmuNotifier() = default;
   // Return false only when !range.blockable and the callback would sleep;
-  // the invalidation then fails with EAGAIN.
+  // the invalidation then fails with EAGAIN. A notifier whose start can
+  // fail should not rely on its end: on EAGAIN every registered notifier
+  // gets InvalidateRangeEnd, as in the kernel.
   virtual bool InvalidateRangeStart(const NotifierRange& range) { return true; }
   virtual void InvalidateRangeEnd(const NotifierRange& range) {}
-  // The address space is being torn down: stop using it. Called once,
-  // after which the notifier is unhooked (as mmu_notifier_release does).
-  virtual void Release(AddressSpace& mm) {}
+  // The address space is being torn down, or the notifier is being
+  // unregistered: stop using the address space. Called at most once.
+  // `mm` is null for a hub built without an address space.
+  virtual void Release(AddressSpace* mm) {}
+
+ private:
+  friend class MmuNotifierSubscriptions;
+  // Guarded by the owning hub's list_lock_ (another object's lock, so not
+  // annotated). hub_: where it is registered (kept after release for Put);
+  // allocator_/users_: set for notifiers made by Get.
+  MmuNotifierSubscriptions* hub_ = nullptr;
+  MmuNotifierAllocator* allocator_ = nullptr;
+  uint32_t users_ = 0;
+  // Atomic: makes Release run once when teardown and Unregister race.
+  std::atomic<bool> release_called_{false};
 };
 
-// The per-address-space notifier hub.
-//
-// Locking: the list of classic notifiers is guarded by list_lock_, taken
-// shared by every invalidation (the kernel's SRCU read side) and exclusive
-// by Register/Unregister, so Unregister returns only once no callback of
-// that notifier runs or can run. Unregister from inside a callback
-// deadlocks, as in the kernel: defer it to a worker.
+// The alloc_notifier/free_notifier half of mmu_notifier_ops, for Get/Put:
+// one notifier per (allocator, address space), shared and refcounted.
+class MmuNotifierAllocator {
+ public:
+  virtual ~MmuNotifierAllocator() = default;
+  // A new notifier for `mm` (null for a hub without an address space). Called
+  // with the mmap write lock held (if there is an address space). The
+  // error is returned by Get.
+  virtual Result<MmuNotifier*> AllocNotifier(AddressSpace* mm) = 0;
+  // Called once, after the last Put, when no callback of n runs or can run.
+  virtual void FreeNotifier(MmuNotifier* n) = 0;
+};
+
+// The per-address-space notifier hub (see the file comment).
 class MmuNotifierSubscriptions {
  public:
-  explicit MmuNotifierSubscriptions(AddressSpace* mm) : mm_(mm) {}
+  // `mm` may be null (unit tests, benchmarks): then there is no mmap lock to
+  // take or check, and interval subscriptions count as present from the
+  // start, so invalidations always take the full path.
+  explicit MmuNotifierSubscriptions(AddressSpace* mm);
   MmuNotifierSubscriptions(const MmuNotifierSubscriptions&) = delete;
   MmuNotifierSubscriptions& operator=(const MmuNotifierSubscriptions&) = delete;
 
-  // mmu_notifier_register: EINVAL if null or already registered, ESRCH
-  // after the address space was released.
+  AddressSpace* mm() const { return mm_; }
+
+  // ---- classic notifiers ------------------------------------------------
+
+  // mmu_notifier_register: takes the mmap write lock. EINVAL if null or
+  // already registered, ESRCH after the address space was released.
   Result<void> Register(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
-  // mmu_notifier_unregister: ENOENT if never registered; success (no-op)
-  // after the address space was released. Waits for running callbacks.
+  // __mmu_notifier_register. REQUIRES: the mmap write lock (EINVAL if not).
+  Result<void> RegisterLocked(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
+  // mmu_notifier_unregister: unhooks n, waits for its running callbacks,
+  // and calls its Release unless teardown already did. ENOENT if not
+  // registered; success (no-op) after the address space was released.
+  // EINVAL for a notifier obtained by Get (use Put). EDEADLK from a
+  // callback of this hub.
   Result<void> Unregister(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
 
-  // Called by the address space around page-table changes. Start returns
-  // EAGAIN (and the caller must not call End) when a non-blockable
-  // invalidation met a callback that would sleep.
-  Result<void> InvalidateRangeStart(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
-  void InvalidateRangeEnd(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
-  // Teardown: every classic notifier's Release, then they are unhooked.
-  void Release() USVM_EXCLUDES(list_lock_);
+  // mmu_notifier_get: the notifier of `alloc` on this address space with
+  // one more reference, or a new one from alloc->AllocNotifier,
+  // registered. Takes the mmap write lock. ESRCH after release; EINVAL if
+  // alloc is null; AllocNotifier's error.
+  Result<MmuNotifier*> Get(MmuNotifierAllocator* alloc) USVM_EXCLUDES(list_lock_);
+  // mmu_notifier_get_locked. REQUIRES: the mmap write lock (EINVAL if not).
+  Result<MmuNotifier*> GetLocked(MmuNotifierAllocator* alloc) USVM_EXCLUDES(list_lock_);
+  // mmu_notifier_put: drops a reference; the last one unhooks the notifier,
+  // waits for its running callbacks and calls FreeNotifier (the kernel
+  // defers that free through SRCU; here it is done before Put returns).
+  // EINVAL: not from Get on this hub, or no reference left. EDEADLK from a
+  // callback of this hub.
+  Result<void> Put(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
 
-  // True when anything is subscribed (lets callers skip building ranges).
+  // ---- interval notifiers -----------------------------------------------
+
+  // mmu_interval_notifier_insert: subscribes `sub` to [start, start+length).
+  // Takes the mmap write lock the first time any interval notifier is
+  // inserted in this hub. During an invalidation the insert is deferred and
+  // the subscription collides (its first ReadBegin waits).
+  // EINVAL: null sub/ops, sub already inserted, length 0 or overflowing
+  // (the kernel's EOVERFLOW), or the address space was released.
+  Result<void> Insert(MmuIntervalNotifier* sub, uint64_t start, uint64_t length,
+                      MmuIntervalNotifierOps* ops) USVM_EXCLUDES(lock_);
+  // mmu_interval_notifier_insert_locked. REQUIRES: the mmap write lock
+  // (EINVAL if not held).
+  Result<void> InsertLocked(MmuIntervalNotifier* sub, uint64_t start, uint64_t length,
+                            MmuIntervalNotifierOps* ops) USVM_EXCLUDES(lock_);
+  // mmu_interval_notifier_remove: unsubscribes `sub` and returns once no
+  // callback of it runs or can run (it may sleep until the current
+  // invalidation ends). EINVAL: not inserted here. EDEADLK: called from an
+  // invalidation callback of this hub (it would wait for itself).
+  Result<void> Remove(MmuIntervalNotifier* sub) USVM_EXCLUDES(lock_);
+
+  // ---- the address space's side -----------------------------------------
+
+  // Called by the address space around page-table changes, with the mmap
+  // lock held. Start returns EAGAIN (and the caller must not call End) when
+  // a non-blockable invalidation met a callback that would sleep.
+  Result<void> InvalidateRangeStart(const NotifierRange& range)
+      USVM_EXCLUDES(lock_, list_lock_);
+  void InvalidateRangeEnd(const NotifierRange& range) USVM_EXCLUDES(lock_, list_lock_);
+  // Teardown (exit_mmap): one RELEASE invalidation over the whole space to
+  // the interval subscriptions (they stay inserted until their owners
+  // remove them; later inserts fail), then every classic notifier's
+  // Release, after which they are unhooked. Idempotent.
+  void Release() USVM_EXCLUDES(lock_, list_lock_);
+
+  // True when invalidations must be reported (the kernel's
+  // mm_has_notifiers): a classic notifier is registered, or interval
+  // notifiers were ever inserted (sticky). Stable under the mmap lock.
   bool HasSubscribers() const;
 
+  // ---- racy queries for tests and assertions ----------------------------
+
+  uint64_t DebugInvalidateSeq() const { return invalidate_seq_.load(std::memory_order_relaxed); }
+  uint64_t DebugActiveInvalidations() const USVM_EXCLUDES(lock_);
+  // Subscriptions in the tree, and on the deferred list.
+  size_t DebugTreeSize() const USVM_EXCLUDES(lock_);
+  size_t DebugDeferredSize() const USVM_EXCLUDES(lock_);
+  // Kernel WARN_ONs hit: a blockable invalidation or a RELEASE whose
+  // callback returned false.
+  uint64_t DebugWarnings() const { return warnings_.load(std::memory_order_relaxed); }
+
  private:
+  friend class MmuIntervalNotifier;
+  using Tree = IntrusiveIntervalTree<MmuIntervalNotifier, &MmuIntervalNotifier::node_>;
+  using FinishList = IntrusiveList<MmuIntervalFinish, &MmuIntervalFinish::link_>;
+
+  bool InCallback() const;
+  Result<void> CheckMmapWriteLocked() const;
+  void EnsureItree(bool mmap_write_locked);
+  Result<void> InsertInternal(MmuIntervalNotifier* sub, uint64_t start, uint64_t length,
+                              MmuIntervalNotifierOps* ops) USVM_EXCLUDES(lock_);
+  MmuIntervalNotifier* ItreeInvStartRange(const NotifierRange& range, uint64_t* cur_seq)
+      USVM_EXCLUDES(lock_);
+  void ItreeInvEnd() USVM_EXCLUDES(lock_);
+  // Both passes over the overlapping subscriptions. EAGAIN (after ending
+  // its part) when a non-blockable callback failed.
+  Result<void> ItreeInvalidate(const NotifierRange& range) USVM_EXCLUDES(lock_);
+  uint64_t ReadBegin(MmuIntervalNotifier* sub) USVM_EXCLUDES(lock_);
+  Result<void> RegisterInternal(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
+  Result<void> HlistInvalidateStart(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
+  void HlistInvalidateEnd(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
+
+  // Constant after construction.
   AddressSpace* const mm_;  // non-owning back pointer; outlives this
+
+  // Atomic fast-path flags. has_itree_: sticky, first set under the mmap
+  // write lock (or at construction when mm_ is null). classic_count_:
+  // written under list_lock_ (exclusive), read locklessly by invalidations.
+  std::atomic<bool> has_itree_;
+  std::atomic<uint32_t> classic_count_{0};
+  // Atomic: makes Release idempotent.
+  std::atomic<bool> release_started_{false};
+  // Atomic counter, statistics only.
+  std::atomic<uint64_t> warnings_{0};
+
+  // Interval notifier state, protected by lock_.
+  mutable SpinLock lock_;
+  Tree itree_ USVM_GUARDED_BY(lock_);
+  IntrusiveList<MmuIntervalNotifier, &MmuIntervalNotifier::deferred_link_> deferred_
+      USVM_GUARDED_BY(lock_);
+  uint64_t active_invalidate_ranges_ USVM_GUARDED_BY(lock_) = 0;
+  bool itree_released_ USVM_GUARDED_BY(lock_) = false;
+  // Atomic: written only under lock_; read locklessly by ReadBegin/Remove
+  // sleepers (their wake-up condition). Starts even (2, as in the kernel).
+  std::atomic<uint64_t> invalidate_seq_{2};
+  // Sleepers of ReadBegin and Remove; woken when the seq becomes even.
+  WaitQueue wq_;
+
+  // Classic notifier state, protected by list_lock_.
   mutable RwSemaphore list_lock_;
+  // Serialises Get so two callers do not both allocate.
+  Mutex get_mu_ USVM_ACQUIRED_BEFORE(list_lock_);
   std::vector<MmuNotifier*> notifiers_ USVM_GUARDED_BY(list_lock_);
   bool released_ USVM_GUARDED_BY(list_lock_) = false;
 };
