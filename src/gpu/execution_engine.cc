@@ -146,13 +146,13 @@ std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8
                                           uint64_t align_mask) {
   if (ctx.cancelled_) return nullptr;
   if (ctx.launch_.cancelled.load(std::memory_order_acquire)) {
-    ctx.cancelled_ = true;
+    ctx.MarkCancelled();
     return nullptr;
   }
   if ((va & align_mask) != 0 || va >= kVaLimit) {
     CancelLaunch(ctx.launch_, Error(va >= kVaLimit ? Errc::kFault : Errc::kInval,
                                     va >= kVaLimit ? "access beyond 48 bits" : "misaligned access"));
-    ctx.cancelled_ = true;
+    ctx.MarkCancelled();
     return nullptr;
   }
   detail::MicroTlb& utlb = ctx.utlb_;
@@ -187,7 +187,7 @@ std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8
       std::byte* host = resolve_(*m, va & ~(kPageSize - 1));
       if (!host) {
         CancelLaunch(ctx.launch_, Error(Errc::kFault, "mapped memory unreachable"));
-        ctx.cancelled_ = true;
+        ctx.MarkCancelled();
         return nullptr;
       }
       e.vpn = vpn;
@@ -212,11 +212,11 @@ std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8
     }
     if (!r) {
       CancelLaunch(ctx.launch_, r.error());
-      ctx.cancelled_ = true;
+      ctx.MarkCancelled();
       return nullptr;
     }
     if (ctx.launch_.cancelled.load(std::memory_order_acquire)) {
-      ctx.cancelled_ = true;
+      ctx.MarkCancelled();
       return nullptr;
     }
   }

@@ -20,7 +20,7 @@ struct FaultUnit::Pending {
   std::atomic<int> answer{0};  // 0 pending, 1 replayed, 2 cancelled
 };
 
-FaultUnit::FaultUnit(Env& env) : env_(env) {}
+FaultUnit::FaultUnit(Env&) {}
 
 FaultUnit::~FaultUnit() { Shutdown(); }
 

@@ -65,6 +65,8 @@ struct FaultStats {
 
 class FaultUnit {
  public:
+  // `env` is accepted for symmetry with the other units; the unit keeps
+  // no modelled time of its own (see LatencyModel::fault_service_ns).
   explicit FaultUnit(Env& env);
   ~FaultUnit();
   FaultUnit(const FaultUnit&) = delete;
@@ -100,7 +102,6 @@ class FaultUnit {
 
   Result<void> AnswerLocked(uint64_t id, Errc code, const char* what) USVM_REQUIRES(lock_);
 
-  Env& env_;
   mutable Mutex lock_;
   std::deque<std::shared_ptr<Pending>> queue_ USVM_GUARDED_BY(lock_);
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_page_ USVM_GUARDED_BY(lock_);

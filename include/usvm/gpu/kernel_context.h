@@ -6,9 +6,11 @@
 // raises a replayable fault (FaultUnit) and the thread blocks until the
 // driver replays it; then the access retries. If the driver cancels the
 // fault, or an access is malformed (misaligned, beyond 48 bits), the
-// kernel is cancelled with that error: from then on loads return 0,
-// stores and atomics do nothing, and cancelled() is true, so a kernel
-// should test cancelled() in long loops. Other kernels are not affected.
+// kernel is cancelled with that error: from then on that thread's loads
+// return 0, its stores and atomics do nothing, and cancelled() is true for
+// every thread of the kernel (the other threads' accesses are dropped from
+// their next TLB miss), so a kernel should test cancelled() in long
+// loops. Other kernels are not affected.
 //
 // Accesses are relaxed atomics on the real bytes (GPU memory is weakly
 // ordered); Load/Store need natural alignment.
@@ -119,6 +121,12 @@ class KernelContext {
     return TranslateSlow(va, access, align_mask);
   }
   std::byte* TranslateSlow(uint64_t va, uint8_t access, uint64_t align_mask);
+  // From now on every access of this thread takes the slow path and is
+  // dropped (the micro-TLB is only a cache; emptying it is always safe).
+  void MarkCancelled() {
+    cancelled_ = true;
+    utlb_.Flush();
+  }
 
   ExecutionEngine& exec_;
   detail::LaunchState& launch_;
