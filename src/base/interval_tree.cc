@@ -11,8 +11,18 @@ void IntervalTree::Recompute(IntervalTreeNode* n) {
   n->subtree_last = m;
 }
 
-void IntervalTree::PropagateUp(IntervalTreeNode* n) {
-  for (; n; n = n->parent) Recompute(n);
+// Recomputes subtree_last from n up to `top` (the highest node whose
+// subtree changed shape; its value before the change was top_old), then
+// further up only while the value keeps changing.
+void IntervalTree::PropagateUp(IntervalTreeNode* n, const IntervalTreeNode* top,
+                               uint64_t top_old) {
+  bool above = false;
+  for (; n; n = n->parent) {
+    const uint64_t old = n == top ? top_old : n->subtree_last;
+    Recompute(n);
+    if (n == top) above = true;
+    if (above && n->subtree_last == old) return;
+  }
 }
 
 // Puts new_child where old_child hung below parent (or at the root).
@@ -121,9 +131,13 @@ void IntervalTree::Remove(IntervalTreeNode* z) {
   bool removed_black = !z->red;
   IntervalTreeNode* x;         // the node that moves into the removed slot
   IntervalTreeNode* x_parent;  // its parent afterwards (x may be null)
+  IntervalTreeNode* top;       // highest node whose subtree changed shape
+  uint64_t top_old;            // its subtree_last before
   if (!z->left || !z->right) {
     x = z->left ? z->left : z->right;
     x_parent = z->parent;
+    top = x_parent;
+    top_old = top ? top->subtree_last : 0;
     Replace(z, z->parent, x);
   } else {
     // Two children: the successor y (leftmost of the right subtree) takes
@@ -140,6 +154,8 @@ void IntervalTree::Remove(IntervalTreeNode* z) {
       y->right = z->right;
       y->right->parent = y;
     }
+    top = y;
+    top_old = z->subtree_last;
     Replace(z, z->parent, y);
     y->left = z->left;
     y->left->parent = y;
@@ -147,7 +163,7 @@ void IntervalTree::Remove(IntervalTreeNode* z) {
   }
   // Repair the augmentation from the lowest changed node to the root; the
   // rotations of the colour fix-up then keep it correct.
-  PropagateUp(x_parent);
+  PropagateUp(x_parent, top, top_old);
   if (removed_black) RemoveFixup(x, x_parent);
   --size_;
   z->parent = z->left = z->right = nullptr;

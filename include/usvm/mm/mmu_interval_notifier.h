@@ -120,7 +120,7 @@ class MmuIntervalNotifierOps {
 //   3. in tree -> idle (Remove while no invalidation walks the tree), or
 //      in tree -> pending remove -> idle when the last invalidation ends;
 //   4. pending insert -> idle (Remove before it was applied).
-class MmuIntervalNotifier {
+class alignas(32) MmuIntervalNotifier {
  public:
   MmuIntervalNotifier() = default;
   MmuIntervalNotifier(const MmuIntervalNotifier&) = delete;
