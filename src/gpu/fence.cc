@@ -53,7 +53,7 @@ void Fence::Signal(Result<void> result) const {
 
 bool Fence::IsSignalled() const {
   if (!s_) return true;
-  return s_->WorkDone() && s_->env.NowNs() >= s_->deadline_ns;
+  return s_->WorkDone() && (s_->deadline_ns == 0 || s_->env.NowNs() >= s_->deadline_ns);
 }
 
 uint64_t Fence::deadline_ns() const { return s_ ? s_->deadline_ns : 0; }
@@ -76,8 +76,12 @@ Result<void> Fence::Wait() const {
   } else {
     s.wq.Wait([&] { return s.done.load(std::memory_order_acquire); });
   }
-  const uint64_t now = s.env.NowNs();
-  if (now < s.deadline_ns) s.env.SleepNs(s.deadline_ns - now);
+  // A fence without a deadline (a kernel launch) never reads the clock, so
+  // it may be waited on after the Env that created it is gone.
+  if (s.deadline_ns != 0) {
+    const uint64_t now = s.env.NowNs();
+    if (now < s.deadline_ns) s.env.SleepNs(s.deadline_ns - now);
+  }
   if (s.error.code() != Errc::kOk) return Err(s.error);
   return {};
 }

@@ -14,6 +14,8 @@
 // Fence is already signalled. The state outlives the device that created
 // it, so a fence may be waited on after the device is gone (it will have
 // been signalled with ECANCELED by the device's teardown, or completed).
+// A fence with a deadline reads the Env's clock, so the Env must outlive
+// it; a fence with deadline 0 (kernel launches) never touches the Env.
 //
 // Thread-safety: all methods are safe for concurrent use.
 #ifndef USVM_GPU_FENCE_H_
