@@ -127,7 +127,7 @@ void MmuNotifierSubscriptions::Release() {
     ReadLock l(list_lock_);
     CallbackScope scope(this);
     for (MmuNotifier* n : notifiers_) {
-      if (!n->release_called_.exchange(true, std::memory_order_acq_rel)) n->Release(mm_);
+      if (!n->release_called_.exchange(true, std::memory_order_acq_rel) && mm_) n->Release(*mm_);
     }
   }
   {
@@ -389,9 +389,9 @@ Result<void> MmuNotifierSubscriptions::Unregister(MmuNotifier* n) {
     n->hub_ = nullptr;
     classic_count_.store(static_cast<uint32_t>(notifiers_.size()), std::memory_order_release);
   }
-  if (!n->release_called_.exchange(true, std::memory_order_acq_rel)) {
+  if (!n->release_called_.exchange(true, std::memory_order_acq_rel) && mm_) {
     CallbackScope scope(this);
-    n->Release(mm_);
+    n->Release(*mm_);
   }
   return {};
 }

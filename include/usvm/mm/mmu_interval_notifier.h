@@ -50,6 +50,7 @@
 
 #include <atomic>
 #include <bit>
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 
@@ -123,6 +124,8 @@ class MmuIntervalNotifierOps {
 class alignas(32) MmuIntervalNotifier {
  public:
   MmuIntervalNotifier() = default;
+  // REQUIRES: not inserted (Remove has returned, or Insert never succeeded).
+  ~MmuIntervalNotifier() { assert(!hub_ && "interval notifier destroyed while inserted"); }
   MmuIntervalNotifier(const MmuIntervalNotifier&) = delete;
   MmuIntervalNotifier& operator=(const MmuIntervalNotifier&) = delete;
 

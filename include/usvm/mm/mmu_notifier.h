@@ -99,9 +99,9 @@ class MmuNotifier {
   virtual bool InvalidateRangeStart(const NotifierRange& range) { return true; }
   virtual void InvalidateRangeEnd(const NotifierRange& range) {}
   // The address space is being torn down, or the notifier is being
-  // unregistered: stop using the address space. Called at most once.
-  // `mm` is null for a hub built without an address space.
-  virtual void Release(AddressSpace* mm) {}
+  // unregistered: stop using the address space. Called at most once. Not
+  // called by a hub built without an address space (there is none to pass).
+  virtual void Release(AddressSpace& mm) {}
 
  private:
   friend class MmuNotifierSubscriptions;
