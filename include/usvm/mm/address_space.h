@@ -93,6 +93,7 @@ struct PteInfo {
   bool zero_page = false;  // the shared zero page
   bool file = false;       // a page-cache page (not anonymous)
   bool huge = false;       // mapped by a 2 MiB entry
+  bool lazy_free = false;  // MADV_FREE'd and not written since
 };
 
 struct AddressSpaceConfig {
@@ -129,7 +130,8 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // user space. Unmapping nothing succeeds.
   Result<void> Munmap(uint64_t addr, uint64_t len);
   // mprotect(2). EINVAL: unaligned address or unknown prot bits. ENOMEM:
-  // part of the range is not mapped (nothing is changed then).
+  // part of the range is not mapped; as in Linux the mappings before the
+  // first hole have been changed then.
   Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
   // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
   // kMadvNoHugePage. EINVAL: unaligned address, unknown advice, FREE on a
@@ -168,6 +170,11 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // Faults [addr, addr+len) in as a read or write access would, without
   // copying (get_user_pages without pins; MAP_POPULATE).
   Result<void> Populate(uint64_t addr, uint64_t len, bool write);
+  // Simulated memory pressure on this space: discards every clean
+  // lazy-free page (MADV_FREE'd, not written since), as reclaim would, with
+  // a CLEAR notification; those pages read as zero afterwards. Returns the
+  // number of 4 KiB pages discarded.
+  Result<uint64_t> ReclaimLazyFree();
 
   // ---- queries (take the mmap lock for read) ----------------------------
 
@@ -186,6 +193,7 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
     uint64_t cow_reuses = 0;    // write faults that reused an exclusive page
     uint64_t thp_splits = 0;    // huge entries split into 4 KiB entries
     uint64_t rss_pages = 0;     // present 4 KiB entries (huge counts 512)
+    uint64_t page_table_pages = 0;
   };
   Stats GetStats() const;
 

@@ -1,0 +1,164 @@
+// AddressSpace::Impl: the state and logic behind AddressSpace (private).
+//
+// State and its guards:
+// - vmas_, free_area_cache_, dead_: mmap_lock_ (write to change; read to use).
+// - pt_: see page_table.h (upper levels: mmap lock; entries: slot locks).
+// - stats: atomics, updated anywhere.
+//
+// Every public operation takes the mmap lock itself; ...Locked helpers
+// state what they require.
+#ifndef USVM_MM_ADDRESS_SPACE_IMPL_H_
+#define USVM_MM_ADDRESS_SPACE_IMPL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "page_table.h"
+#include "usvm/mm/address_space.h"
+
+namespace usvm::mm {
+
+struct Vma {
+  uint64_t start = 0;
+  uint64_t end = 0;
+  uint32_t prot = 0;
+  uint32_t flags = 0;              // kVma* flags
+  std::shared_ptr<SimFile> file;   // null for private anonymous memory
+  uint64_t pgoff = 0;              // file page index of start
+
+  bool shared() const { return flags & kVmaShared; }
+  bool private_anon() const { return !file; }
+  uint64_t PgoffOf(uint64_t addr) const { return pgoff + ((addr - start) >> kPageShift); }
+  VmaInfo Info() const { return {start, end, prot, flags, file.get(), pgoff}; }
+};
+
+// Whether an access needs write permission.
+enum class AccessKind { kRead, kWrite };
+
+class AddressSpace::Impl {
+ public:
+  Impl(AddressSpace& as, RwSemaphore& mmap_lock)
+      : as_(as), pool_(as.pool_), mmap_lock_(mmap_lock),
+        free_area_cache_(as.config_.mmap_base) {}
+
+  // ---- public operations (take the mmap lock) ----
+  Result<uint64_t> Mmap(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
+                        std::shared_ptr<SimFile> file, uint64_t offset) USVM_EXCLUDES(mmap_lock_);
+  Result<void> Munmap(uint64_t addr, uint64_t len) USVM_EXCLUDES(mmap_lock_);
+  Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot) USVM_EXCLUDES(mmap_lock_);
+  Result<void> Madvise(uint64_t addr, uint64_t len, int advice) USVM_EXCLUDES(mmap_lock_);
+  Result<uint64_t> Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len, uint32_t flags,
+                          uint64_t new_addr) USVM_EXCLUDES(mmap_lock_);
+  Result<void> ForkInto(Impl& child) USVM_EXCLUDES(mmap_lock_);
+  void Exit() USVM_EXCLUDES(mmap_lock_);
+
+  // CPU access: op(ptr, n) runs on host memory under the slot lock (shared).
+  // Copies page by page, faulting as needed.
+  template <typename Op>
+  Result<void> Access(uint64_t addr, uint64_t len, AccessKind kind, Op op)
+      USVM_EXCLUDES(mmap_lock_);
+  Result<void> Populate(uint64_t addr, uint64_t len, bool write) USVM_EXCLUDES(mmap_lock_);
+  Result<uint64_t> ReclaimLazyFree() USVM_EXCLUDES(mmap_lock_);
+
+  // ---- queries ----
+  std::optional<VmaInfo> FindVmaInfo(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
+  std::vector<VmaInfo> AllVmas() const USVM_EXCLUDES(mmap_lock_);
+  size_t VmaCount() const USVM_EXCLUDES(mmap_lock_);
+  PteInfo QueryPte(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
+  bool dead() const USVM_EXCLUDES(mmap_lock_);
+
+  // ---- helpers ----
+  // find_vma: first VMA with end > addr.
+  const Vma* FindVmaLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  // Resolves a fault at addr. REQUIRES: mmap lock held (read or write).
+  Result<void> HandleFaultLocked(uint64_t addr, AccessKind kind) USVM_REQUIRES_SHARED(mmap_lock_);
+
+  struct Counters {
+    std::atomic<uint64_t> faults{0}, zero_maps{0}, anon_allocs{0}, huge_faults{0},
+        cow_breaks{0}, cow_reuses{0}, thp_splits{0}, rss_pages{0};
+  };
+  Counters counters;
+
+ private:
+  friend class AddressSpace;
+  using VmaMap = std::map<uint64_t, Vma>;  // keyed by start
+
+  // Range checks shared by the layout calls.
+  Result<void> CheckAliveLocked() const USVM_REQUIRES_SHARED(mmap_lock_);
+  bool RangeFreeLocked(uint64_t start, uint64_t end) const USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<uint64_t> GetUnmappedAreaLocked(uint64_t len) USVM_REQUIRES(mmap_lock_);
+  // Splits the VMA containing addr (start < addr < end) in two.
+  void SplitVmaLocked(uint64_t addr) USVM_REQUIRES(mmap_lock_);
+  // Merges the VMA starting at `start` with compatible neighbours.
+  void MergeAroundLocked(uint64_t start) USVM_REQUIRES(mmap_lock_);
+  // Unmaps [start, end) (do_munmap): UNMAP notification, zap, VMA removal.
+  void UnmapLocked(uint64_t start, uint64_t end) USVM_REQUIRES(mmap_lock_);
+  // Zaps entries in [start, end) and drops their frames. Huge entries that
+  // straddle the edges must have been split (SplitHugeAtLocked).
+  void ZapLocked(uint64_t start, uint64_t end) USVM_REQUIRES_SHARED(mmap_lock_);
+  // If a huge entry covers addr and addr is not 2 MiB aligned, splits it
+  // into 4 KiB entries (CLEAR notification over the 2 MiB).
+  void SplitHugeAtLocked(uint64_t addr) USVM_REQUIRES_SHARED(mmap_lock_);
+  void SplitHugeRangeEdgesLocked(uint64_t start, uint64_t end) USVM_REQUIRES_SHARED(mmap_lock_) {
+    SplitHugeAtLocked(start);
+    SplitHugeAtLocked(end);
+  }
+  // Splits the huge entry of the 2 MiB region at base (CLEAR notification).
+  void SplitHugeLocked(uint64_t base) USVM_REQUIRES_SHARED(mmap_lock_);
+  // mprotect's page table pass: read bit from prot, write bit kept only if
+  // prot still allows writes. Splits huge entries cut by the range.
+  void ChangeProtectionLocked(uint64_t start, uint64_t end, uint32_t prot)
+      USVM_REQUIRES(mmap_lock_);
+  // MADV_FREE's pass: exclusive anonymous pages become clean and lazy-free.
+  void MarkLazyFreeLocked(uint64_t start, uint64_t end) USVM_REQUIRES_SHARED(mmap_lock_);
+  // Calls fn(vma, a, e) for each VMA part of [start, end) in order; sets
+  // *hole if part of the range is unmapped. Stops at fn's first error.
+  template <typename Fn>
+  Result<void> ForEachVmaPartLocked(uint64_t start, uint64_t end, bool* hole, Fn fn)
+      USVM_REQUIRES_SHARED(mmap_lock_) {
+    uint64_t a = start;
+    while (a < end) {
+      const Vma* v = FindVmaLocked(a);
+      if (!v || v->start >= end) {
+        *hole = true;
+        break;
+      }
+      if (v->start > a) *hole = true;
+      a = std::max(a, v->start);
+      const uint64_t e = std::min(end, v->end);
+      USVM_TRY(fn(*v, a, e));  // fn may split/merge VMAs; v is not used after
+      a = e;
+    }
+    return {};
+  }
+  // Notifier brackets. Start's EAGAIN cannot happen for blockable ranges.
+  void NotifyStart(uint64_t start, uint64_t end, NotifyEvent ev);
+  void NotifyEnd(uint64_t start, uint64_t end, NotifyEvent ev);
+  // Moves entries of [old_start, old_start+len) to new_start (mremap).
+  void MovePageTablesLocked(uint64_t old_start, uint64_t new_start, uint64_t len)
+      USVM_REQUIRES(mmap_lock_);
+  // Fault helpers.
+  Result<void> FaultHugeLocked(const Vma& vma, uint64_t addr, AccessKind kind, PmdSlot& slot,
+                               bool* handled) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<void> WriteProtectFaultLocked(const Vma& vma, uint64_t addr, PmdSlot& slot)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // Entry flags for a fresh mapping of a frame in vma.
+  static uint64_t ReadBit(uint32_t prot) { return prot != kProtNone ? pte::kRead : 0; }
+  void Drop(const std::vector<Pfn>& frames);
+
+  AddressSpace& as_;  // non-owning back pointer
+  FramePool& pool_;
+  RwSemaphore& mmap_lock_;
+  PageTable pt_;
+  VmaMap vmas_ USVM_GUARDED_BY(mmap_lock_);
+  uint64_t free_area_cache_ USVM_GUARDED_BY(mmap_lock_);
+  bool dead_ USVM_GUARDED_BY(mmap_lock_) = false;
+  std::atomic<bool> exiting_{false};
+};
+
+}  // namespace usvm::mm
+
+#endif  // USVM_MM_ADDRESS_SPACE_IMPL_H_

@@ -1,0 +1,391 @@
+// The CPU side of AddressSpace: the page fault handler and the access
+// paths (Read, Write, atomics, Populate), plus lazy-free reclaim.
+#include <atomic>
+#include <cassert>
+#include <cstring>
+
+#include "address_space_impl.h"
+
+namespace usvm::mm {
+
+namespace {
+// A fault that keeps failing to make progress (a bug, or a livelock with a
+// concurrent zap) reports EIO rather than hanging the caller.
+constexpr int kMaxFaultRetries = 1000;
+}  // namespace
+
+// ---- fault handler -----------------------------------------------------------
+
+Result<void> AddressSpace::Impl::FaultHugeLocked(const Vma& vma, uint64_t addr, AccessKind kind,
+                                                 PmdSlot& slot, bool* handled) {
+  *handled = false;
+  {
+    ReadLock l(slot.lock);
+    if (slot.huge.load(std::memory_order_relaxed) != 0 || slot.table) return {};
+  }
+  auto huge = pool_.AllocHuge(FramePool::Zero::kYes);
+  if (!huge) return {};  // fall back to 4 KiB pages, as the kernel does
+  const Pfn base = *huge;
+  slot.lock.Lock();
+  if (slot.huge.load(std::memory_order_relaxed) != 0 || slot.table) {
+    slot.lock.Unlock();
+    for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Put(base + i);
+    return {};
+  }
+  uint64_t flags = ReadBit(vma.prot) | pte::kAccessed;
+  if (vma.prot & kProtWrite) flags |= pte::kWrite;
+  if (kind == AccessKind::kWrite) flags |= pte::kDirty;
+  slot.huge.store(pte::Make(pte::kPresent, base, flags), std::memory_order_relaxed);
+  slot.lock.Unlock();
+  counters.huge_faults.fetch_add(1, std::memory_order_relaxed);
+  counters.rss_pages.fetch_add(kPagesPerHuge, std::memory_order_relaxed);
+  *handled = true;
+  return {};
+}
+
+// A write to a present read-only entry of a writable private mapping whose
+// frame is shared (fork, zero page, page cache): copy it (wp_page_copy).
+// Returns with the entry replaced, or unchanged if it changed under us
+// (the caller retries).
+Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_t addr,
+                                                         PmdSlot& slot) {
+  const uint64_t page = PageAlignDown(addr);
+  uint64_t old;
+  {
+    ReadLock l(slot.lock);
+    old = slot.table->e[PageTable::PteIndex(page)].load(std::memory_order_relaxed);
+  }
+  const Pfn copy = USVM_TRY(pool_.AllocPage(FramePool::Zero::kNo));
+  NotifyStart(page, page + kPageSize, NotifyEvent::kClear);
+  slot.lock.Lock();
+  auto& ent = slot.table->e[PageTable::PteIndex(page)];
+  const bool same = ent.load(std::memory_order_relaxed) == old;
+  if (same) {
+    if (old & pte::kZero)
+      std::memset(pool_.Data(copy), 0, kPageSize);
+    else
+      std::memcpy(pool_.Data(copy), pool_.Data(pte::PfnOf(old)), kPageSize);
+    ent.store(pte::Make(pte::kPresent, copy,
+                        ReadBit(vma.prot) | pte::kWrite | pte::kDirty | pte::kAccessed),
+              std::memory_order_relaxed);
+  }
+  slot.lock.Unlock();
+  NotifyEnd(page, page + kPageSize, NotifyEvent::kClear);
+  if (!same) {
+    pool_.Put(copy);
+    return {};
+  }
+  if (pte::HoldsFrame(old)) pool_.Put(pte::PfnOf(old));
+  counters.cow_breaks.fetch_add(1, std::memory_order_relaxed);
+  return {};
+}
+
+Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kind) {
+  const Vma* vma = FindVmaLocked(addr);
+  if (!vma || vma->start > addr) return Err(Errc::kFault, "SIGSEGV: no mapping at address");
+  if (vma->prot == kProtNone) return Err(Errc::kFault, "SIGSEGV: PROT_NONE mapping");
+  const bool write = kind == AccessKind::kWrite;
+  if (write && !(vma->prot & kProtWrite))
+    return Err(Errc::kFault, "SIGSEGV: write to a read-only mapping");
+  counters.faults.fetch_add(1, std::memory_order_relaxed);
+
+  PmdSlot* slot = pt_.Ensure(addr);
+  const uint64_t hbase = addr & kHugeMask;
+  if (as_.config_.thp && vma->private_anon() && (vma->flags & kVmaHugePage) &&
+      !(vma->flags & kVmaNoHugePage) && hbase >= vma->start && hbase + kHugePageSize <= vma->end) {
+    bool handled;
+    USVM_TRY(FaultHugeLocked(*vma, addr, kind, *slot, &handled));
+    if (handled) return {};
+  }
+
+  const uint64_t read = ReadBit(vma->prot);
+  const unsigned idx = PageTable::PteIndex(addr);
+  for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
+    slot->lock.Lock();
+    const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+    if (h != 0) {
+      if (!write || (h & pte::kWrite)) {
+        // Resolved by someone else, or only the read bit was stale.
+        slot->huge.store(h | read, std::memory_order_relaxed);
+        slot->lock.Unlock();
+        return {};
+      }
+      // Write to a read-only huge entry: reuse it if we own every frame,
+      // else split and copy 4 KiB (do_huge_pmd_wp_page's fallback).
+      bool exclusive = pte::HoldsFrame(h);
+      for (uint64_t i = 0; i < kPagesPerHuge && exclusive; ++i)
+        exclusive = pool_.RefCount(pte::PfnOf(h) + i) == 1;
+      if (exclusive) {
+        slot->huge.store(h | pte::kWrite | pte::kDirty | pte::kAccessed, std::memory_order_relaxed);
+        slot->lock.Unlock();
+        counters.cow_reuses.fetch_add(1, std::memory_order_relaxed);
+        return {};
+      }
+      slot->lock.Unlock();
+      SplitHugeLocked(hbase);
+      continue;
+    }
+    if (!slot->table) pt_.InstallTableLocked(*slot);
+    auto& ent = slot->table->e[idx];
+    const uint64_t e = ent.load(std::memory_order_relaxed);
+
+    if (e == 0) {
+      if (vma->private_anon() && !write) {
+        ent.store(pte::Make(pte::kPresent, FramePool::kZeroPfn, read | pte::kZero | pte::kAccessed),
+                  std::memory_order_relaxed);
+        slot->lock.Unlock();
+        counters.zero_maps.fetch_add(1, std::memory_order_relaxed);
+        counters.rss_pages.fetch_add(1, std::memory_order_relaxed);
+        return {};
+      }
+      slot->lock.Unlock();
+      // Allocate without the page table lock, then install if still empty.
+      Pfn pfn;
+      uint64_t flags = read | pte::kAccessed;
+      if (vma->private_anon()) {
+        pfn = USVM_TRY(pool_.AllocPage(FramePool::Zero::kYes));
+        flags |= pte::kWrite | pte::kDirty;
+        counters.anon_allocs.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        const Pfn cached = USVM_TRY(vma->file->GetPage(vma->PgoffOf(addr)));
+        if (vma->shared()) {
+          pfn = cached;
+          flags |= pte::kFile;
+          if (vma->prot & kProtWrite) flags |= pte::kWrite;
+          if (write) flags |= pte::kDirty;
+        } else if (write) {
+          // Private file mapping written first: copy now (do_cow_fault).
+          auto copy = pool_.AllocPage(FramePool::Zero::kNo);
+          if (!copy) {
+            pool_.Put(cached);
+            return Err(copy.error());
+          }
+          pfn = *copy;
+          std::memcpy(pool_.Data(pfn), pool_.Data(cached), kPageSize);
+          pool_.Put(cached);
+          flags |= pte::kWrite | pte::kDirty;
+        } else {
+          pfn = cached;
+          flags |= pte::kFile;
+        }
+      }
+      slot->lock.Lock();
+      if (ent.load(std::memory_order_relaxed) != 0) {
+        slot->lock.Unlock();
+        pool_.Put(pfn);
+        continue;
+      }
+      ent.store(pte::Make(pte::kPresent, pfn, flags), std::memory_order_relaxed);
+      slot->lock.Unlock();
+      counters.rss_pages.fetch_add(1, std::memory_order_relaxed);
+      return {};
+    }
+
+    if (!pte::IsPresent(e)) {
+      // Migration and device entries arrive with HMM; none is created yet.
+      slot->lock.Unlock();
+      return Err(Errc::kFault, "fault on a non-present special entry");
+    }
+    if (!write || (e & pte::kWrite)) {
+      ent.store(e | read, std::memory_order_relaxed);
+      slot->lock.Unlock();
+      return {};
+    }
+    // Write to a present read-only entry of a writable mapping.
+    if (vma->shared()) {
+      ent.store(e | pte::kWrite | pte::kDirty | pte::kAccessed, std::memory_order_relaxed);
+      slot->lock.Unlock();
+      return {};
+    }
+    if (!(e & (pte::kZero | pte::kFile)) && pool_.RefCount(pte::PfnOf(e)) == 1) {
+      // The last user of an anonymous page keeps it (wp_page_reuse).
+      ent.store(e | pte::kWrite | pte::kDirty | pte::kAccessed, std::memory_order_relaxed);
+      slot->lock.Unlock();
+      counters.cow_reuses.fetch_add(1, std::memory_order_relaxed);
+      return {};
+    }
+    slot->lock.Unlock();
+    USVM_TRY(WriteProtectFaultLocked(*vma, addr, *slot));
+    // Loop: the entry is now writable, or changed and is looked at again.
+  }
+  return Err(Errc::kIo, "page fault made no progress");
+}
+
+// ---- access ------------------------------------------------------------------
+
+template <typename Op>
+Result<void> AddressSpace::Impl::Access(uint64_t addr, uint64_t len, AccessKind kind, Op op) {
+  if (len == 0) return {};
+  if (addr + len < addr) return Err(Errc::kFault, "SIGSEGV: range wraps around");
+  const bool write = kind == AccessKind::kWrite;
+  const uint64_t need = pte::kRead | (write ? pte::kWrite : 0);
+  const uint64_t mark = pte::kAccessed | (write ? pte::kDirty : 0);
+  ReadLock l(mmap_lock_);
+  USVM_TRY(CheckAliveLocked());
+  uint64_t done = 0;
+  int faults_here = 0;
+  while (done < len) {
+    const uint64_t a = addr + done;
+    if (PmdSlot* slot = pt_.Lookup(a)) {
+      slot->lock.LockShared();
+      std::atomic<uint64_t>* ent = &slot->huge;
+      uint64_t e = ent->load(std::memory_order_relaxed);
+      std::byte* p = nullptr;
+      uint64_t unit_end = 0;
+      if (e != 0) {
+        p = pool_.Data(pte::PfnOf(e)) + (a & (kHugePageSize - 1));
+        unit_end = (a & kHugeMask) + kHugePageSize;
+      } else if (slot->table) {
+        ent = &slot->table->e[PageTable::PteIndex(a)];
+        e = ent->load(std::memory_order_relaxed);
+        p = pool_.Data(pte::PfnOf(e)) + (a & (kPageSize - 1));
+        unit_end = PageAlignDown(a) + kPageSize;
+      }
+      if (pte::IsPresent(e) && (e & need) == need) {
+        const uint64_t n = std::min(len - done, unit_end - a);
+        op(p, done, n);
+        if ((e & mark) != mark) ent->fetch_or(mark, std::memory_order_relaxed);
+        slot->lock.UnlockShared();
+        done += n;
+        faults_here = 0;
+        continue;
+      }
+      slot->lock.UnlockShared();
+    }
+    if (++faults_here > kMaxFaultRetries) return Err(Errc::kIo, "page fault made no progress");
+    USVM_TRY(HandleFaultLocked(a, kind));
+  }
+  return {};
+}
+
+Result<void> AddressSpace::Read(uint64_t addr, void* dst, uint64_t len) {
+  auto* d = static_cast<std::byte*>(dst);
+  return impl_->Access(addr, len, AccessKind::kRead,
+                       [d](std::byte* p, uint64_t off, uint64_t n) { std::memcpy(d + off, p, n); });
+}
+
+Result<void> AddressSpace::Write(uint64_t addr, const void* src, uint64_t len) {
+  const auto* s = static_cast<const std::byte*>(src);
+  return impl_->Access(addr, len, AccessKind::kWrite,
+                       [s](std::byte* p, uint64_t off, uint64_t n) { std::memcpy(p, s + off, n); });
+}
+
+namespace {
+std::atomic_ref<uint64_t> Word(std::byte* p) { return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)); }
+}  // namespace
+
+#define USVM_CHECK_ALIGNED(addr) \
+  if ((addr) % 8 != 0) return Err(Errc::kInval, "atomic: address not 8-byte aligned")
+
+Result<uint64_t> AddressSpace::AtomicLoad(uint64_t addr) {
+  USVM_CHECK_ALIGNED(addr);
+  uint64_t v = 0;
+  USVM_TRY(impl_->Access(addr, 8, AccessKind::kRead,
+                         [&](std::byte* p, uint64_t, uint64_t) { v = Word(p).load(); }));
+  return v;
+}
+
+Result<void> AddressSpace::AtomicStore(uint64_t addr, uint64_t v) {
+  USVM_CHECK_ALIGNED(addr);
+  return impl_->Access(addr, 8, AccessKind::kWrite,
+                       [&](std::byte* p, uint64_t, uint64_t) { Word(p).store(v); });
+}
+
+Result<uint64_t> AddressSpace::AtomicFetchAdd(uint64_t addr, uint64_t v) {
+  USVM_CHECK_ALIGNED(addr);
+  uint64_t old = 0;
+  USVM_TRY(impl_->Access(addr, 8, AccessKind::kWrite,
+                         [&](std::byte* p, uint64_t, uint64_t) { old = Word(p).fetch_add(v); }));
+  return old;
+}
+
+Result<uint64_t> AddressSpace::AtomicExchange(uint64_t addr, uint64_t v) {
+  USVM_CHECK_ALIGNED(addr);
+  uint64_t old = 0;
+  USVM_TRY(impl_->Access(addr, 8, AccessKind::kWrite,
+                         [&](std::byte* p, uint64_t, uint64_t) { old = Word(p).exchange(v); }));
+  return old;
+}
+
+Result<uint64_t> AddressSpace::AtomicCompareExchange(uint64_t addr, uint64_t expected,
+                                                     uint64_t desired) {
+  USVM_CHECK_ALIGNED(addr);
+  uint64_t old = expected;
+  // A compare-exchange is a write access (it needs a writable mapping even
+  // when the comparison fails), as a locked cmpxchg is on x86.
+  USVM_TRY(impl_->Access(addr, 8, AccessKind::kWrite, [&](std::byte* p, uint64_t, uint64_t) {
+    Word(p).compare_exchange_strong(old, desired);
+  }));
+  return old;
+}
+
+#undef USVM_CHECK_ALIGNED
+
+Result<void> AddressSpace::Impl::Populate(uint64_t addr, uint64_t len, bool write) {
+  if (!IsPageAligned(addr)) return Err(Errc::kInval, "populate: address not page aligned");
+  const uint64_t alen = PageAlignUp(len);
+  if (alen < len) return Err(Errc::kInval, "populate: length overflows");
+  // One byte per page is enough to fault each page in.
+  for (uint64_t a = addr; a < addr + alen;) {
+    const uint64_t step = std::min(addr + alen - a, kHugePageSize - (a & (kHugePageSize - 1)));
+    USVM_TRY(Access(a, step, write ? AccessKind::kWrite : AccessKind::kRead,
+                    [](std::byte*, uint64_t, uint64_t) {}));
+    a += step;
+  }
+  return {};
+}
+
+// ---- lazy-free reclaim --------------------------------------------------------
+
+Result<uint64_t> AddressSpace::Impl::ReclaimLazyFree() {
+  ReadLock l(mmap_lock_);
+  USVM_TRY(CheckAliveLocked());
+  auto clean_lazy = [](uint64_t e) {
+    return pte::HoldsFrame(e) && (e & pte::kLazyFree) && !(e & pte::kDirty);
+  };
+  // Collect candidates, then discard each under its own CLEAR bracket
+  // (notifiers must not run under a page table lock).
+  std::vector<std::pair<uint64_t, bool>> candidates;  // (address, huge)
+  for (const auto& [start, v] : vmas_) {
+    if (!v.private_anon()) continue;
+    pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
+      ReadLock sl(slot.lock);
+      const uint64_t h = slot.huge.load(std::memory_order_relaxed);
+      if (h != 0) {
+        if (clean_lazy(h)) candidates.emplace_back(base, true);
+        return;
+      }
+      if (!slot.table) return;
+      const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
+      for (uint64_t a = s; a < e; a += kPageSize)
+        if (clean_lazy(slot.table->e[PageTable::PteIndex(a)].load(std::memory_order_relaxed)))
+          candidates.emplace_back(a, false);
+    });
+  }
+  uint64_t discarded = 0;
+  std::vector<Pfn> frames;
+  for (auto [a, huge] : candidates) {
+    const uint64_t size = huge ? kHugePageSize : kPageSize;
+    PmdSlot* slot = pt_.Lookup(a);
+    NotifyStart(a, a + size, NotifyEvent::kClear);
+    slot->lock.Lock();
+    std::atomic<uint64_t>* ent = &slot->huge;
+    if (!huge) ent = slot->table ? &slot->table->e[PageTable::PteIndex(a)] : nullptr;
+    const uint64_t e = ent ? ent->load(std::memory_order_relaxed) : 0;
+    bool exclusive = clean_lazy(e);
+    const uint64_t n = huge ? kPagesPerHuge : 1;
+    for (uint64_t i = 0; i < n && exclusive; ++i) exclusive = pool_.RefCount(pte::PfnOf(e) + i) == 1;
+    if (exclusive) {
+      ent->store(0, std::memory_order_relaxed);
+      for (uint64_t i = 0; i < n; ++i) frames.push_back(pte::PfnOf(e) + i);
+      discarded += n;
+    }
+    slot->lock.Unlock();
+    NotifyEnd(a, a + size, NotifyEvent::kClear);
+  }
+  counters.rss_pages.fetch_sub(discarded, std::memory_order_relaxed);
+  Drop(frames);
+  return discarded;
+}
+
+}  // namespace usvm::mm
