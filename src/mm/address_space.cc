@@ -632,8 +632,13 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
     NotifyStart(old_addr, old_addr + move_len, NotifyEvent::kUnmap);
     MovePageTablesLocked(old_addr, target, move_len);
     NotifyEnd(old_addr, old_addr + move_len, NotifyEvent::kUnmap);
-    if (!dontunmap) UnmapLocked(old_addr, old_addr + move_len);
-    pt_.FreeEmpty(old_addr, old_addr + move_len);
+    if (!dontunmap) {
+      UnmapLocked(old_addr, old_addr + move_len);
+    } else {
+      pt_.FreeEmpty(old_addr, old_addr + move_len);
+      // The emptied source stays mapped; undo the splits made above.
+      MergeAroundLocked(FindVmaLocked(old_addr)->start);
+    }
   }
   MergeAroundLocked(target);
   return target;
