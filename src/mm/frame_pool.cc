@@ -141,7 +141,9 @@ void FramePool::Put(Pfn pfn) {
 }
 
 uint32_t FramePool::RefCount(Pfn pfn) const {
-  return std::atomic_ref<uint32_t>(Ref(&frames_[pfn].refcount)).load(std::memory_order_relaxed);
+  // Acquire: a caller that sees the count drop to 1 (copy-on-write reuse)
+  // must also see every access the other user made before its Put.
+  return std::atomic_ref<uint32_t>(Ref(&frames_[pfn].refcount)).load(std::memory_order_acquire);
 }
 
 void FramePool::FreeFrame(Pfn pfn) {
