@@ -528,7 +528,6 @@ void AddressSpace::Impl::MovePageTablesLocked(uint64_t old_start, uint64_t new_s
       }
     }
     if (src.table) {
-      PmdSlot* dst = nullptr;
       for (uint64_t a = s; a < e; a += kPageSize) {
         const uint64_t ent = src.table->e[PageTable::PteIndex(a)].exchange(0, std::memory_order_relaxed);
         if (ent == 0) continue;
@@ -539,15 +538,10 @@ void AddressSpace::Impl::MovePageTablesLocked(uint64_t old_start, uint64_t new_s
           src.table->e[PageTable::PteIndex(na)].store(ent, std::memory_order_relaxed);
           continue;
         }
-        if (d != dst) {
-          if (dst) dst->lock.Unlock();
-          dst = d;
-          dst->lock.Lock();
-          if (!dst->table) pt_.InstallTableLocked(*dst);
-        }
-        dst->table->e[PageTable::PteIndex(na)].store(ent, std::memory_order_relaxed);
+        WriteLock dl(d->lock);
+        if (!d->table) pt_.InstallTableLocked(*d);
+        d->table->e[PageTable::PteIndex(na)].store(ent, std::memory_order_relaxed);
       }
-      if (dst) dst->lock.Unlock();
     }
     src.lock.Unlock();
   });
@@ -651,8 +645,9 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   USVM_TRY(CheckAliveLocked());
   WriteLock lc(child.mmap_lock_);  // nobody can see the child yet
   uint64_t copied = 0;
-  for (const auto& [start, v] : vmas_) {
-    child.vmas_.emplace(start, v);
+  for (const auto& kv : vmas_) {
+    const Vma& v = kv.second;
+    child.vmas_.emplace(kv.first, v);
     // Shared mappings refault from the page cache in the child.
     if (v.shared()) continue;
     NotifyStart(v.start, v.end, NotifyEvent::kProtectionPage);

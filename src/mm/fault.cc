@@ -346,7 +346,8 @@ Result<uint64_t> AddressSpace::Impl::ReclaimLazyFree() {
   // Collect candidates, then discard each under its own CLEAR bracket
   // (notifiers must not run under a page table lock).
   std::vector<std::pair<uint64_t, bool>> candidates;  // (address, huge)
-  for (const auto& [start, v] : vmas_) {
+  for (const auto& kv : vmas_) {
+    const Vma& v = kv.second;
     if (!v.private_anon()) continue;
     pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
       ReadLock sl(slot.lock);
