@@ -63,6 +63,8 @@ class AddressSpace::Impl {
   Result<void> Populate(uint64_t addr, uint64_t len, bool write) USVM_EXCLUDES(mmap_lock_);
   Result<uint64_t> ReclaimLazyFree() USVM_EXCLUDES(mmap_lock_);
 
+  Result<void> RangeFaultLocked(HmmRange& range) USVM_REQUIRES_SHARED(mmap_lock_);
+
   // ---- queries ----
   std::optional<VmaInfo> FindVmaInfo(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
   std::vector<VmaInfo> AllVmas() const USVM_EXCLUDES(mmap_lock_);

@@ -56,6 +56,7 @@ namespace usvm::mm {
 
 class PageTable;
 struct Vma;
+struct HmmRange;
 
 // VMA flags reported by VmaInfo.
 enum : uint32_t {
@@ -196,6 +197,12 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
     uint64_t page_table_pages = 0;
   };
   Stats GetStats() const;
+
+  // ---- HMM (hmm.h) --------------------------------------------------------
+
+  // hmm_range_fault. REQUIRES: the mmap lock held for read (or write).
+  // EINVAL for a malformed range; see hmm.h for the rest.
+  Result<void> RangeFault(HmmRange& range) USVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- for the layers above --------------------------------------------
 

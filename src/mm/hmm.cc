@@ -1,0 +1,105 @@
+// hmm_range_fault and its caller loop.
+#include "usvm/mm/hmm.h"
+
+#include "address_space_impl.h"
+#include "usvm/mm/mmu_interval_notifier.h"
+
+namespace usvm::mm {
+
+Result<void> AddressSpace::RangeFault(HmmRange& r) {
+  if (!r.notifier || !r.hmm_pfns) return Err(Errc::kInval, "range fault: null notifier or pfns");
+  if (!IsPageAligned(r.start) || !IsPageAligned(r.end) || r.start >= r.end)
+    return Err(Errc::kInval, "range fault: bad range");
+  if (r.start < r.notifier->start() || r.end > r.notifier->end())
+    return Err(Errc::kInval, "range fault: range outside the notifier");
+  return impl_->RangeFaultLocked(r);
+}
+
+Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
+  USVM_TRY(CheckAliveLocked());
+  uint64_t addr = r.start;
+  for (;;) {
+    // A walk restarts after every fault; an invalidation since ReadBegin
+    // makes the whole snapshot stale.
+    if (r.notifier->CheckRetry(r.notifier_seq)) return Err(Errc::kBusy, "range fault: notifier sequence moved");
+    bool faulted = false;
+    while (addr < r.end && !faulted) {
+      uint64_t& word = r.hmm_pfns[(addr - r.start) >> kPageShift];
+      const uint64_t req = (r.default_flags | (word & r.pfn_flags_mask)) & (kPfnReqFault | kPfnReqWrite);
+      const bool want_fault = req & kPfnReqFault;
+      const bool want_write = req & kPfnReqWrite;
+      const Vma* vma = FindVmaLocked(addr);
+      if (!vma || vma->start > addr) {
+        // A hole: up to the next VMA (or the end of the range).
+        if (want_fault) return Err(Errc::kFault, "range fault: no mapping");
+        const uint64_t stop = vma ? std::min(vma->start, r.end) : r.end;
+        for (; addr < stop; addr += kPageSize) r.hmm_pfns[(addr - r.start) >> kPageShift] = kPfnError;
+        continue;
+      }
+      if (vma->prot == kProtNone) {
+        if (want_fault) return Err(Errc::kFault, "range fault: PROT_NONE mapping");
+        const uint64_t stop = std::min(vma->end, r.end);
+        for (; addr < stop; addr += kPageSize) r.hmm_pfns[(addr - r.start) >> kPageShift] = kPfnError;
+        continue;
+      }
+      if (want_write && !(vma->prot & kProtWrite))
+        return Err(Errc::kPerm, "range fault: write requested on a read-only mapping");
+
+      // Read the entry under its page table lock.
+      uint64_t e = 0;
+      unsigned order = 0;
+      Pfn pfn = 0;
+      if (PmdSlot* slot = pt_.Lookup(addr)) {
+        ReadLock l(slot->lock);
+        const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+        if (h != 0) {
+          e = h;
+          order = kHugeShift - kPageShift;
+          pfn = pte::PfnOf(h) + ((addr >> kPageShift) & (kPagesPerHuge - 1));
+        } else if (slot->table) {
+          e = slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed);
+          pfn = pte::PfnOf(e);
+        }
+      }
+      const bool valid = pte::IsPresent(e) && (e & pte::kRead);
+      const bool writable = valid && (e & pte::kWrite);
+      if ((want_fault && !valid) || (want_write && !writable)) {
+        USVM_TRY(HandleFaultLocked(addr, want_write ? AccessKind::kWrite : AccessKind::kRead));
+        faulted = true;  // look at this page again after the retry check
+        continue;
+      }
+      if (!valid) {
+        // Snapshot of an absent page (or one under migration).
+        word = 0;
+      } else {
+        word = kPfnValid | (writable ? kPfnWrite : 0) | (uint64_t{order} << kPfnOrderShift) | pfn;
+      }
+      addr += kPageSize;
+    }
+    if (!faulted) return {};
+  }
+}
+
+Result<void> RangeFaultAndCommit(AddressSpace& as, HmmRange& range,
+                                 const std::function<Result<bool>(HmmRange&)>& commit,
+                                 uint64_t timeout_ns) {
+  if (!range.notifier) return Err(Errc::kInval, "range fault: null notifier");
+  Env& env = as.env();
+  const uint64_t deadline = env.NowNs() + timeout_ns;
+  for (;;) {
+    if (env.NowNs() > deadline) return Err(Errc::kTime, "range fault: timed out retrying");
+    range.notifier_seq = range.notifier->ReadBegin();
+    Result<void> r;
+    {
+      ReadLock l(as.mmap_lock());
+      r = as.RangeFault(range);
+    }
+    if (!r) {
+      if (r.error() == Errc::kBusy) continue;
+      return r;
+    }
+    if (USVM_TRY(commit(range))) return {};
+  }
+}
+
+}  // namespace usvm::mm
