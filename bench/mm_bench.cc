@@ -422,6 +422,9 @@ void RegisterAll() {
 // benchmark's median (or its single run without repetitions).
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
+  // Colour only on a terminal, as the library's own console reporter does.
+  RatioReporter() : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_Defaults : OO_Tabular) {}
+
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& r : runs) {
       if (r.error_occurred) continue;
