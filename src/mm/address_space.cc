@@ -209,7 +209,7 @@ void AddressSpace::Impl::MergeAroundLocked(uint64_t start) {
 }
 
 void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
-  std::vector<Pfn> frames;
+  Dropped dropped;
   uint64_t unmapped = 0;
   pt_.ForEachSlot(start, end, [&](uint64_t base, PmdSlot& slot) {
     const uint64_t s = std::max(start, base), e = std::min(end, base + kHugePageSize);
@@ -219,7 +219,7 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
       if (s == base && e == base + kHugePageSize) {
         slot.huge.store(0, std::memory_order_relaxed);
         if (pte::HoldsFrame(h))
-          for (uint64_t i = 0; i < kPagesPerHuge; ++i) frames.push_back(pte::PfnOf(h) + i);
+          for (uint64_t i = 0; i < kPagesPerHuge; ++i) dropped.frames.push_back(pte::PfnOf(h) + i);
         if (pte::IsPresent(h)) unmapped += kPagesPerHuge;
       } else {
         // Callers split the edges first; a racing THP fault (madvise runs
@@ -232,14 +232,22 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
     if (slot.table) {
       for (uint64_t a = s; a < e; a += kPageSize) {
         const uint64_t old = slot.table->e[PageTable::PteIndex(a)].exchange(0, std::memory_order_relaxed);
-        if (pte::IsPresent(old)) ++unmapped;
-        if (pte::HoldsFrame(old)) frames.push_back(pte::PfnOf(old));
+        if (dropped.Add(old)) ++unmapped;
       }
     }
     slot.lock.Unlock();
   });
   counters.rss_pages.fetch_sub(unmapped, std::memory_order_relaxed);
-  Drop(frames);
+  Drop(dropped);
+}
+
+void AddressSpace::Impl::Drop(const Dropped& d) {
+  Drop(d.frames);
+  for (uint64_t dpfn : d.device) {
+    DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+    assert(pm && "device entry of an unregistered pagemap");
+    if (pm) pm->Put(pm->IndexOf(dpfn));
+  }
 }
 
 void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
@@ -349,7 +357,8 @@ void AddressSpace::Impl::ChangeProtectionLocked(uint64_t start, uint64_t end, ui
   const uint64_t read = ReadBit(prot);
   const bool keep_write = prot & kProtWrite;
   auto fix = [&](uint64_t e) -> uint64_t {
-    if (!pte::IsPresent(e)) return e;
+    if (pte::KindOf(e) == pte::kNone) return e;
+    if (!pte::IsPresent(e)) return keep_write ? e : e & ~pte::kWrite;
     e = (e & ~pte::kRead) | read;
     if (!keep_write) e &= ~pte::kWrite;
     return e;
@@ -645,6 +654,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   USVM_TRY(CheckAliveLocked());
   WriteLock lc(child.mmap_lock_);  // nobody can see the child yet
   uint64_t copied = 0;
+  std::vector<DevicePagemap*> device_pagemaps;  // pagemaps the child now maps
   for (const auto& kv : vmas_) {
     const Vma& v = kv.second;
     child.vmas_.emplace(kv.first, v);
@@ -670,7 +680,14 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
         for (uint64_t a = s; a < e; a += kPageSize) {
           auto& ent = slot.table->e[PageTable::PteIndex(a)];
           const uint64_t old = ent.load(std::memory_order_relaxed);
-          if (!pte::IsPresent(old)) continue;
+          if (pte::KindOf(old) == pte::kDevicePrivate) {
+            // Shared read-only by both, like a COW page (copy_nonpresent_pte).
+            DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(old));
+            pm->Get(pm->IndexOf(pte::PfnOf(old)));
+            device_pagemaps.push_back(pm);
+          } else if (!pte::IsPresent(old)) {
+            continue;  // migration entries cannot exist here: fork holds the write lock
+          }
           if (pte::HoldsFrame(old)) pool_.Get(pte::PfnOf(old));
           const uint64_t wp = old & ~pte::kWrite;
           ent.store(wp, std::memory_order_relaxed);
@@ -685,6 +702,13 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   }
   child.counters.rss_pages.store(copied, std::memory_order_relaxed);
   child.free_area_cache_ = free_area_cache_;
+  if (!device_pagemaps.empty()) {
+    auto child_sp = child.as_.shared_from_this();
+    std::sort(device_pagemaps.begin(), device_pagemaps.end());
+    device_pagemaps.erase(std::unique(device_pagemaps.begin(), device_pagemaps.end()),
+                          device_pagemaps.end());
+    for (DevicePagemap* pm : device_pagemaps) pm->NoteMapper(child_sp);
+  }
   return {};
 }
 

@@ -17,6 +17,9 @@
 #include <vector>
 
 #include "page_table.h"
+#include "usvm/base/wait_queue.h"
+#include "usvm/mm/device_pagemap.h"
+#include "usvm/mm/migrate.h"
 #include "usvm/mm/address_space.h"
 
 namespace usvm::mm {
@@ -64,6 +67,11 @@ class AddressSpace::Impl {
   Result<uint64_t> ReclaimLazyFree() USVM_EXCLUDES(mmap_lock_);
 
   Result<void> RangeFaultLocked(HmmRange& range) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<void> MigrateSetupLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigratePagesLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigrateFinalizeLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
+      USVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- queries ----
   std::optional<VmaInfo> FindVmaInfo(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
@@ -150,6 +158,25 @@ class AddressSpace::Impl {
   // Entry flags for a fresh mapping of a frame in vma.
   static uint64_t ReadBit(uint32_t prot) { return prot != kProtNone ? pte::kRead : 0; }
   void Drop(const std::vector<Pfn>& frames);
+  // References that removed entries held, dropped after the page table
+  // lock is released (a device page's last Put calls into the driver).
+  struct Dropped {
+    std::vector<Pfn> frames;
+    std::vector<uint64_t> device;  // DevicePfns
+    // Records what entry e held; returns true if it counted as mapped.
+    bool Add(uint64_t e) {
+      if (pte::HoldsFrame(e) || pte::HoldsMigratingFrame(e)) frames.push_back(pte::PfnOf(e));
+      if (pte::HoldsDevicePage(e)) device.push_back(pte::PfnOf(e));
+      return pte::KindOf(e) != pte::kNone;
+    }
+  };
+  void Drop(const Dropped& d);
+  // Waits until the migration entry `e` at addr is gone (migration_entry_wait).
+  void WaitMigrationLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
+  // Runs the owner's migrate_to_ram for the device-private entry e at addr.
+  Result<void> DeviceFaultLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
+  // Reads the entry mapping addr (huge or 4 KiB) under the slot lock.
+  uint64_t ReadEntryLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
 
   AddressSpace& as_;  // non-owning back pointer
   FramePool& pool_;
@@ -159,6 +186,8 @@ class AddressSpace::Impl {
   uint64_t free_area_cache_ USVM_GUARDED_BY(mmap_lock_);
   bool dead_ USVM_GUARDED_BY(mmap_lock_) = false;
   std::atomic<bool> exiting_{false};
+  // Woken whenever migration entries are replaced.
+  WaitQueue migration_wq_;
 };
 
 }  // namespace usvm::mm

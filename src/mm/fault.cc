@@ -181,10 +181,19 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
       return {};
     }
 
-    if (!pte::IsPresent(e)) {
-      // Migration and device entries arrive with HMM; none is created yet.
+    if (pte::KindOf(e) == pte::kMigration) {
       slot->lock.Unlock();
-      return Err(Errc::kFault, "fault on a non-present special entry");
+      WaitMigrationLocked(addr, e);
+      continue;
+    }
+    if (pte::KindOf(e) == pte::kDevicePrivate) {
+      slot->lock.Unlock();
+      USVM_TRY(DeviceFaultLocked(addr, e));
+      continue;
+    }
+    if (!pte::IsPresent(e)) {
+      slot->lock.Unlock();
+      return Err(Errc::kFault, "fault on an unknown entry kind");
     }
     if (!write || (e & pte::kWrite)) {
       ent.store(e | read, std::memory_order_relaxed);
@@ -209,6 +218,30 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
     // Loop: the entry is now writable, or changed and is looked at again.
   }
   return Err(Errc::kIo, "page fault made no progress");
+}
+
+uint64_t AddressSpace::Impl::ReadEntryLocked(uint64_t addr) const {
+  PmdSlot* slot = pt_.Lookup(addr);
+  if (!slot) return 0;
+  ReadLock l(slot->lock);
+  const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+  if (h != 0) return h;
+  return slot->table ? slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed) : 0;
+}
+
+void AddressSpace::Impl::WaitMigrationLocked(uint64_t addr, uint64_t e) {
+  // The migrator holds the mmap lock for read too and finishes without
+  // needing anything we hold.
+  migration_wq_.Wait([&] {
+    mmap_lock_.AssertReaderHeld();
+    return ReadEntryLocked(addr) != e;
+  });
+}
+
+Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
+  DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
+  if (!pm) return Err(Errc::kFault, "SIGBUS: device page of an unregistered pagemap");
+  return pm->ops().MigrateToRam(as_, PageAlignDown(addr), *pm, pm->IndexOf(pte::PfnOf(e)));
 }
 
 // ---- access ------------------------------------------------------------------

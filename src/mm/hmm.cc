@@ -1,6 +1,8 @@
 // hmm_range_fault and its caller loop.
 #include "usvm/mm/hmm.h"
 
+#include "usvm/mm/device_pagemap.h"
+
 #include "address_space_impl.h"
 #include "usvm/mm/mmu_interval_notifier.h"
 
@@ -12,6 +14,7 @@ Result<void> AddressSpace::RangeFault(HmmRange& r) {
     return Err(Errc::kInval, "range fault: bad range");
   if (r.start < r.notifier->start() || r.end > r.notifier->end())
     return Err(Errc::kInval, "range fault: range outside the notifier");
+  impl_->mmap_lock_.AssertReaderHeld();  // the caller's mmap_lock_, seen through Impl
   return impl_->RangeFaultLocked(r);
 }
 
@@ -60,6 +63,36 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
           e = slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed);
           pfn = pte::PfnOf(e);
         }
+      }
+      if (pte::KindOf(e) == pte::kDevicePrivate) {
+        DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
+        const bool mine = pm && r.dev_private_owner && pm->owner() == r.dev_private_owner;
+        const bool dev_writable = e & pte::kWrite;
+        if (mine && !(want_write && !dev_writable)) {
+          word = kPfnValid | kPfnDevice | (dev_writable ? kPfnWrite : 0) | pte::PfnOf(e);
+          addr += kPageSize;
+          continue;
+        }
+        if (want_fault || want_write) {
+          // Someone else's device memory (or a write to a read-only
+          // device page): its owner migrates it to RAM.
+          USVM_TRY(DeviceFaultLocked(addr, e));
+          faulted = true;
+          continue;
+        }
+        word = 0;
+        addr += kPageSize;
+        continue;
+      }
+      if (pte::KindOf(e) == pte::kMigration) {
+        if (want_fault || want_write) {
+          WaitMigrationLocked(addr, e);
+          faulted = true;
+          continue;
+        }
+        word = 0;
+        addr += kPageSize;
+        continue;
       }
       const bool valid = pte::IsPresent(e) && (e & pte::kRead);
       const bool writable = valid && (e & pte::kWrite);

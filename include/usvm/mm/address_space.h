@@ -57,6 +57,7 @@ namespace usvm::mm {
 class PageTable;
 struct Vma;
 struct HmmRange;
+struct MigrateVma;
 
 // VMA flags reported by VmaInfo.
 enum : uint32_t {
@@ -203,6 +204,18 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // hmm_range_fault. REQUIRES: the mmap lock held for read (or write).
   // EINVAL for a malformed range; see hmm.h for the rest.
   Result<void> RangeFault(HmmRange& range) USVM_REQUIRES_SHARED(mmap_lock_);
+
+  // migrate_vma_setup / _pages / _finalize (migrate.h). REQUIRES: the mmap
+  // lock held for read across all three calls. Setup: EINVAL if the range
+  // is empty, unaligned, not inside one VMA, or src/dst/flags are missing;
+  // EFAULT after Exit. Every successful Setup must be finalized.
+  Result<void> MigrateVmaSetup(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigrateVmaPages(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigrateVmaFinalize(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  // Device-private entries of frames [lo, hi): (address, frame) pairs, in
+  // address order. REQUIRES: the mmap lock (read). For pagemap teardown.
+  std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
+      USVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- for the layers above --------------------------------------------
 

@@ -4,7 +4,9 @@
 // Each page of the range has one 64-bit word in `hmm_pfns`:
 //   bit 63 kPfnValid, bit 62 kPfnWrite, bit 61 kPfnError,
 //   bits 56..60 the order of the CPU mapping (0 for 4 KiB, 9 for 2 MiB),
-//   bits 0..55 the frame number.
+//   bit 55 kPfnDevice: the frame is a DevicePfn (a device-private page of
+//   dev_private_owner, reported without faulting),
+//   bits 0..54 the frame number.
 // On input the words say what the caller needs: kPfnReqFault (fault the
 // page in if absent) and kPfnReqWrite (it must be writable), computed per
 // page as `default_flags | (word & pfn_flags_mask)`. With neither requested
@@ -37,7 +39,8 @@ inline constexpr uint64_t kPfnWrite = uint64_t{1} << 62;
 inline constexpr uint64_t kPfnError = uint64_t{1} << 61;
 inline constexpr unsigned kPfnOrderShift = 56;
 inline constexpr uint64_t kPfnOrderMask = uint64_t{0x1f} << kPfnOrderShift;
-inline constexpr uint64_t kPfnFlags = kPfnValid | kPfnWrite | kPfnError | kPfnOrderMask;
+inline constexpr uint64_t kPfnDevice = uint64_t{1} << 55;
+inline constexpr uint64_t kPfnFlags = kPfnValid | kPfnWrite | kPfnError | kPfnOrderMask | kPfnDevice;
 // Input requests share the bits of the outputs they ask for.
 inline constexpr uint64_t kPfnReqFault = kPfnValid;
 inline constexpr uint64_t kPfnReqWrite = kPfnWrite;
@@ -56,8 +59,9 @@ struct HmmRange {
   uint64_t* hmm_pfns = nullptr;             // (end - start) / 4096 words
   uint64_t default_flags = 0;
   uint64_t pfn_flags_mask = 0;
-  // Device-private pages of this owner are reported rather than faulted
-  // (used once device memory exists).
+  // Device-private pages of this owner are reported (kPfnDevice) rather
+  // than faulted; any other device-private page is faulted (migrated to
+  // RAM by its owner) when a fault is requested, and reads as 0 otherwise.
   const void* dev_private_owner = nullptr;
 };
 

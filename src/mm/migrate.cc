@@ -1,0 +1,219 @@
+// migrate_vma_setup / _pages / _finalize (mm/migrate_device.c) and the
+// device-entry scan used by pagemap teardown.
+#include <cassert>
+
+#include "address_space_impl.h"
+#include "usvm/mm/migrate.h"
+
+namespace usvm::mm {
+
+namespace {
+
+// What Setup did to each page, for Finalize.
+struct MigrateState {
+  std::vector<uint64_t> installed;  // our migration entry, or 0 (hole / skipped)
+  std::vector<uint64_t> orig;       // the entry it replaced
+};
+
+}  // namespace
+
+// The caller holds mmap_lock_, which is the lock Impl names mmap_lock_ too
+// (the analysis cannot see through the reference).
+Result<void> AddressSpace::MigrateVmaSetup(MigrateVma& m) {
+  impl_->mmap_lock_.AssertReaderHeld();
+  return impl_->MigrateSetupLocked(m);
+}
+void AddressSpace::MigrateVmaPages(MigrateVma& m) {
+  impl_->mmap_lock_.AssertReaderHeld();
+  impl_->MigratePagesLocked(m);
+}
+void AddressSpace::MigrateVmaFinalize(MigrateVma& m) {
+  impl_->mmap_lock_.AssertReaderHeld();
+  impl_->MigrateFinalizeLocked(m);
+}
+std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::FindDeviceEntriesLocked(uint64_t lo,
+                                                                                 uint64_t hi) const {
+  impl_->mmap_lock_.AssertReaderHeld();
+  return impl_->FindDeviceEntriesLocked(lo, hi);
+}
+
+Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
+  USVM_TRY(CheckAliveLocked());
+  if (!m.src || !m.dst) return Err(Errc::kInval, "migrate: null src or dst");
+  if (m.flags == 0 || (m.flags & ~(kMigrateSelectSystem | kMigrateSelectDevicePrivate)))
+    return Err(Errc::kInval, "migrate: bad select flags");
+  if (!IsPageAligned(m.start) || !IsPageAligned(m.end) || m.start >= m.end)
+    return Err(Errc::kInval, "migrate: bad range");
+  if (m.internal) return Err(Errc::kInval, "migrate: already set up");
+  const Vma* vma = FindVmaLocked(m.start);
+  if (!vma || vma->start > m.start || m.end > vma->end)
+    return Err(Errc::kInval, "migrate: range not inside one VMA");
+  const uint64_t n = (m.end - m.start) >> kPageShift;
+  const bool anon = vma->private_anon();
+  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0)};
+  for (uint64_t i = 0; i < n; ++i) m.src[i] = m.dst[i] = 0;
+  m.cpages = 0;
+
+  // Huge entries are migrated as 4 KiB pages.
+  for (uint64_t b = m.start & kHugeMask; b < m.end; b += kHugePageSize) {
+    PmdSlot* slot = pt_.Lookup(b);
+    if (!slot) continue;
+    bool huge;
+    {
+      ReadLock l(slot->lock);
+      huge = slot->huge.load(std::memory_order_relaxed) != 0;
+    }
+    if (huge) SplitHugeLocked(b);
+  }
+
+  NotifierRange range{&as_, m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner, true};
+  [[maybe_unused]] auto res = as_.notifiers_->InvalidateRangeStart(range);
+  assert(res.has_value());
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t a = m.start + (i << kPageShift);
+    PmdSlot* slot = pt_.Ensure(a);
+    WriteLock l(slot->lock);
+    if (!slot->table) {
+      if (slot->huge.load(std::memory_order_relaxed) != 0) continue;  // a racing THP fault
+      pt_.InstallTableLocked(*slot);
+    }
+    auto& ent = slot->table->e[PageTable::PteIndex(a)];
+    const uint64_t e = ent.load(std::memory_order_relaxed);
+    const uint64_t keep = e & (pte::kRead | pte::kWrite | pte::kDirty);
+    uint64_t mig = 0;
+    if (e == 0 || (pte::IsPresent(e) && (e & pte::kZero))) {
+      // A hole (or the zero page) of anonymous memory: a destination page
+      // can fill it (migrate_vma_collect_hole).
+      if (!anon) continue;
+      m.src[i] = kMigratePfnMigrate;
+      if (e != 0) mig = pte::Make(pte::kMigration, 0, keep | pte::kZero);
+    } else if (pte::HoldsFrame(e)) {
+      // System memory: private anonymous pages that this mapping alone
+      // uses, or shares read-only (copy-on-write after fork).
+      const Pfn pfn = pte::PfnOf(e);
+      if (!(m.flags & kMigrateSelectSystem) || !anon || (e & pte::kFile)) continue;
+      if ((e & pte::kWrite) && pool_.RefCount(pfn) != 1) continue;
+      pool_.Get(pfn);  // the migrator's reference
+      m.src[i] = MigratePfn(pfn, false) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
+      mig = pte::Make(pte::kMigration, pfn, keep);
+    } else if (pte::KindOf(e) == pte::kDevicePrivate) {
+      const uint64_t dpfn = pte::PfnOf(e);
+      DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+      if (!(m.flags & kMigrateSelectDevicePrivate) || !pm || pm->owner() != m.pgmap_owner) continue;
+      if ((e & pte::kWrite) && pm->RefCount(pm->IndexOf(dpfn)) != 1) continue;
+      pm->Get(pm->IndexOf(dpfn));
+      m.src[i] = MigratePfn(dpfn, true) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
+      mig = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
+    } else {
+      continue;  // already migrating, or a kind that cannot move
+    }
+    if (mig != 0) {
+      ent.store(mig, std::memory_order_relaxed);
+      st->installed[i] = mig;
+      st->orig[i] = e;
+    }
+    ++m.cpages;
+  }
+  as_.notifiers_->InvalidateRangeEnd(range);
+  m.internal = st;
+  return {};
+}
+
+void AddressSpace::Impl::MigratePagesLocked(MigrateVma& m) {
+  assert(m.internal && "migrate_vma_pages without setup");
+  const uint64_t n = (m.end - m.start) >> kPageShift;
+  for (uint64_t i = 0; i < n; ++i)
+    if ((m.src[i] & kMigratePfnMigrate) && !(m.dst[i] & kMigratePfnValid))
+      m.src[i] &= ~kMigratePfnMigrate;
+}
+
+void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
+  auto* st = static_cast<MigrateState*>(m.internal);
+  assert(st && "migrate_vma_finalize without setup");
+  if (!st) return;
+  const Vma* vma = FindVmaLocked(m.start);
+  const uint64_t n = (m.end - m.start) >> kPageShift;
+  Dropped dropped;
+  std::vector<DevicePagemap*> mapped_pagemaps;
+  uint64_t added = 0;
+  auto drop_word = [&](uint64_t w) {  // a reference named by a src/dst word
+    if (!(w & kMigratePfnValid)) return;
+    if (w & kMigratePfnDevice)
+      dropped.device.push_back(MigratePfnOf(w));
+    else
+      dropped.frames.push_back(MigratePfnOf(w));
+  };
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t installed = st->installed[i];
+    const bool collected = installed != 0 || (m.src[i] & kMigratePfnMigrate);
+    if (!collected) {
+      drop_word(m.dst[i]);  // a destination the caller filled in vain
+      continue;
+    }
+    const uint64_t a = m.start + (i << kPageShift);
+    bool migrated = (m.src[i] & kMigratePfnMigrate) && (m.dst[i] & kMigratePfnValid);
+    PmdSlot* slot = pt_.Ensure(a);
+    {
+      WriteLock l(slot->lock);
+      if (!slot->table && slot->huge.load(std::memory_order_relaxed) == 0) pt_.InstallTableLocked(*slot);
+      std::atomic<uint64_t>* ent = slot->table ? &slot->table->e[PageTable::PteIndex(a)] : nullptr;
+      const uint64_t cur = ent ? ent->load(std::memory_order_relaxed) : ~uint64_t{0};
+      const bool ours = installed != 0 ? cur == installed : cur == 0;
+      if (!ours) migrated = false;  // zapped (or refaulted) meanwhile
+      if (ours && migrated) {
+        const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
+        const uint64_t d = m.dst[i];
+        if (d & kMigratePfnDevice) {
+          ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
+                               pte::kRead | (writable ? pte::kWrite : 0)),
+                     std::memory_order_relaxed);
+          if (DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d))) mapped_pagemaps.push_back(pm);
+        } else {
+          ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
+                               ReadBit(vma->prot) | pte::kAccessed | pte::kDirty |
+                                   (writable ? pte::kWrite : 0)),
+                     std::memory_order_relaxed);
+        }
+        if (installed == 0) ++added;
+      } else if (ours && installed != 0) {
+        ent->store(st->orig[i], std::memory_order_relaxed);  // restore
+      }
+      if (ours && migrated) drop_word(m.src[i]);  // the old mapping's reference
+    }
+    if (installed != 0 && !(installed & pte::kZero)) drop_word(m.src[i] | kMigratePfnValid);  // the migrator's
+    if (!migrated) drop_word(m.dst[i]);
+  }
+  counters.rss_pages.fetch_add(added, std::memory_order_relaxed);
+  if (!mapped_pagemaps.empty()) {
+    std::sort(mapped_pagemaps.begin(), mapped_pagemaps.end());
+    mapped_pagemaps.erase(std::unique(mapped_pagemaps.begin(), mapped_pagemaps.end()),
+                          mapped_pagemaps.end());
+    auto self = as_.shared_from_this();
+    for (DevicePagemap* pm : mapped_pagemaps) pm->NoteMapper(self);
+  }
+  delete st;
+  m.internal = nullptr;
+  migration_wq_.WakeAll();
+  Drop(dropped);
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::Impl::FindDeviceEntriesLocked(
+    uint64_t lo, uint64_t hi) const {
+  std::vector<std::pair<uint64_t, uint64_t>> out;
+  for (const auto& kv : vmas_) {
+    const Vma& v = kv.second;
+    pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
+      ReadLock l(slot.lock);
+      if (!slot.table) return;
+      const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
+      for (uint64_t a = s; a < e; a += kPageSize) {
+        const uint64_t ent = slot.table->e[PageTable::PteIndex(a)].load(std::memory_order_relaxed);
+        if (pte::KindOf(ent) == pte::kDevicePrivate && pte::PfnOf(ent) >= lo && pte::PfnOf(ent) < hi)
+          out.emplace_back(a, pte::PfnOf(ent));
+      }
+    });
+  }
+  return out;
+}
+
+}  // namespace usvm::mm
