@@ -22,6 +22,7 @@ std::string_view ErrcName(Errc code) {
     case Errc::kTime: return "ETIME";
     case Errc::kTimedOut: return "ETIMEDOUT";
     case Errc::kCanceled: return "ECANCELED";
+    case Errc::kFBig: return "EFBIG";
     case Errc::kIo: return "EIO";
   }
   return "E?";

@@ -103,6 +103,7 @@ bool AddressSpace::Impl::RangeFreeLocked(uint64_t start, uint64_t end) const {
 
 Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
   const auto& c = as_.config_;
+  if (len > c.task_size - c.min_addr) return Err(Errc::kNoMem, "no free address range large enough");
   // Top-down from the cached hole (the pre-maple-tree free_area_cache), then
   // once more from the top of user space.
   for (uint64_t limit : {std::min(free_area_cache_, c.task_size), c.task_size}) {
@@ -385,12 +386,13 @@ void AddressSpace::Impl::ChangeProtectionLocked(uint64_t start, uint64_t end, ui
 }
 
 Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t prot) {
+  // Linux's order: alignment, zero length (success), overflow, then prot.
   if (!IsPageAligned(addr)) return Err(Errc::kInval, "mprotect: address not page aligned");
-  if (prot & ~kProtAll) return Err(Errc::kInval, "mprotect: unknown prot bits");
   if (len == 0) return {};
   const uint64_t alen = PageAlignUp(len);
   const uint64_t end = addr + alen;
   if (alen < len || end < addr) return Err(Errc::kNoMem, "mprotect: range overflows");
+  if (prot & ~kProtAll) return Err(Errc::kInval, "mprotect: unknown prot bits");
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
   // Like Linux: VMAs are changed in order until a hole is met (ENOMEM).
@@ -570,10 +572,10 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
   if (!IsPageAligned(old_addr)) return Err(Errc::kInval, "mremap: old address not page aligned");
   const uint64_t olen = PageAlignUp(old_len);
   const uint64_t nlen = PageAlignUp(new_len);
-  if (olen < old_len || nlen < new_len || nlen == 0)
+  if (olen < old_len || nlen < new_len || nlen == 0 || old_addr + olen < old_addr)
     return Err(Errc::kInval, "mremap: bad length");
-  if (nlen > c.task_size - c.min_addr) return Err(Errc::kInval, "mremap: new length too large");
   if (fixed) {
+    if (nlen > c.task_size - c.min_addr) return Err(Errc::kInval, "mremap: new length too large");
     if (!IsPageAligned(new_addr)) return Err(Errc::kInval, "mremap: new address not page aligned");
     if (new_addr > c.task_size - nlen) return Err(Errc::kInval, "mremap: new range outside user space");
     if (new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
@@ -583,24 +585,26 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
 
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  if (!fixed && !dontunmap && olen >= nlen && olen != 0) {
+    // Shrinking is a munmap of the tail, whatever is mapped (as in Linux,
+    // which does not look the VMA up for it).
+    if (olen > nlen) UnmapLocked(old_addr + nlen, std::min(old_addr + olen, c.task_size));
+    return old_addr;
+  }
   // Validate the source before changing anything (Linux unmaps a fixed
   // target first; we report the error with nothing changed).
   {
     const Vma* v = FindVmaLocked(old_addr);
     if (!v || v->start > old_addr) return Err(Errc::kFault, "mremap: nothing mapped at old address");
-    if (olen == 0 && (!v->shared() || !may_move))
-      return Err(Errc::kInval, "mremap: zero old length needs a shared mapping and MAYMOVE");
+    if (olen == 0 && !v->shared())
+      return Err(Errc::kInval, "mremap: zero old length on a private mapping");
     if (olen > v->end - old_addr) return Err(Errc::kFault, "mremap: old range spans several mappings");
   }
 
   if (!fixed && !dontunmap) {
-    if (olen >= nlen && olen != 0) {
-      if (olen > nlen) UnmapLocked(old_addr + nlen, old_addr + olen);
-      return old_addr;
-    }
     // Grow in place if the VMA ends with the range and the room is free.
     const Vma* v = FindVmaLocked(old_addr);
-    if (olen != 0 && v->end == old_addr + olen && old_addr + nlen <= c.task_size &&
+    if (olen != 0 && v->end == old_addr + olen && nlen <= c.task_size - old_addr &&
         RangeFreeLocked(old_addr + olen, old_addr + nlen)) {
       vmas_.at(v->start).end = old_addr + nlen;
       MergeAroundLocked(v->start);

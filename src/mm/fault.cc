@@ -357,7 +357,7 @@ Result<uint64_t> AddressSpace::AtomicCompareExchange(uint64_t addr, uint64_t exp
 Result<void> AddressSpace::Impl::Populate(uint64_t addr, uint64_t len, bool write) {
   if (!IsPageAligned(addr)) return Err(Errc::kInval, "populate: address not page aligned");
   const uint64_t alen = PageAlignUp(len);
-  if (alen < len) return Err(Errc::kInval, "populate: length overflows");
+  if (alen < len || addr + alen < addr) return Err(Errc::kInval, "populate: range overflows");
   // One byte per page is enough to fault each page in.
   for (uint64_t a = addr; a < addr + alen;) {
     const uint64_t step = std::min(addr + alen - a, kHugePageSize - (a & (kHugePageSize - 1)));

@@ -19,6 +19,7 @@
 #ifndef USVM_MM_PAGE_TABLE_H_
 #define USVM_MM_PAGE_TABLE_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -91,6 +92,7 @@ struct PudTable {
 class PageTable {
  public:
   static constexpr unsigned kPgdEntries = 256;  // 47-bit user space
+  static constexpr uint64_t kUserLimit = uint64_t{kPgdEntries} << 39;
 
   PageTable() = default;
   // Frees every table. The owner must have dropped every frame first.
@@ -102,6 +104,7 @@ class PageTable {
 
   // The slot for addr, or nullptr if its PMD table does not exist.
   PmdSlot* Lookup(uint64_t addr) const {
+    if (addr >= kUserLimit) return nullptr;  // beyond the 47-bit user space
     PudTable* pud = pgd_[addr >> 39].load(std::memory_order_acquire);
     if (!pud) return nullptr;
     PmdTable* pmd = pud->e[(addr >> 30) & 511].load(std::memory_order_acquire);
@@ -117,6 +120,7 @@ class PageTable {
   // REQUIRES: the mmap lock.
   template <typename F>
   void ForEachSlot(uint64_t start, uint64_t end, F f) const {
+    end = std::min(end, kUserLimit);
     for (uint64_t a = start & kHugeMask; a < end;) {
       PudTable* pud = pgd_[a >> 39].load(std::memory_order_acquire);
       if (!pud) {

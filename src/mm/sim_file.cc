@@ -2,12 +2,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace usvm::mm {
 
 Result<std::shared_ptr<SimFile>> SimFile::TryCreate(FramePool& pool, uint64_t size,
                                                     std::string name, bool shmem) {
-  if (size > (uint64_t{1} << 50)) return Err(Errc::kInval, "file size too large");
+  if (size > kMaxSize) return Err(Errc::kFBig, "file size too large");
   return std::shared_ptr<SimFile>(new SimFile(pool, size, std::move(name), shmem));
 }
 
@@ -34,15 +35,32 @@ Result<Pfn> SimFile::GetPage(uint64_t pgoff) {
 }
 
 Result<void> SimFile::Pwrite(uint64_t offset, const void* src, uint64_t len) {
-  if (offset + len < offset) return Err(Errc::kInval, "offset overflow");
+  if (offset + len < offset || offset + len > kMaxSize)
+    return Err(Errc::kFBig, "pwrite: beyond the maximum file size");
+  if (len == 0) return {};
   MutexLock l(lock_);
+  // All or nothing: create every missing page first, and drop the new ones
+  // again if one cannot be had.
+  std::vector<uint64_t> created;
+  for (uint64_t pg = offset / kPageSize; pg <= (offset + len - 1) / kPageSize; ++pg) {
+    if (pages_.count(pg)) continue;
+    auto pfn = pool_.AllocPage(FramePool::Zero::kYes);
+    if (!pfn) {
+      for (uint64_t c : created) {
+        pool_.Put(pages_[c]);
+        pages_.erase(c);
+      }
+      return Err(pfn.error());
+    }
+    pages_.emplace(pg, *pfn);
+    created.push_back(pg);
+  }
   const auto* s = static_cast<const std::byte*>(src);
   uint64_t done = 0;
   while (done < len) {
     const uint64_t off = offset + done;
     const uint64_t n = std::min(len - done, kPageSize - (off % kPageSize));
-    Pfn pfn = USVM_TRY(FindOrCreateLocked(off / kPageSize));
-    std::memcpy(pool_.Data(pfn) + off % kPageSize, s + done, n);
+    std::memcpy(pool_.Data(pages_.at(off / kPageSize)) + off % kPageSize, s + done, n);
     done += n;
   }
   size_ = std::max(size_, offset + len);

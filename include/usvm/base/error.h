@@ -37,6 +37,7 @@ enum class Errc : int {
   kTime = ETIME,
   kTimedOut = ETIMEDOUT,
   kCanceled = ECANCELED,
+  kFBig = EFBIG,
   kIo = EIO,
 };
 

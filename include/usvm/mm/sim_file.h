@@ -26,7 +26,7 @@ namespace usvm::mm {
 class SimFile {
  public:
   // A file of `size` bytes reading as zeros. `shmem` marks the object
-  // behind a shared anonymous mapping.
+  // behind a shared anonymous mapping. EFBIG above kMaxSize.
   static Result<std::shared_ptr<SimFile>> TryCreate(FramePool& pool, uint64_t size,
                                                     std::string name = "file",
                                                     bool shmem = false);
@@ -34,8 +34,11 @@ class SimFile {
   SimFile(const SimFile&) = delete;
   SimFile& operator=(const SimFile&) = delete;
 
-  // pwrite: extends the file if needed. ENOMEM if pages cannot be made,
-  // EINVAL on offset overflow.
+  // The largest file size (1 PiB).
+  static constexpr uint64_t kMaxSize = uint64_t{1} << 50;
+
+  // pwrite: extends the file if needed; all or nothing. ENOMEM if pages
+  // cannot be made (nothing changes), EFBIG beyond kMaxSize.
   Result<void> Pwrite(uint64_t offset, const void* src, uint64_t len) USVM_EXCLUDES(lock_);
   // pread: returns the bytes read (short at end of file).
   Result<uint64_t> Pread(uint64_t offset, void* dst, uint64_t len) const USVM_EXCLUDES(lock_);
