@@ -3,9 +3,21 @@
 // process memory through range fault, keeps "device memory" in a plain
 // array of pages registered as a DevicePagemap, and migrates pages to and
 // from it with MigrateVma.
+//
+// Extras for the selftests (tests/mm/hmm_selftests_test.cc): Snapshot
+// (range fault without faulting, the raw output words), the words of the
+// last device access, per-device counters, a settable range-fault timeout,
+// and a device memory that can be made small to test "device full".
+// Several DMirrors may mirror one address space (two devices), and one may
+// mirror a fork child.
+//
+// Thread-safety: every method may be called concurrently (device threads
+// migrating while others read); lock_ is the device lock that ReadRetry
+// runs under.
 #ifndef USVM_TESTS_MM_DMIRROR_H_
 #define USVM_TESTS_MM_DMIRROR_H_
 
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -48,10 +60,37 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
 
   // Device read of [addr, addr + len) through range fault (faulting pages
   // in); copies into out. Device pages of this device are read directly.
-  Result<void> Read(uint64_t addr, void* out, uint64_t len) { return Access(addr, out, len, false); }
-  Result<void> Write(uint64_t addr, const void* in, uint64_t len) {
-    return Access(addr, const_cast<void*>(in), len, true);
+  // `words`, if given, receives the range fault output (one word per page
+  // of the page-aligned range) that the copy used.
+  Result<void> Read(uint64_t addr, void* out, uint64_t len, std::vector<uint64_t>* words = nullptr) {
+    return Access(addr, out, len, false, words);
   }
+  Result<void> Write(uint64_t addr, const void* in, uint64_t len,
+                     std::vector<uint64_t>* words = nullptr) {
+    return Access(addr, const_cast<void*>(in), len, true, words);
+  }
+
+  // HMM_DMIRROR_SNAPSHOT: range fault of [start, end) with no fault
+  // requested; the raw output words (see hmm.h). Retries on EBUSY.
+  Result<std::vector<uint64_t>> Snapshot(uint64_t start, uint64_t end) {
+    std::vector<uint64_t> words((end - start) / kPageSize);
+    HmmRange r;
+    r.notifier = &sub_;
+    r.start = start;
+    r.end = end;
+    r.hmm_pfns = words.data();
+    r.dev_private_owner = this;
+    USVM_TRY(RangeFaultAndCommit(*as_, r,
+                                 [&](HmmRange& rr) -> Result<bool> {
+                                   MutexLock l(lock_);
+                                   return !sub_.ReadRetry(rr.notifier_seq);
+                                 },
+                                 timeout_ns_.load()));
+    return words;
+  }
+
+  // The timeout of RangeFaultAndCommit in device accesses.
+  void set_timeout_ns(uint64_t ns) { timeout_ns_.store(ns); }
 
   // Migrates [start, end) to device memory. Returns pages migrated.
   Result<uint64_t> MigrateToDevice(uint64_t start, uint64_t end) {
@@ -70,7 +109,10 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     for (uint64_t i = 0; i < n; ++i) {
       if (!(src[i] & kMigratePfnMigrate)) continue;
       auto idx = AllocDevicePage();
-      if (!idx) continue;  // out of device memory: this page stays
+      if (!idx) {  // out of device memory: this page stays
+        device_full_++;
+        continue;
+      }
       if (src[i] & kMigratePfnValid)
         std::memcpy(vram_[*idx].data(), as_->pool().Data(MigratePfnOf(src[i])), kPageSize);
       else
@@ -80,13 +122,14 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     }
     as_->MigrateVmaPages(m);
     as_->MigrateVmaFinalize(m);
+    to_device_ += moved;
     return moved;
   }
 
   // Migrates the device pages of [start, end) back to system memory.
   Result<uint64_t> MigrateToSystem(uint64_t start, uint64_t end) {
     ReadLock l(as_->mmap_lock());
-    return MigrateBackLocked(*as_, start, end);
+    return MigrateBackLocked(*as_, start, end, nullptr);
   }
 
   // DevicePagemapOps.
@@ -95,12 +138,16 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     free_.push_back(index);
   }
   // `as` may be a fork child of the mirrored process: device pages are
-  // shared copy-on-write after fork.
+  // shared copy-on-write after fork. As dmirror_devmem_fault, a page that
+  // cannot get a system frame fails the CPU access (ENOMEM) and stays on
+  // the device.
   Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
     as.mmap_lock().AssertReaderHeld();
     cpu_faults_++;
-    auto r = MigrateBackLocked(as, addr, addr + kPageSize);
+    bool alloc_failed = false;
+    auto r = MigrateBackLocked(as, addr, addr + kPageSize, &alloc_failed);
     if (!r) return Err(r.error());
+    if (alloc_failed) return Err(Errc::kNoMem, "dmirror: no system frame for migrate_to_ram");
     return {};
   }
 
@@ -114,8 +161,21 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   }
 
   DevicePagemap& pagemap() { return *pgmap_; }
+  AddressSpace& as() { return *as_; }
   uint64_t device_pages_in_use() { return pgmap_->DebugPagesInUse(); }
   uint64_t cpu_faults() const { return cpu_faults_; }
+  // Pages moved by MigrateToDevice / back to system memory (any path).
+  uint64_t pages_to_device() const { return to_device_; }
+  uint64_t pages_to_system() const { return to_system_; }
+  // Pages MigrateToDevice left behind because device memory was full.
+  uint64_t device_full() const { return device_full_; }
+  // Invalidations other than our own migrations.
+  uint64_t invalidations() {
+    MutexLock l(lock_);
+    return invalidations_;
+  }
+  // True if dpfn is one of this device's frames.
+  bool Owns(DevicePfn dpfn) const { return dpfn >= pgmap_->base() && dpfn < pgmap_->base() + pgmap_->npages(); }
   uint64_t free_pages() {
     MutexLock l(lock_);
     return free_.size();
@@ -138,7 +198,10 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     return idx;
   }
 
-  Result<uint64_t> MigrateBackLocked(AddressSpace& as, uint64_t start, uint64_t end) {
+  // `alloc_failed`, if given, is set when a page stayed on the device for
+  // want of a system frame.
+  Result<uint64_t> MigrateBackLocked(AddressSpace& as, uint64_t start, uint64_t end,
+                                     bool* alloc_failed) {
     as.mmap_lock().AssertReaderHeld();
     const uint64_t n = (end - start) / kPageSize;
     std::vector<uint64_t> src(n), dst(n);
@@ -154,17 +217,22 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     for (uint64_t i = 0; i < n; ++i) {
       if (!(src[i] & kMigratePfnMigrate) || !(src[i] & kMigratePfnValid)) continue;
       auto pfn = as.pool().AllocPage(FramePool::Zero::kNo);
-      if (!pfn) continue;
+      if (!pfn) {
+        if (alloc_failed) *alloc_failed = true;
+        continue;
+      }
       std::memcpy(as.pool().Data(*pfn), DeviceData(MigratePfnOf(src[i])), kPageSize);
       dst[i] = MigratePfn(*pfn, false);
       ++moved;
     }
     as.MigrateVmaPages(m);
     as.MigrateVmaFinalize(m);
+    to_system_ += moved;
     return moved;
   }
 
-  Result<void> Access(uint64_t addr, void* buf, uint64_t len, bool write) {
+  Result<void> Access(uint64_t addr, void* buf, uint64_t len, bool write,
+                      std::vector<uint64_t>* words) {
     const uint64_t start = PageAlignDown(addr), end = PageAlignUp(addr + len);
     std::vector<uint64_t> pfns((end - start) / kPageSize);
     HmmRange r;
@@ -188,8 +256,9 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
           std::memcpy(b + (a - addr), page + (a % kPageSize), n);
         a += n;
       }
+      if (words) *words = pfns;
       return true;
-    });
+    }, timeout_ns_.load());
   }
 
   std::shared_ptr<AddressSpace> as_;
@@ -200,6 +269,10 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   std::vector<uint64_t> free_ USVM_GUARDED_BY(lock_);
   uint64_t invalidations_ USVM_GUARDED_BY(lock_) = 0;
   std::atomic<uint64_t> cpu_faults_{0};
+  std::atomic<uint64_t> to_device_{0};
+  std::atomic<uint64_t> to_system_{0};
+  std::atomic<uint64_t> device_full_{0};
+  std::atomic<uint64_t> timeout_ns_{1'000'000'000};
 };
 
 }  // namespace usvm::mm::testing
