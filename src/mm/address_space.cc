@@ -2,6 +2,7 @@
 // fork, exit. Faults and CPU accesses are in fault.cc.
 #include <algorithm>
 #include <cassert>
+#include <cstring>
 
 #include "address_space_impl.h"
 
@@ -659,6 +660,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   WriteLock lc(child.mmap_lock_);  // nobody can see the child yet
   uint64_t copied = 0;
   std::vector<DevicePagemap*> device_pagemaps;  // pagemaps the child now maps
+  bool oom = false;
   for (const auto& kv : vmas_) {
     const Vma& v = kv.second;
     child.vmas_.emplace(kv.first, v);
@@ -683,7 +685,28 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
         if (!cs->table) child.pt_.InstallTableLocked(*cs);
         for (uint64_t a = s; a < e; a += kPageSize) {
           auto& ent = slot.table->e[PageTable::PteIndex(a)];
-          const uint64_t old = ent.load(std::memory_order_relaxed);
+          uint64_t old = ent.load(std::memory_order_relaxed);
+          if (pte::IsExclusive(old)) {
+            // Fork revokes device exclusivity: the entry is made present
+            // again (the PROTECTION_PAGE bracket covers it), then copied.
+            old = pte::Make(pte::kPresent, pte::PfnOf(old), old & pte::kFlagsMask & ~pte::kKindMask);
+            ent.store(old, std::memory_order_relaxed);
+          }
+          if (pte::HoldsFrame(old) && !(old & pte::kFile) && pool_.PinCount(pte::PfnOf(old)) > 0) {
+            // A pinned page is copied for the child now, never shared, so
+            // the pin keeps seeing the parent's writes (page_needs_cow_for_dma).
+            auto copy = pool_.AllocPage(FramePool::Zero::kNo);
+            if (!copy) {
+              oom = true;
+              continue;
+            }
+            std::memcpy(pool_.Data(*copy), pool_.Data(pte::PfnOf(old)), kPageSize);
+            cs->table->e[PageTable::PteIndex(a)].store(
+                pte::Make(pte::kPresent, *copy, (old & pte::kFlagsMask & ~pte::kKindMask) | pte::kDirty),
+                std::memory_order_relaxed);
+            ++copied;
+            continue;
+          }
           if (pte::KindOf(old) == pte::kDevicePrivate) {
             // Shared read-only by both, like a COW page (copy_nonpresent_pte).
             DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(old));
@@ -706,6 +729,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   }
   child.counters.rss_pages.store(copied, std::memory_order_relaxed);
   child.free_area_cache_ = free_area_cache_;
+  if (oom) return Err(Errc::kNoMem, "fork: cannot copy a pinned page");  // the caller drops the child
   if (!device_pagemaps.empty()) {
     auto child_sp = child.as_.shared_from_this();
     std::sort(device_pagemaps.begin(), device_pagemaps.end());

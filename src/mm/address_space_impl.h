@@ -165,7 +165,8 @@ class AddressSpace::Impl {
     std::vector<uint64_t> device;  // DevicePfns
     // Records what entry e held; returns true if it counted as mapped.
     bool Add(uint64_t e) {
-      if (pte::HoldsFrame(e) || pte::HoldsMigratingFrame(e)) frames.push_back(pte::PfnOf(e));
+      if (pte::HoldsFrame(e) || pte::HoldsMigratingFrame(e) || pte::IsExclusive(e))
+        frames.push_back(pte::PfnOf(e));
       if (pte::HoldsDevicePage(e)) device.push_back(pte::PfnOf(e));
       return pte::KindOf(e) != pte::kNone;
     }
@@ -175,6 +176,12 @@ class AddressSpace::Impl {
   void WaitMigrationLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
   // Runs the owner's migrate_to_ram for the device-private entry e at addr.
   Result<void> DeviceFaultLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
+  // Turns the device-exclusive entry e at addr back into a present entry
+  // (EXCLUSIVE notification, no owner), if it is still there.
+  void RestoreExclusiveLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<Pfn> MakeExclusiveLocked(uint64_t addr, const void* owner) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<void> PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
+      USVM_REQUIRES_SHARED(mmap_lock_);
   // Reads the entry mapping addr (huge or 4 KiB) under the slot lock.
   uint64_t ReadEntryLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
 

@@ -191,6 +191,11 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
       USVM_TRY(DeviceFaultLocked(addr, e));
       continue;
     }
+    if (pte::IsExclusive(e)) {
+      slot->lock.Unlock();
+      RestoreExclusiveLocked(addr, e);
+      continue;
+    }
     if (!pte::IsPresent(e)) {
       slot->lock.Unlock();
       return Err(Errc::kFault, "fault on an unknown entry kind");
@@ -206,7 +211,8 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
       slot->lock.Unlock();
       return {};
     }
-    if (!(e & (pte::kZero | pte::kFile)) && pool_.RefCount(pte::PfnOf(e)) == 1) {
+    if (!(e & (pte::kZero | pte::kFile)) &&
+        pool_.RefCount(pte::PfnOf(e)) - pool_.PinCount(pte::PfnOf(e)) == 1) {
       // The last user of an anonymous page keeps it (wp_page_reuse).
       ent.store(e | pte::kWrite | pte::kDirty | pte::kAccessed, std::memory_order_relaxed);
       slot->lock.Unlock();
@@ -242,6 +248,134 @@ Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
   DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
   if (!pm) return Err(Errc::kFault, "SIGBUS: device page of an unregistered pagemap");
   return pm->ops().MigrateToRam(as_, PageAlignDown(addr), *pm, pm->IndexOf(pte::PfnOf(e)));
+}
+
+void AddressSpace::Impl::RestoreExclusiveLocked(uint64_t addr, uint64_t e) {
+  const uint64_t page = PageAlignDown(addr);
+  NotifierRange range{&as_, page, page + kPageSize, NotifyEvent::kExclusive, nullptr, true};
+  [[maybe_unused]] auto res = as_.notifiers_->InvalidateRangeStart(range);
+  assert(res.has_value());
+  if (PmdSlot* slot = pt_.Lookup(page)) {
+    WriteLock l(slot->lock);
+    if (slot->table) {
+      auto& ent = slot->table->e[PageTable::PteIndex(page)];
+      if (ent.load(std::memory_order_relaxed) == e)
+        ent.store(pte::Make(pte::kPresent, pte::PfnOf(e), e & pte::kFlagsMask & ~pte::kKindMask),
+                  std::memory_order_relaxed);
+    }
+  }
+  as_.notifiers_->InvalidateRangeEnd(range);
+}
+
+Result<Pfn> AddressSpace::MakeDeviceExclusive(uint64_t addr, const void* owner) {
+  impl_->mmap_lock_.AssertReaderHeld();  // the caller's mmap_lock_, seen through Impl
+  return impl_->MakeExclusiveLocked(addr, owner);
+}
+
+Result<Pfn> AddressSpace::Impl::MakeExclusiveLocked(uint64_t addr, const void* owner) {
+  USVM_TRY(CheckAliveLocked());
+  if (!IsPageAligned(addr)) return Err(Errc::kInval, "make exclusive: address not page aligned");
+  const Vma* vma = FindVmaLocked(addr);
+  if (!vma || vma->start > addr) return Err(Errc::kFault, "make exclusive: no mapping");
+  if (!vma->private_anon()) return Err(Errc::kInval, "make exclusive: not private anonymous memory");
+  SplitHugeAtLocked(addr | kPageSize);  // a huge entry becomes 4 KiB entries
+  for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
+    uint64_t e = ReadEntryLocked(addr);
+    if (pte::IsExclusive(e)) return pte::PfnOf(e);  // already exclusive
+    if (!pte::HoldsFrame(e) || !(e & pte::kWrite) || (e & pte::kFile)) {
+      USVM_TRY(HandleFaultLocked(addr, AccessKind::kWrite));
+      continue;
+    }
+    NotifierRange range{&as_, addr, addr + kPageSize, NotifyEvent::kExclusive, owner, true};
+    [[maybe_unused]] auto res = as_.notifiers_->InvalidateRangeStart(range);
+    assert(res.has_value());
+    bool done = false;
+    if (PmdSlot* slot = pt_.Lookup(addr)) {
+      WriteLock l(slot->lock);
+      if (slot->table) {
+        auto& ent = slot->table->e[PageTable::PteIndex(addr)];
+        if (ent.load(std::memory_order_relaxed) == e) {
+          ent.store(pte::Make(pte::kDeviceExclusive, pte::PfnOf(e),
+                              e & pte::kFlagsMask & ~pte::kKindMask),
+                    std::memory_order_relaxed);
+          done = true;
+        }
+      }
+    }
+    as_.notifiers_->InvalidateRangeEnd(range);
+    if (done) return pte::PfnOf(e);
+  }
+  return Err(Errc::kIo, "make exclusive made no progress");
+}
+
+Result<void> AddressSpace::PinUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out) {
+  if (!IsPageAligned(addr) || npages == 0 || !out)
+    return Err(Errc::kInval, "pin: unaligned address, zero pages or null output");
+  if (npages > (~uint64_t{0} - addr) >> kPageShift) return Err(Errc::kInval, "pin: range overflows");
+  ReadLock l(mmap_lock_);
+  impl_->mmap_lock_.AssertReaderHeld();
+  return impl_->PinLocked(addr, npages, write, out);
+}
+
+Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out) {
+  USVM_TRY(CheckAliveLocked());
+  // Pins work on 4 KiB entries, so that fork can copy exactly the pinned
+  // pages: split huge entries in the range first.
+  for (uint64_t b = addr & kHugeMask; b < addr + (npages << kPageShift); b += kHugePageSize) {
+    if (ReadEntryLocked(b) != 0 && pt_.Lookup(b)) {
+      bool huge;
+      {
+        ReadLock l(pt_.Lookup(b)->lock);
+        huge = pt_.Lookup(b)->huge.load(std::memory_order_relaxed) != 0;
+      }
+      if (huge) SplitHugeLocked(b);
+    }
+  }
+  uint64_t pinned = 0;
+  auto unwind = [&] {
+    for (uint64_t i = 0; i < pinned; ++i) pool_.Unpin(out[i]);
+  };
+  for (; pinned < npages;) {
+    const uint64_t a = addr + (pinned << kPageShift);
+    int tries = 0;
+    for (;; ++tries) {
+      if (tries == kMaxFaultRetries) {
+        unwind();
+        return Err(Errc::kIo, "pin: fault made no progress");
+      }
+      const uint64_t e = ReadEntryLocked(a);
+      // Pins never name the shared zero page (FOLL_LONGTERM unshares it)
+      // nor device memory (migrated home first, by the fault path).
+      const bool ok = pte::HoldsFrame(e) && (e & pte::kRead) && (!write || (e & pte::kWrite));
+      if (!ok) {
+        const Vma* vma = FindVmaLocked(a);
+        const bool want_write = write || (pte::IsPresent(e) && (e & pte::kZero) && vma &&
+                                          (vma->prot & kProtWrite));
+        if (pte::IsPresent(e) && (e & pte::kZero) && !want_write) {
+          unwind();
+          return Err(Errc::kFault, "pin: the zero page of a read-only mapping cannot be pinned");
+        }
+        auto r = HandleFaultLocked(a, want_write ? AccessKind::kWrite : AccessKind::kRead);
+        if (!r) {
+          unwind();
+          return Err(r.error());
+        }
+        continue;
+      }
+      PmdSlot* slot = pt_.Lookup(a);
+      ReadLock sl(slot->lock);
+      const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+      const uint64_t cur = h != 0 ? h : (slot->table ? slot->table->e[PageTable::PteIndex(a)].load(
+                                                             std::memory_order_relaxed)
+                                                       : 0);
+      if (cur != e) continue;  // changed: look again
+      const Pfn pfn = h != 0 ? pte::PfnOf(h) + ((a >> kPageShift) & (kPagesPerHuge - 1)) : pte::PfnOf(e);
+      pool_.Pin(pfn);
+      out[pinned++] = pfn;
+      break;
+    }
+  }
+  return {};
 }
 
 // ---- access ------------------------------------------------------------------

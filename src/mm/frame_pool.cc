@@ -146,6 +146,22 @@ uint32_t FramePool::RefCount(Pfn pfn) const {
   return std::atomic_ref<uint32_t>(Ref(&frames_[pfn].refcount)).load(std::memory_order_acquire);
 }
 
+void FramePool::Pin(Pfn pfn) {
+  Get(pfn);
+  std::atomic_ref<uint32_t>(frames_[pfn].pincount).fetch_add(1, std::memory_order_relaxed);
+}
+
+void FramePool::Unpin(Pfn pfn) {
+  [[maybe_unused]] uint32_t old =
+      std::atomic_ref<uint32_t>(frames_[pfn].pincount).fetch_sub(1, std::memory_order_relaxed);
+  assert(old > 0);
+  Put(pfn);
+}
+
+uint32_t FramePool::PinCount(Pfn pfn) const {
+  return std::atomic_ref<uint32_t>(Ref(&frames_[pfn].pincount)).load(std::memory_order_acquire);
+}
+
 void FramePool::FreeFrame(Pfn pfn) {
   MutexLock l(lock_);
   Block* b = &blocks_[pfn / kPagesPerHuge];

@@ -84,6 +84,16 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         addr += kPageSize;
         continue;
       }
+      if (pte::IsExclusive(e)) {
+        if (want_fault || want_write) {
+          RestoreExclusiveLocked(addr, e);
+          faulted = true;
+          continue;
+        }
+        word = 0;
+        addr += kPageSize;
+        continue;
+      }
       if (pte::KindOf(e) == pte::kMigration) {
         if (want_fault || want_write) {
           WaitMigrationLocked(addr, e);

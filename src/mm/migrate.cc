@@ -92,6 +92,7 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       // uses, or shares read-only (copy-on-write after fork).
       const Pfn pfn = pte::PfnOf(e);
       if (!(m.flags & kMigrateSelectSystem) || !anon || (e & pte::kFile)) continue;
+      if (pool_.PinCount(pfn) > 0) continue;  // pinned: stays where the pin expects it
       if ((e & pte::kWrite) && pool_.RefCount(pfn) != 1) continue;
       pool_.Get(pfn);  // the migrator's reference
       m.src[i] = MigratePfn(pfn, false) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);

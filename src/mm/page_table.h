@@ -62,6 +62,8 @@ inline constexpr bool HoldsFrame(uint64_t e) { return IsPresent(e) && !(e & kZer
 inline constexpr bool HoldsDevicePage(uint64_t e) {
   return KindOf(e) == kDevicePrivate || (KindOf(e) == kMigration && (e & kDevice));
 }
+// A device-exclusive entry (holds a reference on its system frame).
+inline constexpr bool IsExclusive(uint64_t e) { return KindOf(e) == kDeviceExclusive; }
 // A migration entry that holds a reference on a system frame.
 inline constexpr bool HoldsMigratingFrame(uint64_t e) {
   return KindOf(e) == kMigration && !(e & (kDevice | kZero));

@@ -217,6 +217,23 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
       USVM_REQUIRES_SHARED(mmap_lock_);
 
+  // make_device_exclusive: faults the page at addr in for writing and
+  // replaces its CPU entry with a device-exclusive entry, so the device
+  // `owner` may use it for atomics (EXCLUSIVE notification with owner). A
+  // CPU access, or fork, restores the normal entry first (EXCLUSIVE
+  // notification, no owner). Returns the frame. REQUIRES: the mmap lock
+  // (read). EINVAL: unaligned, or not private anonymous memory; EFAULT /
+  // EPERM as for a write fault.
+  Result<Pfn> MakeDeviceExclusive(uint64_t addr, const void* owner) USVM_REQUIRES_SHARED(mmap_lock_);
+
+  // pin_user_pages(FOLL_LONGTERM): faults npages pages from addr in (for
+  // writing if `write`), migrating device-private pages to system memory
+  // first, and pins each frame into out[]. All or nothing. Pinned frames
+  // are not migrated and are copied at fork. EFAULT as for an access;
+  // EINVAL for an unaligned address or zero pages.
+  Result<void> PinUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
+  void UnpinUserPage(Pfn pfn) { pool_.Unpin(pfn); }
+
   // ---- for the layers above --------------------------------------------
 
   RwSemaphore& mmap_lock() const USVM_RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }

@@ -61,6 +61,11 @@ class FramePool {
   void Get(Pfn pfn, uint32_t n = 1);
   void Put(Pfn pfn) USVM_EXCLUDES(lock_);
   uint32_t RefCount(Pfn pfn) const;
+  // Long-term pins (FOLL_PIN): a pin is also a reference. Pinned pages are
+  // never migrated and are copied, not shared, at fork.
+  void Pin(Pfn pfn);
+  void Unpin(Pfn pfn) USVM_EXCLUDES(lock_);
+  uint32_t PinCount(Pfn pfn) const;
 
   // The frame's 4096 bytes. Valid for any pfn < frames().
   std::byte* Data(Pfn pfn) const { return arena_ + (pfn << kPageShift); }
@@ -91,7 +96,7 @@ class FramePool {
     uint32_t refcount;   // atomic_ref; 0 = free
     uint32_t next_free;  // free stack link (1-based index in block), lock_
     uint32_t flags;      // kUsed; owned by whoever holds the frame
-    uint32_t pad;
+    uint32_t pincount;   // atomic_ref
   };
   static constexpr uint32_t kUsed = 1;  // bytes may be non-zero
   // Metadata of one 2 MiB block.
