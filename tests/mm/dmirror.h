@@ -89,6 +89,68 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     return words;
   }
 
+  // A device fault of [start, end) without copying any bytes (what a GPU
+  // fault handler does before it programs its page table): range fault
+  // with kPfnReqFault (and kPfnReqWrite) on every page; the output words
+  // go to `words` if given.
+  Result<void> FaultIn(uint64_t start, uint64_t end, bool write, std::vector<uint64_t>* words = nullptr) {
+    std::vector<uint64_t> local;
+    std::vector<uint64_t>& pfns = words ? *words : local;
+    pfns.assign((end - start) / kPageSize, 0);
+    HmmRange r;
+    r.notifier = &sub_;
+    r.start = start;
+    r.end = end;
+    r.hmm_pfns = pfns.data();
+    r.default_flags = kPfnReqFault | (write ? kPfnReqWrite : 0);
+    r.dev_private_owner = this;
+    return RangeFaultAndCommit(*as_, r,
+                               [&](HmmRange& rr) -> Result<bool> {
+                                 MutexLock l(lock_);
+                                 return !sub_.ReadRetry(rr.notifier_seq);
+                               },
+                               timeout_ns_.load());
+  }
+
+  // HMM_DMIRROR_EXCLUSIVE: makes every page of [start, end) exclusive to
+  // this device (make_device_exclusive) and records it in the device page
+  // table, for device atomics. Returns the pages made exclusive; stops at
+  // the first error.
+  // REQUIRES: Watch covers the range (the sequence tells whether the CPU
+  // took the page back before the device recorded it).
+  Result<uint64_t> MakeExclusive(uint64_t start, uint64_t end) {
+    uint64_t n = 0;
+    for (uint64_t a = start; a < end; a += kPageSize) {
+      for (;;) {
+        const uint64_t seq = sub_.ReadBegin();
+        ReadLock l(as_->mmap_lock());
+        const Pfn pfn = USVM_TRY(as_->MakeDeviceExclusive(a, this));
+        MutexLock dl(lock_);
+        if (sub_.ReadRetry(seq)) continue;
+        exclusive_[a] = pfn;
+        break;
+      }
+      ++n;
+    }
+    return n;
+  }
+  // Whether the device still holds exclusive access to the page at addr.
+  bool HasExclusive(uint64_t addr) {
+    MutexLock l(lock_);
+    return exclusive_.count(PageAlignDown(addr)) != 0;
+  }
+  // A device atomic fetch-add on the 8-byte word at addr: only through
+  // exclusive access (EPERM once the CPU or fork has revoked it, as
+  // dmirror_check_atomic).
+  Result<uint64_t> AtomicFetchAdd(uint64_t addr, uint64_t v) {
+    if (addr % 8 != 0) return Err(Errc::kInval, "dmirror atomic: unaligned");
+    MutexLock l(lock_);
+    auto it = exclusive_.find(PageAlignDown(addr));
+    if (it == exclusive_.end()) return Err(Errc::kPerm, "dmirror atomic: no exclusive access");
+    auto* w = reinterpret_cast<uint64_t*>(as_->pool().Data(it->second) + addr % kPageSize);
+    return std::atomic_ref<uint64_t>(*w).fetch_add(v);
+  }
+
   // The timeout of RangeFaultAndCommit in device accesses.
   void set_timeout_ns(uint64_t ns) { timeout_ns_.store(ns); }
 
@@ -155,8 +217,17 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // snapshot; dropping it means bumping the sequence.
   bool Invalidate(MmuIntervalNotifier* sub, const NotifierRange& r, uint64_t cur_seq) override {
     MutexLock l(lock_);
+    // Our own make-exclusive keeps the frame where it is: nothing to drop
+    // (dmirror_interval_invalidate ignores it too).
+    if (r.event == NotifyEvent::kExclusive && r.owner == this) return true;
     sub->SetSeq(cur_seq);
-    if (!(r.event == NotifyEvent::kMigrate && r.owner == this)) invalidations_++;
+    if (r.event == NotifyEvent::kMigrate && r.owner == this) return true;
+    invalidations_++;
+    // Anything else revokes the device's exclusive access in the range.
+    for (auto it = exclusive_.lower_bound(r.start); it != exclusive_.end() && it->first < r.end;) {
+      it = exclusive_.erase(it);
+      exclusive_revoked_++;
+    }
     return true;
   }
 
@@ -173,6 +244,10 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   uint64_t invalidations() {
     MutexLock l(lock_);
     return invalidations_;
+  }
+  uint64_t exclusive_revoked() {
+    MutexLock l(lock_);
+    return exclusive_revoked_;
   }
   // True if dpfn is one of this device's frames.
   bool Owns(DevicePfn dpfn) const { return dpfn >= pgmap_->base() && dpfn < pgmap_->base() + pgmap_->npages(); }
@@ -250,15 +325,29 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
         const uint64_t w = pfns[(PageAlignDown(a) - start) / kPageSize];
         const uint64_t n = std::min(addr + len - a, PageAlignDown(a) + kPageSize - a);
         std::byte* page = (w & kPfnDevice) ? DeviceData(HmmPfn(w)) : as_->pool().Data(HmmPfn(w));
-        if (write)
-          std::memcpy(page + (a % kPageSize), b + (a - addr), n);
-        else
-          std::memcpy(b + (a - addr), page + (a % kPageSize), n);
+        Copy(write ? page + (a % kPageSize) : b + (a - addr), write ? b + (a - addr) : page + (a % kPageSize), n);
         a += n;
       }
       if (words) *words = pfns;
       return true;
     }, timeout_ns_.load());
+  }
+
+  // The device's DMA: like hardware, it races with CPU stores to the same
+  // memory word by word, so aligned 8-byte words are copied with relaxed
+  // atomics (the CPU's Atomic* ops are atomic against it); the rest is a
+  // plain memcpy.
+  static void Copy(std::byte* dst, const std::byte* src, uint64_t n) {
+    const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+    if ((d | s | n) % 8 != 0) {
+      std::memcpy(dst, src, n);
+      return;
+    }
+    auto* dw = reinterpret_cast<uint64_t*>(dst);
+    auto* sw = reinterpret_cast<uint64_t*>(const_cast<std::byte*>(src));
+    for (uint64_t i = 0; i < n / 8; ++i)
+      std::atomic_ref<uint64_t>(dw[i]).store(std::atomic_ref<uint64_t>(sw[i]).load(std::memory_order_relaxed),
+                                             std::memory_order_relaxed);
   }
 
   std::shared_ptr<AddressSpace> as_;
@@ -268,6 +357,8 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   Mutex lock_;  // the device lock
   std::vector<uint64_t> free_ USVM_GUARDED_BY(lock_);
   uint64_t invalidations_ USVM_GUARDED_BY(lock_) = 0;
+  std::map<uint64_t, Pfn> exclusive_ USVM_GUARDED_BY(lock_);  // device page table: exclusive pages
+  uint64_t exclusive_revoked_ USVM_GUARDED_BY(lock_) = 0;
   std::atomic<uint64_t> cpu_faults_{0};
   std::atomic<uint64_t> to_device_{0};
   std::atomic<uint64_t> to_system_{0};

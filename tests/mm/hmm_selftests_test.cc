@@ -595,6 +595,140 @@ TEST_F(HmmSelftest, MremapOfMigratedHugeRegionMovesDeviceEntries) {
   EXPECT_EQ(dev_->device_pages_in_use(), 0u);
 }
 
+// ---- device-exclusive access and pinning --------------------------------------
+
+// hmm-tests exclusive: the device takes exclusive access for atomics; a
+// CPU write to a page revokes it for that page only, and the CPU sees the
+// device's atomic results.
+TEST_F(HmmSelftest, ExclusiveAccessIsRevokedByCpuWrites) {
+  const uint64_t len = 8 * kPageSize;
+  const uint64_t a = MapAnon(len);
+  ASSERT_TRUE(dev_->Watch(a, len).has_value());
+  std::vector<uint64_t> words(len / 8);
+  for (uint64_t i = 0; i < words.size(); ++i) words[i] = i;
+  ASSERT_TRUE(as_->Write(a, words.data(), len).has_value());
+  auto n = dev_->MakeExclusive(a, a + len);
+  ASSERT_TRUE(n.has_value()) << n.error().ToString();
+  ASSERT_EQ(*n, 8u);
+  for (uint64_t p = a; p < a + len; p += kPageSize) {
+    ASSERT_EQ(as_->QueryPte(p).kind, PteInfo::Kind::kDeviceExclusive);
+    ASSERT_TRUE(dev_->HasExclusive(p));
+  }
+  // Device atomics on the first word of every page.
+  for (uint64_t p = 0; p < 8; ++p) {
+    auto old = dev_->AtomicFetchAdd(a + p * kPageSize, 100);
+    ASSERT_TRUE(old.has_value()) << old.error().ToString();
+    EXPECT_EQ(*old, p * kPageSize / 8);
+  }
+  // The CPU writes page 3: its entry is restored and the device loses it.
+  const uint64_t v = 0xABCD;
+  ASSERT_TRUE(as_->Write(a + 3 * kPageSize + 8, &v, 8).has_value());
+  EXPECT_EQ(as_->QueryPte(a + 3 * kPageSize).kind, PteInfo::Kind::kPresent);
+  EXPECT_FALSE(dev_->HasExclusive(a + 3 * kPageSize));
+  EXPECT_EQ(dev_->AtomicFetchAdd(a + 3 * kPageSize, 1).error(), Errc::kPerm);
+  for (uint64_t p : {0, 1, 2, 4, 5, 6, 7}) {
+    EXPECT_EQ(as_->QueryPte(a + p * kPageSize).kind, PteInfo::Kind::kDeviceExclusive) << p;
+    EXPECT_TRUE(dev_->HasExclusive(a + p * kPageSize)) << p;
+  }
+  // The CPU reads everything (revoking the rest) and sees the atomics.
+  std::vector<uint64_t> want = words;
+  for (uint64_t p = 0; p < 8; ++p) want[p * kPageSize / 8] += 100;
+  want[3 * kPageSize / 8 + 1] = v;
+  std::vector<uint64_t> got(len / 8);
+  ASSERT_TRUE(as_->Read(a, got.data(), len).has_value());
+  EXPECT_EQ(got, want);
+  for (uint64_t p = a; p < a + len; p += kPageSize) {
+    EXPECT_EQ(as_->QueryPte(p).kind, PteInfo::Kind::kPresent);
+    EXPECT_FALSE(dev_->HasExclusive(p));
+  }
+  EXPECT_EQ(dev_->exclusive_revoked(), 8u);
+  // The device reads the same bytes through range fault.
+  std::vector<uint64_t> dgot(len / 8);
+  ASSERT_TRUE(dev_->Read(a, dgot.data(), len).has_value());
+  EXPECT_EQ(dgot, want);
+}
+
+// hmm-tests exclusive_mprotect: write-protecting the range revokes
+// exclusive access; a device write then fails with EPERM.
+TEST_F(HmmSelftest, ExclusiveAccessIsRevokedByMprotect) {
+  const uint64_t len = 4 * kPageSize;
+  const uint64_t a = MapAnon(len);
+  ASSERT_TRUE(dev_->Watch(a, len).has_value());
+  auto data = Pattern(len, 100);
+  ASSERT_TRUE(as_->Write(a, data.data(), len).has_value());
+  ASSERT_EQ(*dev_->MakeExclusive(a, a + len), 4u);
+  ASSERT_TRUE(as_->Mprotect(a, len, kProtRead).has_value());
+  for (uint64_t p = a; p < a + len; p += kPageSize) EXPECT_FALSE(dev_->HasExclusive(p));
+  EXPECT_EQ(dev_->AtomicFetchAdd(a, 1).error(), Errc::kPerm);
+  EXPECT_EQ(dev_->Write(a, data.data(), len).error(), Errc::kPerm);
+  EXPECT_EQ(DevRead(*dev_, a, len), data);
+  EXPECT_EQ(CpuRead(*as_, a, len), data);
+}
+
+// hmm-tests exclusive_cow: fork revokes exclusive access (the entries
+// become normal copy-on-write entries); parent and child then write
+// independently.
+TEST_F(HmmSelftest, ExclusiveAccessIsRevokedByFork) {
+  const uint64_t len = 4 * kPageSize;
+  const uint64_t a = MapAnon(len);
+  ASSERT_TRUE(dev_->Watch(a, len).has_value());
+  auto data = Pattern(len, 110);
+  ASSERT_TRUE(as_->Write(a, data.data(), len).has_value());
+  ASSERT_EQ(*dev_->MakeExclusive(a, a + len), 4u);
+  ASSERT_TRUE(dev_->AtomicFetchAdd(a, 1).has_value());
+  data[0] = static_cast<uint8_t>(data[0] + 1);  // little endian: the low byte of word 0
+  ASSERT_NE(data[0], 0);  // no carry in this pattern
+  auto child = *as_->Fork();
+  for (uint64_t p = a; p < a + len; p += kPageSize) {
+    EXPECT_NE(as_->QueryPte(p).kind, PteInfo::Kind::kDeviceExclusive);
+    EXPECT_NE(child->QueryPte(p).kind, PteInfo::Kind::kDeviceExclusive);
+    EXPECT_FALSE(dev_->HasExclusive(p));
+  }
+  EXPECT_EQ(dev_->AtomicFetchAdd(a, 1).error(), Errc::kPerm);
+  EXPECT_EQ(CpuRead(*child, a, len), data);
+  auto child_data = Pattern(len, 111);
+  ASSERT_TRUE(child->Write(a, child_data.data(), len).has_value());
+  auto parent_data = Pattern(len, 112);
+  ASSERT_TRUE(dev_->Write(a, parent_data.data(), len).has_value());
+  EXPECT_EQ(CpuRead(*child, a, len), child_data);
+  EXPECT_EQ(CpuRead(*as_, a, len), parent_data);
+  child->Exit();
+}
+
+// hmm-tests hmm_gup_test with FOLL_LONGTERM: pinning migrated pages brings
+// them to system memory first; pinned pages are not migrated again until
+// unpinned.
+TEST_F(HmmSelftest, PinningMigratedPagesBringsThemHomeAndKeepsThemThere) {
+  const uint64_t len = 4 * kPageSize;
+  const uint64_t a = MapAnon(len);
+  ASSERT_TRUE(dev_->Watch(a, len).has_value());
+  auto data = Pattern(len, 120);
+  ASSERT_TRUE(as_->Write(a, data.data(), len).has_value());
+  ASSERT_EQ(*dev_->MigrateToDevice(a, a + len), 4u);
+  std::vector<Pfn> pfns(4);
+  auto r = as_->PinUserPages(a, 4, true, pfns.data());
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(dev_->device_pages_in_use(), 0u);
+  for (uint64_t i = 0; i < 4; ++i) {
+    PteInfo pte = as_->QueryPte(a + i * kPageSize);
+    ASSERT_EQ(pte.kind, PteInfo::Kind::kPresent);
+    EXPECT_EQ(pte.pfn, pfns[i]);
+    EXPECT_EQ(std::memcmp(pool_->Data(pfns[i]), data.data() + i * kPageSize, kPageSize), 0);
+  }
+  // Pinned: migration skips every page.
+  EXPECT_EQ(*dev_->MigrateToDevice(a, a + len), 0u);
+  // The pinned frames are the memory: a write through the pin is seen by
+  // the CPU and the device.
+  std::memset(pool_->Data(pfns[1]), 0x11, 16);
+  std::memset(data.data() + kPageSize, 0x11, 16);
+  EXPECT_EQ(CpuRead(*as_, a, len), data);
+  EXPECT_EQ(DevRead(*dev_, a, len), data);
+  for (Pfn p : pfns) as_->UnpinUserPage(p);
+  EXPECT_EQ(*dev_->MigrateToDevice(a, a + len), 4u);
+  EXPECT_EQ(DevRead(*dev_, a, len), data);
+  EXPECT_EQ(CpuRead(*as_, a, len), data);
+}
+
 // ---- allocation failures ----------------------------------------------------
 
 // Device memory full: migration moves what fits, the rest stays in system

@@ -1,0 +1,309 @@
+// HMM benchmarks (issue 4): range fault and device-memory migration through
+// the test mirror device (tests/mm/dmirror.h), with a plain memcpy of the
+// same bytes in the same run and a ratio table at the end (medians when
+// --benchmark_repetitions > 1).
+//
+//   BM_Snapshot/4K, /2M      range fault with no fault requested over a
+//                            populated 32 MiB region mapped with 4 KiB
+//                            pages, or with 2 MiB THPs (pages/s).
+//   BM_FaultIn/populated     range fault with REQ_FAULT | REQ_WRITE over the
+//                            same populated 4 KiB region: nothing to fault,
+//                            every entry checked (pages/s).
+//   BM_FaultIn/fresh         the same over a freshly mapped region: every
+//                            page takes an allocating write fault (pages/s;
+//                            the munmap and mmap around it are not timed).
+//   BM_MigrateToDevice/C     MigrateVma setup/copy/pages/finalize of the
+//   BM_MigrateToSystem/C     32 MiB region in chunks of C (64K or 2M), system
+//                            -> device or device -> system; the other
+//                            direction runs untimed between iterations.
+//   BM_Memcpy/C              memcpy of 32 MiB between two warm buffers, in
+//                            C-sized pieces: the bound a migration's copy
+//                            would reach.
+// Goals (issue 4): 2 MiB migrations >= 70% of memcpy; snapshot >= 20M
+// pages/s.
+#include <benchmark/benchmark.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../tests/mm/dmirror.h"
+#include "usvm/mm/address_space.h"
+#include "usvm/mm/frame_pool.h"
+
+namespace usvm::mm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using testing::DMirror;
+
+constexpr uint64_t kPoolBytes = uint64_t{4} << 30;
+constexpr uint64_t kRegion = uint64_t{32} << 20;
+constexpr uint64_t kRegionPages = kRegion / kPageSize;
+constexpr uint64_t kBase = uint64_t{1} << 36;  // 2 MiB-aligned sim address
+
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+template <typename T>
+bool Check(benchmark::State& state, const Result<T>& r, const char* what) {
+  if (r) return true;
+  state.SkipWithError((std::string(what) + ": " + r.error().ToString()).c_str());
+  return false;
+}
+
+// A pool, an address space with a populated region at kBase, and a mirror
+// device watching it with room for the whole region.
+struct Sim {
+  std::unique_ptr<FramePool> pool;
+  std::shared_ptr<AddressSpace> as;
+  std::unique_ptr<DMirror> dev;
+
+  bool Init(benchmark::State& state, bool huge, bool populate = true) {
+    auto p = FramePool::TryCreate(kPoolBytes);
+    if (!Check(state, p, "FramePool")) return false;
+    pool = std::move(*p);
+    auto a = AddressSpace::TryCreate(*pool);
+    if (!Check(state, a, "AddressSpace")) return false;
+    as = std::move(*a);
+    if (!MapRegion(state, huge)) return false;
+    dev = DMirror::Create(as, kRegionPages);
+    if (!dev) {
+      state.SkipWithError("DMirror::Create failed");
+      return false;
+    }
+    if (!Check(state, dev->Watch(kBase, kRegion), "Watch")) return false;
+    if (populate) {
+      std::vector<uint8_t> data(kRegion);
+      for (uint64_t i = 0; i < kRegion; i += 64) data[i] = static_cast<uint8_t>(i >> 6);
+      if (!Check(state, as->Write(kBase, data.data(), kRegion), "Write")) return false;
+    }
+    return true;
+  }
+  bool MapRegion(benchmark::State& state, bool huge) {
+    auto m = as->Mmap(kBase, kRegion, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous | kMapFixed);
+    if (!Check(state, m, "Mmap")) return false;
+    return Check(state, as->Madvise(kBase, kRegion, huge ? kMadvHugePage : kMadvNoHugePage), "Madvise");
+  }
+  ~Sim() {
+    dev.reset();
+    if (as) as->Exit();
+  }
+};
+
+// ===== range fault ============================================================
+
+void BM_Snapshot(benchmark::State& state, bool huge) {
+  Sim s;
+  if (!s.Init(state, huge)) return;
+  for (auto _ : state) {
+    auto w = s.dev->Snapshot(kBase, kBase + kRegion);
+    if (!Check(state, w, "Snapshot")) return;
+    benchmark::DoNotOptimize(w->data());
+  }
+  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+}
+
+void BM_FaultInPopulated(benchmark::State& state) {
+  Sim s;
+  if (!s.Init(state, false)) return;
+  std::vector<uint64_t> words;
+  for (auto _ : state) {
+    if (!Check(state, s.dev->FaultIn(kBase, kBase + kRegion, true, &words), "FaultIn")) return;
+    benchmark::DoNotOptimize(words.data());
+  }
+  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+}
+
+void BM_FaultInFresh(benchmark::State& state) {
+  Sim s;
+  if (!s.Init(state, false, false)) return;
+  std::vector<uint64_t> words;
+  // One untimed batch commits the arena pages later batches reuse.
+  if (!Check(state, s.dev->FaultIn(kBase, kBase + kRegion, true, &words), "FaultIn")) return;
+  for (auto _ : state) {
+    if (!Check(state, s.as->Munmap(kBase, kRegion), "Munmap") || !s.MapRegion(state, false)) return;
+    const auto t0 = Clock::now();
+    if (!Check(state, s.dev->FaultIn(kBase, kBase + kRegion, true, &words), "FaultIn")) return;
+    state.SetIterationTime(SecondsSince(t0));
+  }
+  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+}
+
+// ===== migration ==============================================================
+
+// Migrates the region chunk by chunk; false after SkipWithError.
+bool MigrateAll(benchmark::State& state, DMirror& dev, uint64_t chunk, bool to_device) {
+  for (uint64_t off = 0; off < kRegion; off += chunk) {
+    auto r = to_device ? dev.MigrateToDevice(kBase + off, kBase + off + chunk)
+                       : dev.MigrateToSystem(kBase + off, kBase + off + chunk);
+    if (!Check(state, r, "migrate")) return false;
+    if (*r != chunk / kPageSize) {
+      state.SkipWithError("migration moved fewer pages than asked");
+      return false;
+    }
+  }
+  return true;
+}
+
+void BM_Migrate(benchmark::State& state, uint64_t chunk, bool to_device) {
+  Sim s;
+  if (!s.Init(state, false)) return;
+  // A first untimed round trip commits the device and arena pages.
+  if (!MigrateAll(state, *s.dev, chunk, true) || !MigrateAll(state, *s.dev, chunk, false)) return;
+  for (auto _ : state) {
+    if (!to_device && !MigrateAll(state, *s.dev, chunk, true)) return;
+    const auto t0 = Clock::now();
+    if (!MigrateAll(state, *s.dev, chunk, to_device)) return;
+    state.SetIterationTime(SecondsSince(t0));
+    if (to_device && !MigrateAll(state, *s.dev, chunk, false)) return;
+  }
+  state.SetBytesProcessed(int64_t(state.iterations() * kRegion));
+  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+}
+
+void BM_Memcpy(benchmark::State& state, uint64_t chunk) {
+  std::vector<std::byte> src(kRegion, std::byte{1}), dst(kRegion, std::byte{0});
+  for (auto _ : state) {
+    for (uint64_t off = 0; off < kRegion; off += chunk) std::memcpy(dst.data() + off, src.data() + off, chunk);
+    benchmark::DoNotOptimize(dst.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations() * kRegion));
+  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+}
+
+// ===== registration and the ratio table =========================================
+
+struct Pair {
+  std::string label, sim, base, counter;
+  double goal;  // minimum sim/base ratio, 0 for none
+};
+struct Absolute {
+  std::string label, name, counter;
+  double goal;  // minimum value
+};
+std::vector<Pair>& Pairs() {
+  static std::vector<Pair> p;
+  return p;
+}
+std::vector<Absolute>& Absolutes() {
+  static std::vector<Absolute> a;
+  return a;
+}
+
+void RegisterAll() {
+  using benchmark::RegisterBenchmark;
+  RegisterBenchmark("BM_Snapshot/4K", BM_Snapshot, false)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_Snapshot/2M", BM_Snapshot, true)->Unit(benchmark::kMicrosecond);
+  Absolutes().push_back({"Snapshot 4K pages", "BM_Snapshot/4K", "items_per_second", 20e6});
+  Absolutes().push_back({"Snapshot 2M pages", "BM_Snapshot/2M", "items_per_second", 20e6});
+  RegisterBenchmark("BM_FaultIn/populated", BM_FaultInPopulated)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_FaultIn/fresh", BM_FaultInFresh)->UseManualTime()->Unit(benchmark::kMicrosecond);
+  Absolutes().push_back({"FaultIn populated", "BM_FaultIn/populated", "items_per_second", 0});
+  Absolutes().push_back({"FaultIn fresh (allocating)", "BM_FaultIn/fresh", "items_per_second", 0});
+  for (uint64_t chunk : {uint64_t{64} << 10, kHugePageSize}) {
+    const std::string c = chunk == kHugePageSize ? "2M" : "64K";
+    const double goal = chunk == kHugePageSize ? 0.70 : 0;
+    const std::string memcpy_name = "BM_Memcpy/" + c;
+    const std::string to_dev = "BM_MigrateToDevice/" + c, to_sys = "BM_MigrateToSystem/" + c;
+    RegisterBenchmark(memcpy_name.c_str(), BM_Memcpy, chunk)->Unit(benchmark::kMicrosecond);
+    RegisterBenchmark(to_dev.c_str(), BM_Migrate, chunk, true)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    RegisterBenchmark(to_sys.c_str(), BM_Migrate, chunk, false)->UseManualTime()->Unit(benchmark::kMicrosecond);
+    Pairs().push_back({"system->device " + c + " chunks", to_dev, memcpy_name, "bytes_per_second", goal});
+    Pairs().push_back({"device->system " + c + " chunks", to_sys, memcpy_name, "bytes_per_second", goal});
+  }
+}
+
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  RatioReporter() : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_Defaults : OO_Tabular) {}
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
+      if (r.run_type == Run::RT_Aggregate && !median) continue;
+      Entry& e = results_[r.run_name.function_name];
+      if (e.from_median && !median) continue;
+      e.from_median = median;
+      e.counters.clear();
+      for (const auto& [k, c] : r.counters) e.counters[k] = c.value;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+
+  void Finalize() override {
+    std::ostream& out = GetOutputStream();
+    char line[256];
+    out << "\nrates:\n";
+    for (const Absolute& a : Absolutes()) {
+      const double v = Get(a.name, a.counter);
+      if (v <= 0) continue;
+      std::snprintf(line, sizeof line, "  %-34s %12s%s\n", a.label.c_str(), Human(v, a.counter).c_str(),
+                    a.goal <= 0 ? "" : (v >= a.goal ? "  (goal >= 20M pages/s met)" : "  (GOAL MISSED: 20M pages/s)"));
+      out << line;
+    }
+    out << "\nmigration / memcpy of the same bytes:\n";
+    for (const Pair& p : Pairs()) {
+      const double s = Get(p.sim, p.counter), b = Get(p.base, p.counter);
+      if (s <= 0 || b <= 0) continue;
+      const double ratio = s / b;
+      std::snprintf(line, sizeof line, "  %-34s migrate %12s  memcpy %12s  ratio %6.3f%s\n", p.label.c_str(),
+                    Human(s, p.counter).c_str(), Human(b, p.counter).c_str(), ratio,
+                    p.goal <= 0 ? "" : (ratio >= p.goal ? "  (goal met)" : "  (GOAL MISSED)"));
+      out << line;
+    }
+    ConsoleReporter::Finalize();
+  }
+
+ private:
+  struct Entry {
+    bool from_median = false;
+    std::map<std::string, double> counters;
+  };
+  static std::string Human(double v, const std::string& counter) {
+    const char* unit = counter == "bytes_per_second" ? "B/s" : " pages/s";
+    const char* prefix = "";
+    if (v >= 1e9) v /= 1e9, prefix = "G";
+    else if (v >= 1e6) v /= 1e6, prefix = "M";
+    else if (v >= 1e3) v /= 1e3, prefix = "k";
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.3g %s%s", v, prefix, unit);
+    return buf;
+  }
+  double Get(const std::string& name, const std::string& counter) const {
+    auto it = results_.find(name);
+    if (it == results_.end()) return -1;
+    auto c = it->second.counters.find(counter);
+    return c == it->second.counters.end() ? -1 : c->second;
+  }
+  std::map<std::string, Entry> results_;
+};
+
+}  // namespace
+}  // namespace usvm::mm
+
+int main(int argc, char** argv) {
+  bool console = true;
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--benchmark_format=", 19) == 0 && std::strcmp(argv[i] + 19, "console") != 0)
+      console = false;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  usvm::mm::RegisterAll();
+  if (console) {
+    usvm::mm::RatioReporter reporter;
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+  } else {
+    benchmark::RunSpecifiedBenchmarks();
+  }
+  benchmark::Shutdown();
+  return 0;
+}
