@@ -707,8 +707,9 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
             ++copied;
             continue;
           }
-          if (pte::KindOf(old) == pte::kDevicePrivate) {
-            // Shared read-only by both, like a COW page (copy_nonpresent_pte).
+          if (pte::HoldsDevicePage(old)) {
+            // Shared read-only by both, like a COW page (copy_nonpresent_pte
+            // for device-private entries; coherent pages are plain pages).
             DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(old));
             pm->Get(pm->IndexOf(pte::PfnOf(old)));
             device_pagemaps.push_back(pm);
@@ -803,6 +804,7 @@ PteInfo AddressSpace::Impl::QueryPte(uint64_t addr) const {
   info.zero_page = e & pte::kZero;
   info.file = e & pte::kFile;
   info.lazy_free = e & pte::kLazyFree;
+  info.device_memory = pte::HoldsDevicePage(e);
   return info;
 }
 

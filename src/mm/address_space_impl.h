@@ -182,6 +182,9 @@ class AddressSpace::Impl {
   Result<Pfn> MakeExclusiveLocked(uint64_t addr, const void* owner) USVM_REQUIRES_SHARED(mmap_lock_);
   Result<void> PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
       USVM_REQUIRES_SHARED(mmap_lock_);
+  // The bytes of the frame a present entry maps (system or coherent device).
+  std::byte* EntryData(uint64_t e) const;
+  uint32_t DeviceRefCount(uint64_t dpfn) const;
   // Reads the entry mapping addr (huge or 4 KiB) under the slot lock.
   uint64_t ReadEntryLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
 

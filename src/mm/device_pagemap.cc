@@ -1,5 +1,7 @@
 #include "usvm/mm/device_pagemap.h"
 
+#include <sys/mman.h>
+
 #include <cassert>
 #include <map>
 
@@ -28,22 +30,36 @@ Registry& GetRegistry() {
 }  // namespace
 
 Result<std::unique_ptr<DevicePagemap>> DevicePagemap::TryCreate(uint64_t npages, const void* owner,
-                                                                DevicePagemapOps* ops) {
+                                                                DevicePagemapOps* ops,
+                                                                DeviceMemoryKind kind) {
   if (npages == 0) return Err(Errc::kInval, "device pagemap: zero pages");
   if (!ops) return Err(Errc::kInval, "device pagemap: null ops");
+  if (npages > kDeviceSpaceEnd - kDeviceSpaceStart) return Err(Errc::kNoMem, "device pagemap too large");
+  std::byte* arena = nullptr;
+  if (kind == DeviceMemoryKind::kCoherent) {
+    void* p = mmap(nullptr, npages << kPageShift, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return Err(Errc::kNoMem, "cannot reserve coherent device memory");
+    arena = static_cast<std::byte*>(p);
+  }
   Registry& reg = GetRegistry();
   MutexLock l(reg.lock);
-  if (npages > kDeviceSpaceEnd - reg.next) return Err(Errc::kNoMem, "device frame space exhausted");
+  if (npages > kDeviceSpaceEnd - reg.next) {
+    if (arena) munmap(arena, npages << kPageShift);
+    return Err(Errc::kNoMem, "device frame space exhausted");
+  }
   const DevicePfn base = reg.next;
   reg.next += npages;
-  std::unique_ptr<DevicePagemap> pm(new DevicePagemap(npages, owner, ops, base));
+  std::unique_ptr<DevicePagemap> pm(new DevicePagemap(npages, owner, ops, base, kind, arena));
   reg.by_base.emplace(base, pm.get());
   return pm;
 }
 
 DevicePagemap::DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOps* ops,
-                             DevicePfn base)
-    : npages_(npages), owner_(owner), ops_(ops), base_(base), pages_(new Page[npages]) {}
+                             DevicePfn base, DeviceMemoryKind kind, std::byte* arena)
+    : kind_(kind),
+      arena_(arena),
+      npages_(npages), owner_(owner), ops_(ops), base_(base), pages_(new Page[npages]) {}
 
 DevicePagemap::~DevicePagemap() {
   // memunmap_pages: nothing may stay mapped. Ask the driver to bring every
@@ -63,8 +79,11 @@ DevicePagemap::~DevicePagemap() {
     }
   }
   Registry& reg = GetRegistry();
-  MutexLock l(reg.lock);
-  reg.by_base.erase(base_);
+  {
+    MutexLock l(reg.lock);
+    reg.by_base.erase(base_);
+  }
+  if (arena_) munmap(arena_, npages_ << kPageShift);
 }
 
 DevicePagemap* DevicePagemap::Lookup(DevicePfn dpfn) {

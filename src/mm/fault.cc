@@ -64,7 +64,7 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
     if (old & pte::kZero)
       std::memset(pool_.Data(copy), 0, kPageSize);
     else
-      std::memcpy(pool_.Data(copy), pool_.Data(pte::PfnOf(old)), kPageSize);
+      std::memcpy(pool_.Data(copy), EntryData(old), kPageSize);
     ent.store(pte::Make(pte::kPresent, copy,
                         ReadBit(vma.prot) | pte::kWrite | pte::kDirty | pte::kAccessed),
               std::memory_order_relaxed);
@@ -75,7 +75,9 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
     pool_.Put(copy);
     return {};
   }
-  if (pte::HoldsFrame(old)) pool_.Put(pte::PfnOf(old));
+  Dropped dropped;
+  dropped.Add(old);
+  Drop(dropped);
   counters.cow_breaks.fetch_add(1, std::memory_order_relaxed);
   return {};
 }
@@ -211,8 +213,10 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
       slot->lock.Unlock();
       return {};
     }
-    if (!(e & (pte::kZero | pte::kFile)) &&
-        pool_.RefCount(pte::PfnOf(e)) - pool_.PinCount(pte::PfnOf(e)) == 1) {
+    const bool sole_user =
+        (e & pte::kDevice) ? DeviceRefCount(pte::PfnOf(e)) == 1
+                           : pool_.RefCount(pte::PfnOf(e)) - pool_.PinCount(pte::PfnOf(e)) == 1;
+    if (!(e & (pte::kZero | pte::kFile)) && sole_user) {
       // The last user of an anonymous page keeps it (wp_page_reuse).
       ent.store(e | pte::kWrite | pte::kDirty | pte::kAccessed, std::memory_order_relaxed);
       slot->lock.Unlock();
@@ -282,6 +286,7 @@ Result<Pfn> AddressSpace::Impl::MakeExclusiveLocked(uint64_t addr, const void* o
   for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
     uint64_t e = ReadEntryLocked(addr);
     if (pte::IsExclusive(e)) return pte::PfnOf(e);  // already exclusive
+    if (pte::HoldsDevicePage(e)) return Err(Errc::kInval, "make exclusive: page is in device memory");
     if (!pte::HoldsFrame(e) || !(e & pte::kWrite) || (e & pte::kFile)) {
       USVM_TRY(HandleFaultLocked(addr, AccessKind::kWrite));
       continue;
@@ -347,6 +352,15 @@ Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool 
       // Pins never name the shared zero page (FOLL_LONGTERM unshares it)
       // nor device memory (migrated home first, by the fault path).
       const bool ok = pte::HoldsFrame(e) && (e & pte::kRead) && (!write || (e & pte::kWrite));
+      if (pte::IsPresent(e) && (e & pte::kDevice)) {
+        // Device-coherent memory is not pinned long-term: move it home.
+        auto r = DeviceFaultLocked(a, e);
+        if (!r) {
+          unwind();
+          return Err(r.error());
+        }
+        continue;
+      }
       if (!ok) {
         const Vma* vma = FindVmaLocked(a);
         const bool want_write = write || (pte::IsPresent(e) && (e & pte::kZero) && vma &&
@@ -378,6 +392,17 @@ Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool 
   return {};
 }
 
+std::byte* AddressSpace::Impl::EntryData(uint64_t e) const {
+  if (!(e & pte::kDevice)) return pool_.Data(pte::PfnOf(e));
+  DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
+  return pm->CoherentData(pm->IndexOf(pte::PfnOf(e)));
+}
+
+uint32_t AddressSpace::Impl::DeviceRefCount(uint64_t dpfn) const {
+  DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+  return pm ? pm->RefCount(pm->IndexOf(dpfn)) : 0;
+}
+
 // ---- access ------------------------------------------------------------------
 
 template <typename Op>
@@ -405,7 +430,7 @@ Result<void> AddressSpace::Impl::Access(uint64_t addr, uint64_t len, AccessKind 
       } else if (slot->table) {
         ent = &slot->table->e[PageTable::PteIndex(a)];
         e = ent->load(std::memory_order_relaxed);
-        p = pool_.Data(pte::PfnOf(e)) + (a & (kPageSize - 1));
+        p = ((e & pte::kDevice) ? EntryData(e) : pool_.Data(pte::PfnOf(e))) + (a & (kPageSize - 1));
         unit_end = PageAlignDown(a) + kPageSize;
       }
       if (pte::IsPresent(e) && (e & need) == need) {

@@ -115,7 +115,8 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         // Snapshot of an absent page (or one under migration).
         word = 0;
       } else {
-        word = kPfnValid | (writable ? kPfnWrite : 0) | (uint64_t{order} << kPfnOrderShift) | pfn;
+        word = kPfnValid | (writable ? kPfnWrite : 0) | (uint64_t{order} << kPfnOrderShift) |
+               ((e & pte::kDevice) ? kPfnDevice : 0) | pfn;
       }
       addr += kPageSize;
     }

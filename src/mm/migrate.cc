@@ -40,7 +40,8 @@ std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::FindDeviceEntriesLocked
 Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   USVM_TRY(CheckAliveLocked());
   if (!m.src || !m.dst) return Err(Errc::kInval, "migrate: null src or dst");
-  if (m.flags == 0 || (m.flags & ~(kMigrateSelectSystem | kMigrateSelectDevicePrivate)))
+  if (m.flags == 0 ||
+      (m.flags & ~(kMigrateSelectSystem | kMigrateSelectDevicePrivate | kMigrateSelectDeviceCoherent)))
     return Err(Errc::kInval, "migrate: bad select flags");
   if (!IsPageAligned(m.start) || !IsPageAligned(m.end) || m.start >= m.end)
     return Err(Errc::kInval, "migrate: bad range");
@@ -97,10 +98,13 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       pool_.Get(pfn);  // the migrator's reference
       m.src[i] = MigratePfn(pfn, false) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
       mig = pte::Make(pte::kMigration, pfn, keep);
-    } else if (pte::KindOf(e) == pte::kDevicePrivate) {
+    } else if (pte::HoldsDevicePage(e)) {
+      // Device-private entries, or present entries of coherent memory.
       const uint64_t dpfn = pte::PfnOf(e);
       DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
-      if (!(m.flags & kMigrateSelectDevicePrivate) || !pm || pm->owner() != m.pgmap_owner) continue;
+      const uint32_t select =
+          pte::IsPresent(e) ? kMigrateSelectDeviceCoherent : kMigrateSelectDevicePrivate;
+      if (!(m.flags & select) || !pm || pm->owner() != m.pgmap_owner) continue;
       if ((e & pte::kWrite) && pm->RefCount(pm->IndexOf(dpfn)) != 1) continue;
       pm->Get(pm->IndexOf(dpfn));
       m.src[i] = MigratePfn(dpfn, true) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
@@ -165,10 +169,17 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
         const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
         const uint64_t d = m.dst[i];
         if (d & kMigratePfnDevice) {
-          ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
-                               pte::kRead | (writable ? pte::kWrite : 0)),
-                     std::memory_order_relaxed);
-          if (DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d))) mapped_pagemaps.push_back(pm);
+          DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
+          if (pm && pm->coherent())
+            ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
+                                 ReadBit(vma->prot) | pte::kDevice | pte::kAccessed | pte::kDirty |
+                                     (writable ? pte::kWrite : 0)),
+                       std::memory_order_relaxed);
+          else
+            ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
+                                 pte::kRead | (writable ? pte::kWrite : 0)),
+                       std::memory_order_relaxed);
+          if (pm) mapped_pagemaps.push_back(pm);
         } else {
           ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
                                ReadBit(vma->prot) | pte::kAccessed | pte::kDirty |
@@ -209,7 +220,7 @@ std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::Impl::FindDeviceEntries
       const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
       for (uint64_t a = s; a < e; a += kPageSize) {
         const uint64_t ent = slot.table->e[PageTable::PteIndex(a)].load(std::memory_order_relaxed);
-        if (pte::KindOf(ent) == pte::kDevicePrivate && pte::PfnOf(ent) >= lo && pte::PfnOf(ent) < hi)
+        if (pte::HoldsDevicePage(ent) && pte::PfnOf(ent) >= lo && pte::PfnOf(ent) < hi)
           out.emplace_back(a, pte::PfnOf(ent));
       }
     });

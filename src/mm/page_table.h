@@ -45,7 +45,8 @@ inline constexpr uint64_t kAccessed = 1u << 6;
 inline constexpr uint64_t kFile = 1u << 7;      // a page-cache page
 inline constexpr uint64_t kZero = 1u << 8;      // the shared zero page
 inline constexpr uint64_t kLazyFree = 1u << 9;  // MADV_FREE'd, discardable while clean
-// Migration entries: the source frame is a DevicePfn.
+// The frame is a DevicePfn: set on present entries of device-coherent
+// memory and on migration entries whose source is device memory.
 inline constexpr uint64_t kDevice = 1u << 10;
 inline constexpr unsigned kPfnShift = 12;
 inline constexpr uint64_t kFlagsMask = (uint64_t{1} << kPfnShift) - 1;
@@ -57,10 +58,10 @@ inline constexpr Kind KindOf(uint64_t e) { return static_cast<Kind>(e & kKindMas
 inline constexpr Pfn PfnOf(uint64_t e) { return e >> kPfnShift; }
 inline constexpr bool IsPresent(uint64_t e) { return KindOf(e) == kPresent; }
 // A present entry that maps a real, refcounted frame (not the zero page).
-inline constexpr bool HoldsFrame(uint64_t e) { return IsPresent(e) && !(e & kZero); }
+inline constexpr bool HoldsFrame(uint64_t e) { return IsPresent(e) && !(e & (kZero | kDevice)); }
 // An entry that holds a reference on a device page.
 inline constexpr bool HoldsDevicePage(uint64_t e) {
-  return KindOf(e) == kDevicePrivate || (KindOf(e) == kMigration && (e & kDevice));
+  return KindOf(e) == kDevicePrivate || ((KindOf(e) == kMigration || KindOf(e) == kPresent) && (e & kDevice));
 }
 // A device-exclusive entry (holds a reference on its system frame).
 inline constexpr bool IsExclusive(uint64_t e) { return KindOf(e) == kDeviceExclusive; }

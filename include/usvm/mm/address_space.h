@@ -96,6 +96,7 @@ struct PteInfo {
   bool file = false;       // a page-cache page (not anonymous)
   bool huge = false;       // mapped by a 2 MiB entry
   bool lazy_free = false;  // MADV_FREE'd and not written since
+  bool device_memory = false;  // pfn is a DevicePfn (device-private or coherent)
 };
 
 struct AddressSpaceConfig {

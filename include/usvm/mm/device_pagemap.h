@@ -8,13 +8,17 @@
 // its VRAM); the mm only moves device page numbers in and out of CPU page
 // tables.
 //
-// Device-private memory (MEMORY_DEVICE_PRIVATE): the CPU cannot access
-// it. CPU page tables hold device-private entries; a CPU touch calls
-// Ops::MigrateToRam, which must move the page back (MigrateVma with
-// kMigrateSelectDevicePrivate and this owner). Range fault reports such
-// pages without faulting only to the owner (dev_private_owner). The
-// device-coherent kind (CPU-accessible device memory) is not implemented
-// yet.
+// Kinds:
+// - kPrivate (MEMORY_DEVICE_PRIVATE): the CPU cannot access it. CPU page
+//   tables hold device-private entries; a CPU touch calls
+//   Ops::MigrateToRam, which must move the page back (MigrateVma with
+//   kMigrateSelectDevicePrivate and this owner). Range fault reports such
+//   pages without faulting only to the owner (dev_private_owner).
+// - kCoherent (MEMORY_DEVICE_COHERENT): CPU-accessible device memory. CPU
+//   page tables map it with ordinary present entries and CPU accesses
+//   reach its bytes directly (CoherentData, a lazily committed arena the
+//   pagemap owns, shared with the device). Long-term pins migrate it to
+//   system memory first (through MigrateToRam), as the kernel does.
 //
 // Lifecycle: a driver hands out a free page with InitPage (refcount 1,
 // as zone_device_page_init), maps it through MigrateVma, and gets
@@ -44,6 +48,8 @@ class DevicePagemap;
 
 using DevicePfn = uint64_t;
 
+enum class DeviceMemoryKind : uint8_t { kPrivate, kCoherent };
+
 class DevicePagemapOps {
  public:
   virtual ~DevicePagemapOps() = default;
@@ -63,9 +69,10 @@ class DevicePagemap {
   // `npages` device pages; `owner` is the driver cookie compared with
   // dev_private_owner / pgmap_owner; `ops` must outlive the pagemap.
   // EINVAL: zero pages or null ops; ENOMEM: no room in the device frame
-  // space.
-  static Result<std::unique_ptr<DevicePagemap>> TryCreate(uint64_t npages, const void* owner,
-                                                          DevicePagemapOps* ops);
+  // space, or (kCoherent) the arena cannot be reserved.
+  static Result<std::unique_ptr<DevicePagemap>> TryCreate(
+      uint64_t npages, const void* owner, DevicePagemapOps* ops,
+      DeviceMemoryKind kind = DeviceMemoryKind::kPrivate);
   // Migrates every page still mapped back to RAM, then unregisters.
   ~DevicePagemap();
   DevicePagemap(const DevicePagemap&) = delete;
@@ -74,6 +81,8 @@ class DevicePagemap {
   // The pagemap a device frame belongs to (nullptr if none).
   static DevicePagemap* Lookup(DevicePfn dpfn);
 
+  DeviceMemoryKind kind() const { return kind_; }
+  bool coherent() const { return kind_ == DeviceMemoryKind::kCoherent; }
   const void* owner() const { return owner_; }
   DevicePagemapOps& ops() const { return *ops_; }
   uint64_t npages() const { return npages_; }
@@ -91,6 +100,12 @@ class DevicePagemap {
   void* zone_data(uint64_t index) const { return pages_[index].zone_data; }
   void set_zone_data(uint64_t index, void* d) { pages_[index].zone_data = d; }
 
+  // kCoherent: the page's 4 KiB (CPU and device both access them). nullptr
+  // for device-private memory.
+  std::byte* CoherentData(uint64_t index) const {
+    return arena_ ? arena_ + (index << kPageShift) : nullptr;
+  }
+
   // The mm records every address space it maps one of our pages into, so
   // destruction can find them. (Called by the mm.)
   void NoteMapper(const std::shared_ptr<AddressSpace>& as) USVM_EXCLUDES(lock_);
@@ -103,8 +118,11 @@ class DevicePagemap {
     std::atomic<uint32_t> refcount{0};
     void* zone_data = nullptr;  // written by the driver while it owns the page
   };
-  DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOps* ops, DevicePfn base);
+  DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOps* ops, DevicePfn base,
+                DeviceMemoryKind kind, std::byte* arena);
 
+  const DeviceMemoryKind kind_;
+  std::byte* const arena_;  // kCoherent only, MAP_NORESERVE
   const uint64_t npages_;
   const void* const owner_;
   DevicePagemapOps* const ops_;

@@ -5,7 +5,8 @@
 //   bit 63 kPfnValid, bit 62 kPfnWrite, bit 61 kPfnError,
 //   bits 56..60 the order of the CPU mapping (0 for 4 KiB, 9 for 2 MiB),
 //   bit 55 kPfnDevice: the frame is a DevicePfn (a device-private page of
-//   dev_private_owner, reported without faulting),
+//   dev_private_owner, reported without faulting, or a page of
+//   device-coherent memory),
 //   bits 0..54 the frame number.
 // On input the words say what the caller needs: kPfnReqFault (fault the
 // page in if absent) and kPfnReqWrite (it must be writable), computed per

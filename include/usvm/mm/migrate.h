@@ -45,6 +45,7 @@ inline constexpr uint64_t MigratePfnOf(uint64_t word) { return word >> kMigrateP
 // Which source pages to collect.
 inline constexpr uint32_t kMigrateSelectSystem = 1u << 0;
 inline constexpr uint32_t kMigrateSelectDevicePrivate = 1u << 1;
+inline constexpr uint32_t kMigrateSelectDeviceCoherent = 1u << 2;
 
 struct MigrateVma {
   uint64_t start = 0;  // page aligned, inside one VMA
