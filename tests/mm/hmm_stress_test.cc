@@ -43,7 +43,7 @@ constexpr uint64_t kLen = kChunks * kChunkBytes;
 constexpr uint64_t kWordsPerChunk = kChunkBytes / 8;
 constexpr uint64_t kSharedWords = (kChunks - 1) * kWordsPerChunk;
 
-constexpr int kCpuWrites = kTsan ? 100000 : 5000000;
+constexpr int kCpuWrites = kTsan ? 300000 : 5000000;
 constexpr int kRemaps = kTsan ? 50 : 500;
 
 uint64_t CpuValue(int t, uint64_t counter) { return (uint64_t{0xC0 + static_cast<uint64_t>(t)} << 56) | counter; }
