@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../tests/mm/dmirror.h"
+#include "median_reporter.h"
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/frame_pool.h"
 
@@ -221,24 +222,8 @@ void RegisterAll() {
   }
 }
 
-class RatioReporter : public benchmark::ConsoleReporter {
+class RatioReporter : public usvm::bench::MedianReporter {
  public:
-  RatioReporter() : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_Defaults : OO_Tabular) {}
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
-      if (r.run_type == Run::RT_Aggregate && !median) continue;
-      Entry& e = results_[r.run_name.function_name];
-      if (e.from_median && !median) continue;
-      e.from_median = median;
-      e.counters.clear();
-      for (const auto& [k, c] : r.counters) e.counters[k] = c.value;
-    }
-    ConsoleReporter::ReportRuns(runs);
-  }
-
   void Finalize() override {
     std::ostream& out = GetOutputStream();
     char line[256];
@@ -264,27 +249,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
  private:
-  struct Entry {
-    bool from_median = false;
-    std::map<std::string, double> counters;
-  };
   static std::string Human(double v, const std::string& counter) {
-    const char* unit = counter == "bytes_per_second" ? "B/s" : " pages/s";
-    const char* prefix = "";
-    if (v >= 1e9) v /= 1e9, prefix = "G";
-    else if (v >= 1e6) v /= 1e6, prefix = "M";
-    else if (v >= 1e3) v /= 1e3, prefix = "k";
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3g %s%s", v, prefix, unit);
-    return buf;
+    return MedianReporter::Human(v, counter, " pages/s");
   }
-  double Get(const std::string& name, const std::string& counter) const {
-    auto it = results_.find(name);
-    if (it == results_.end()) return -1;
-    auto c = it->second.counters.find(counter);
-    return c == it->second.counters.end() ? -1 : c->second;
-  }
-  std::map<std::string, Entry> results_;
 };
 
 }  // namespace

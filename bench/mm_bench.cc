@@ -46,6 +46,7 @@
 #include <string>
 #include <vector>
 
+#include "median_reporter.h"
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/frame_pool.h"
 
@@ -420,25 +421,8 @@ void RegisterAll() {
 
 // The console reporter, plus a sim/real table at the end built from each
 // benchmark's median (or its single run without repetitions).
-class RatioReporter : public benchmark::ConsoleReporter {
+class RatioReporter : public usvm::bench::MedianReporter {
  public:
-  // Colour only on a terminal, as the library's own console reporter does.
-  RatioReporter() : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_Defaults : OO_Tabular) {}
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
-      if (r.run_type == Run::RT_Aggregate && !median) continue;
-      Entry& e = results_[r.run_name.function_name];
-      if (e.from_median && !median) continue;
-      e.from_median = median;
-      e.counters.clear();
-      for (const auto& [k, c] : r.counters) e.counters[k] = c.value;
-    }
-    ConsoleReporter::ReportRuns(runs);
-  }
-
   void Finalize() override {
     std::ostream& out = GetOutputStream();
     out << "\nsim/real (" << (AnyMedian() ? "medians" : "single runs") << "):\n";
@@ -461,34 +445,9 @@ class RatioReporter : public benchmark::ConsoleReporter {
   }
 
  private:
-  struct Entry {
-    bool from_median = false;
-    std::map<std::string, double> counters;
-  };
-  // 12.3 GB/s, 4.56 M/s, 789 /s.
   static std::string Human(double v, const std::string& counter) {
-    const bool bytes = counter == "bytes_per_second";
-    const char* unit = bytes ? "B/s" : "/s";
-    const char* prefix = "";
-    if (v >= 1e9) v /= 1e9, prefix = "G";
-    else if (v >= 1e6) v /= 1e6, prefix = "M";
-    else if (v >= 1e3) v /= 1e3, prefix = "k";
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%.3g %s%s", v, prefix, unit);
-    return buf;
+    return MedianReporter::Human(v, counter, "/s");
   }
-  double Get(const std::string& name, const std::string& counter) const {
-    auto it = results_.find(name);
-    if (it == results_.end()) return -1;
-    auto c = it->second.counters.find(counter);
-    return c == it->second.counters.end() ? -1 : c->second;
-  }
-  bool AnyMedian() const {
-    for (const auto& [n, e] : results_)
-      if (e.from_median) return true;
-    return false;
-  }
-  std::map<std::string, Entry> results_;
 };
 
 }  // namespace
