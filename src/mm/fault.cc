@@ -55,6 +55,10 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
     ReadLock l(slot.lock);
     old = slot.table->e[PageTable::PteIndex(page)].load(std::memory_order_relaxed);
   }
+  // The entry was looked at with the lock dropped since: if it is no longer
+  // a read-only present page (migrated, zapped, made writable), let the
+  // caller look again rather than copy from whatever it names now.
+  if (!pte::IsPresent(old) || (old & pte::kWrite)) return {};
   const Pfn copy = USVM_TRY(pool_.AllocPage(FramePool::Zero::kNo));
   NotifyStart(page, page + kPageSize, NotifyEvent::kClear);
   slot.lock.Lock();
