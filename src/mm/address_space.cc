@@ -672,7 +672,22 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
       PmdSlot* cs = child.pt_.Ensure(base);
       slot.lock.Lock();
       cs->lock.Lock();
-      const uint64_t h = slot.huge.load(std::memory_order_relaxed);
+      uint64_t h = slot.huge.load(std::memory_order_relaxed);
+      if (h != 0 && pte::HoldsFrame(h)) {
+        // A pinned page under a 2 MiB entry must be copied, not shared
+        // (copy_huge_pmd gives up on a maybe-pinned folio, splits the PMD
+        // and copies at the PTE level): split it here and let the 4 KiB
+        // pass below copy exactly the pinned pages. The PROTECTION_PAGE
+        // bracket around this VMA covers the split.
+        bool pinned = false;
+        for (uint64_t i = 0; i < kPagesPerHuge && !pinned; ++i)
+          pinned = pool_.PinCount(pte::PfnOf(h) + i) > 0;
+        if (pinned) {
+          pt_.InstallTableLocked(slot);
+          counters.thp_splits.fetch_add(1, std::memory_order_relaxed);
+          h = 0;
+        }
+      }
       if (h != 0 && pte::IsPresent(h)) {
         const uint64_t wp = h & ~pte::kWrite;
         if (pte::HoldsFrame(h))

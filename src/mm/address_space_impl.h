@@ -187,6 +187,8 @@ class AddressSpace::Impl {
   uint32_t DeviceRefCount(uint64_t dpfn) const;
   // Reads the entry mapping addr (huge or 4 KiB) under the slot lock.
   uint64_t ReadEntryLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  // Whether a 2 MiB entry maps addr.
+  bool HugeMappedLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
 
   AddressSpace& as_;  // non-owning back pointer
   FramePool& pool_;

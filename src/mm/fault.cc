@@ -234,6 +234,13 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
   return Err(Errc::kIo, "page fault made no progress");
 }
 
+bool AddressSpace::Impl::HugeMappedLocked(uint64_t addr) const {
+  PmdSlot* slot = pt_.Lookup(addr);
+  if (!slot) return false;
+  ReadLock l(slot->lock);
+  return slot->huge.load(std::memory_order_relaxed) != 0;
+}
+
 uint64_t AddressSpace::Impl::ReadEntryLocked(uint64_t addr) const {
   PmdSlot* slot = pt_.Lookup(addr);
   if (!slot) return 0;
@@ -286,13 +293,19 @@ Result<Pfn> AddressSpace::Impl::MakeExclusiveLocked(uint64_t addr, const void* o
   const Vma* vma = FindVmaLocked(addr);
   if (!vma || vma->start > addr) return Err(Errc::kFault, "make exclusive: no mapping");
   if (!vma->private_anon()) return Err(Errc::kInval, "make exclusive: not private anonymous memory");
-  SplitHugeAtLocked(addr | kPageSize);  // a huge entry becomes 4 KiB entries
   for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
     uint64_t e = ReadEntryLocked(addr);
     if (pte::IsExclusive(e)) return pte::PfnOf(e);  // already exclusive
     if (pte::HoldsDevicePage(e)) return Err(Errc::kInval, "make exclusive: page is in device memory");
     if (!pte::HoldsFrame(e) || !(e & pte::kWrite) || (e & pte::kFile)) {
       USVM_TRY(HandleFaultLocked(addr, AccessKind::kWrite));
+      continue;
+    }
+    if (HugeMappedLocked(addr)) {
+      // Fault first, then split the mapping (FOLL_SPLIT_PMD): the fault of
+      // an unpopulated MADV_HUGEPAGE region maps 2 MiB, and exclusive
+      // entries are 4 KiB entries.
+      SplitHugeLocked(addr & kHugeMask);
       continue;
     }
     NotifierRange range{&as_, addr, addr + kPageSize, NotifyEvent::kExclusive, owner, true};
@@ -328,18 +341,8 @@ Result<void> AddressSpace::PinUserPages(uint64_t addr, uint64_t npages, bool wri
 
 Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out) {
   USVM_TRY(CheckAliveLocked());
-  // Pins work on 4 KiB entries, so that fork can copy exactly the pinned
-  // pages: split huge entries in the range first.
-  for (uint64_t b = addr & kHugeMask; b < addr + (npages << kPageShift); b += kHugePageSize) {
-    if (ReadEntryLocked(b) != 0 && pt_.Lookup(b)) {
-      bool huge;
-      {
-        ReadLock l(pt_.Lookup(b)->lock);
-        huge = pt_.Lookup(b)->huge.load(std::memory_order_relaxed) != 0;
-      }
-      if (huge) SplitHugeLocked(b);
-    }
-  }
+  // Pages under a 2 MiB entry are pinned as they are (the kernel pins the
+  // subpage of the folio); fork copies pinned pages, huge or not.
   uint64_t pinned = 0;
   auto unwind = [&] {
     for (uint64_t i = 0; i < pinned; ++i) pool_.Unpin(out[i]);

@@ -127,9 +127,11 @@ void MmuNotifierSubscriptions::Release() {
     ReadLock l(list_lock_);
     CallbackScope scope(this);
     for (MmuNotifier* n : notifiers_) {
+      if (n->dead_.load(std::memory_order_acquire)) continue;
       if (!n->release_called_.exchange(true, std::memory_order_acq_rel) && mm_) n->Release(*mm_);
     }
   }
+  ReapDeferredPuts();  // notifiers that Put themselves from Release
   {
     WriteLock l(list_lock_);
     notifiers_.clear();
@@ -174,9 +176,16 @@ Result<void> MmuNotifierSubscriptions::InsertInternal(MmuIntervalNotifier* sub, 
   if (sub->hub_) return Err(Errc::kInval, "interval notifier already inserted");
   if (length == 0 || start + (length - 1) < start)
     return Err(Errc::kInval, "empty or overflowing interval");
+  // mmgrab: the subscription holds the address space until Remove.
+  std::shared_ptr<AddressSpace> mm_ref;
+  if (mm_) {
+    mm_ref = mm_->weak_from_this().lock();
+    if (!mm_ref) return Err(Errc::kInval, "address space is being destroyed");
+  }
   SpinLockGuard g(lock_);
   if (itree_released_) return Err(Errc::kInval, "address space released");
   sub->hub_ = this;
+  sub->mm_ref_ = std::move(mm_ref);
   sub->ops_ = ops;
   sub->node_.start = start;
   sub->node_.last = start + (length - 1);
@@ -227,11 +236,26 @@ Result<void> MmuNotifierSubscriptions::Remove(MmuIntervalNotifier* sub) {
     }
   }
   if (wait_seq) {
-    wq_.Wait([&] { return invalidate_seq_.load(std::memory_order_acquire) != wait_seq; });
+    if (debug_hooks_) [[unlikely]]
+      debug_hooks_->RemoveDeferred();
+    // mmu_interval_seq_released: the condition takes lock_. The last
+    // ItreeInvEnd makes the seq even and then, still under lock_, walks the
+    // deferred list, which links through `sub`; a lockless check could see
+    // the new seq and return while that walk is about to touch sub, and
+    // the owner would free it under the walker.
+    wq_.Wait([&] { return SeqReleased(wait_seq); });
   }
   sub->hub_ = nullptr;
   sub->ops_ = nullptr;
+  // mmdrop: this may be the last reference, and destroying the address
+  // space destroys this hub. Nothing after the return touches `this`.
+  std::shared_ptr<AddressSpace> mm_ref = std::move(sub->mm_ref_);
   return {};
+}
+
+bool MmuNotifierSubscriptions::SeqReleased(uint64_t seq) const {
+  SpinLockGuard g(lock_);
+  return invalidate_seq_.load(std::memory_order_relaxed) != seq;
 }
 
 uint64_t MmuNotifierSubscriptions::ReadBegin(MmuIntervalNotifier* sub) {
@@ -273,6 +297,8 @@ void MmuNotifierSubscriptions::ItreeInvEnd() {
     if (--active_invalidate_ranges_ != 0 || !(seq & 1)) return;
     // Last one out: the seq becomes even and the tree may change again.
     invalidate_seq_.store(seq + 1, std::memory_order_release);
+    if (debug_hooks_) [[unlikely]]
+      debug_hooks_->SeqReleasedLocked();
     while (MmuIntervalNotifier* sub = deferred_.pop_front()) {
       if (sub->node_.in_tree)
         itree_.Remove(sub);
@@ -390,8 +416,11 @@ Result<void> MmuNotifierSubscriptions::Unregister(MmuNotifier* n) {
     classic_count_.store(static_cast<uint32_t>(notifiers_.size()), std::memory_order_release);
   }
   if (!n->release_called_.exchange(true, std::memory_order_acq_rel) && mm_) {
-    CallbackScope scope(this);
-    n->Release(*mm_);
+    {
+      CallbackScope scope(this);
+      n->Release(*mm_);
+    }
+    ReapDeferredPuts();
   }
   return {};
 }
@@ -410,8 +439,10 @@ Result<MmuNotifier*> MmuNotifierSubscriptions::GetLocked(MmuNotifierAllocator* a
   {
     WriteLock l(list_lock_);
     if (released_) return Err(Errc::kSrch, "address space already released");
+    SpinLockGuard g(put_lock_);
     for (MmuNotifier* n : notifiers_) {
-      if (n->allocator_ == alloc && n->users_ != UINT32_MAX) {
+      if (n->allocator_ == alloc && !n->dead_.load(std::memory_order_relaxed) &&
+          n->users_ != UINT32_MAX) {
         ++n->users_;
         return n;
       }
@@ -421,13 +452,16 @@ Result<MmuNotifier*> MmuNotifierSubscriptions::GetLocked(MmuNotifierAllocator* a
   if (!n) return Err(Errc::kNoMem, "allocator returned no notifier");
   {
     WriteLock l(list_lock_);
+    SpinLockGuard g(put_lock_);
     n->allocator_ = alloc;
     n->users_ = 1;
+    n->dead_.store(false, std::memory_order_relaxed);
   }
   Result<void> r = RegisterInternal(n);
   if (!r) {
     {
       WriteLock l(list_lock_);
+      SpinLockGuard g(put_lock_);
       n->allocator_ = nullptr;
       n->users_ = 0;
     }
@@ -439,14 +473,31 @@ Result<MmuNotifier*> MmuNotifierSubscriptions::GetLocked(MmuNotifierAllocator* a
 
 Result<void> MmuNotifierSubscriptions::Put(MmuNotifier* n) {
   if (!n) return Err(Errc::kInval, "null notifier");
-  if (InCallback())
-    return Err(Errc::kDeadlk, "Put from a notifier callback of the same address space");
+  if (InCallback()) {
+    // The walk that called us holds list_lock_ shared, so the notifier
+    // cannot leave the list now: make every walk skip it from here on and
+    // let the walk free it when it ends (the kernel's hlist_del_rcu plus
+    // an SRCU-deferred free).
+    SpinLockGuard g(put_lock_);
+    if (n->hub_ != this || !n->allocator_ || n->users_ == 0 ||
+        n->dead_.load(std::memory_order_relaxed))
+      return Err(Errc::kInval, "notifier not obtained by Get on this address space");
+    if (--n->users_ != 0) return {};
+    n->dead_.store(true, std::memory_order_release);
+    deferred_free_.push_back(n);
+    has_deferred_free_.store(true, std::memory_order_release);
+    return {};
+  }
   MmuNotifierAllocator* alloc;
   {
     WriteLock l(list_lock_);
-    if (n->hub_ != this || !n->allocator_ || n->users_ == 0)
-      return Err(Errc::kInval, "notifier not obtained by Get on this address space");
-    if (--n->users_ != 0) return {};
+    {
+      SpinLockGuard g(put_lock_);
+      if (n->hub_ != this || !n->allocator_ || n->users_ == 0 ||
+          n->dead_.load(std::memory_order_relaxed))
+        return Err(Errc::kInval, "notifier not obtained by Get on this address space");
+      if (--n->users_ != 0) return {};
+    }
     auto it = std::find(notifiers_.begin(), notifiers_.end(), n);
     if (it != notifiers_.end()) notifiers_.erase(it);
     classic_count_.store(static_cast<uint32_t>(notifiers_.size()), std::memory_order_release);
@@ -460,11 +511,44 @@ Result<void> MmuNotifierSubscriptions::Put(MmuNotifier* n) {
   return {};
 }
 
+void MmuNotifierSubscriptions::ReapDeferredPuts() {
+  if (!has_deferred_free_.load(std::memory_order_acquire)) [[likely]]
+    return;
+  if (InCallback()) return;  // an outer walk on this thread still runs
+  std::vector<std::pair<MmuNotifier*, MmuNotifierAllocator*>> dead;
+  {
+    // Exclusive: every walk that could still see a dead notifier is over.
+    WriteLock l(list_lock_);
+    std::vector<MmuNotifier*> batch;
+    {
+      SpinLockGuard g(put_lock_);
+      batch.swap(deferred_free_);
+      has_deferred_free_.store(false, std::memory_order_release);
+    }
+    for (MmuNotifier* n : batch) {
+      auto it = std::find(notifiers_.begin(), notifiers_.end(), n);
+      if (it != notifiers_.end()) notifiers_.erase(it);
+      dead.emplace_back(n, n->allocator_);
+      n->allocator_ = nullptr;
+      n->hub_ = nullptr;
+    }
+    classic_count_.store(static_cast<uint32_t>(notifiers_.size()), std::memory_order_release);
+  }
+  for (auto [n, alloc] : dead) alloc->FreeNotifier(n);
+}
+
 Result<void> MmuNotifierSubscriptions::HlistInvalidateStart(const NotifierRange& range) {
+  Result<void> r = HlistInvalidateStartWalk(range);
+  ReapDeferredPuts();
+  return r;
+}
+
+Result<void> MmuNotifierSubscriptions::HlistInvalidateStartWalk(const NotifierRange& range) {
   ReadLock l(list_lock_);
   CallbackScope scope(this);
   bool failed = false;
   for (MmuNotifier* n : notifiers_) {
+    if (n->dead_.load(std::memory_order_acquire)) continue;
     if (!n->InvalidateRangeStart(range)) {
       // Only legal for non-blockable ranges (the kernel WARNs otherwise
       // and carries on); every notifier still sees the start.
@@ -477,14 +561,19 @@ Result<void> MmuNotifierSubscriptions::HlistInvalidateStart(const NotifierRange&
   if (!failed) return {};
   // Those that succeeded expect an End; the caller will not call it, so
   // do it now (mn_hlist_invalidate_range_start).
-  for (MmuNotifier* n : notifiers_) n->InvalidateRangeEnd(range);
+  for (MmuNotifier* n : notifiers_)
+    if (!n->dead_.load(std::memory_order_acquire)) n->InvalidateRangeEnd(range);
   return Err(Errc::kAgain, "non-blockable invalidation would block");
 }
 
 void MmuNotifierSubscriptions::HlistInvalidateEnd(const NotifierRange& range) {
-  ReadLock l(list_lock_);
-  CallbackScope scope(this);
-  for (MmuNotifier* n : notifiers_) n->InvalidateRangeEnd(range);
+  {
+    ReadLock l(list_lock_);
+    CallbackScope scope(this);
+    for (MmuNotifier* n : notifiers_)
+      if (!n->dead_.load(std::memory_order_acquire)) n->InvalidateRangeEnd(range);
+  }
+  ReapDeferredPuts();
 }
 
 }  // namespace usvm::mm

@@ -140,5 +140,57 @@ TEST_F(ExclusivePinTest, PinErrorsUnwindEverything) {
   EXPECT_EQ(as_->PinUserPages(a, 0, false, pfns).error(), Errc::kInval);
 }
 
+
+// A 2 MiB-aligned MADV_HUGEPAGE region with nothing faulted in yet.
+uint64_t MapUnpopulatedHugeRegion(AddressSpace& as) {
+  const uint64_t raw = *as.Mmap(0, 2 * kHugePageSize, kProtRead | kProtWrite,
+                                kMapPrivate | kMapAnonymous);
+  const uint64_t a = (raw + kHugePageSize - 1) & kHugeMask;
+  EXPECT_TRUE(as.Madvise(a, kHugePageSize, kMadvHugePage).has_value());
+  return a;
+}
+
+// Regression (issue 8, bug 3a): make_device_exclusive in an unpopulated
+// MADV_HUGEPAGE region split first, then faulted a 2 MiB entry in, and
+// looped until it gave up with EIO. The kernel faults, then splits the
+// PMD mapping (FOLL_SPLIT_PMD).
+TEST_F(ExclusivePinTest, MakeExclusiveOfAnUnpopulatedHugeRegionFaultsThenSplits) {
+  const uint64_t a = MapUnpopulatedHugeRegion(*as_) + 5 * kPageSize;
+  int owner;
+  auto r = MakeExclusive(a, &owner);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(as_->QueryPte(a).kind, PteInfo::Kind::kDeviceExclusive);
+  EXPECT_FALSE(as_->QueryPte(a).huge);
+  EXPECT_EQ(as_->QueryPte(a + kPageSize).kind, PteInfo::Kind::kPresent);  // its neighbours stay
+  uint64_t v = 9;
+  ASSERT_TRUE(as_->Write(a, &v, 8).has_value());  // CPU touch revokes it
+  EXPECT_EQ(as_->QueryPte(a).kind, PteInfo::Kind::kPresent);
+}
+
+// Regression (issue 8, bug 3b): a page pinned under a freshly faulted
+// 2 MiB entry was shared copy-on-write at fork, so the parent's next write
+// copied away from the pinned frame and the pin stopped seeing the
+// parent's data. The kernel's copy_huge_pmd does not share a maybe-pinned
+// huge page: it splits and copies the pinned pages for the child.
+TEST_F(ExclusivePinTest, PinUnderAFreshHugeEntryKeepsSeeingTheParentAfterFork) {
+  const uint64_t a = MapUnpopulatedHugeRegion(*as_) + 7 * kPageSize;
+  Pfn pfn;
+  ASSERT_TRUE(as_->PinUserPages(a, 1, true, &pfn).has_value());
+  ASSERT_TRUE(as_->QueryPte(a).huge);  // the pin faulted a 2 MiB page in
+  auto child = *as_->Fork();
+  uint64_t v = 0x5151;
+  ASSERT_TRUE(as_->Write(a, &v, 8).has_value());
+  EXPECT_EQ(as_->QueryPte(a).pfn, pfn);  // no copy away from the pin
+  EXPECT_EQ(*reinterpret_cast<uint64_t*>(pool_->Data(pfn)), 0x5151u);
+  ASSERT_TRUE(child->Read(a, &v, 8).has_value());
+  EXPECT_EQ(v, 0u);  // the child got its own copy of the old bytes
+  EXPECT_NE(child->QueryPte(a).pfn, pfn);
+  // The unpinned rest of the huge page is still shared copy-on-write.
+  EXPECT_EQ(child->QueryPte(a + kPageSize).pfn, as_->QueryPte(a + kPageSize).pfn);
+  EXPECT_FALSE(as_->QueryPte(a + kPageSize).writable);
+  child->Exit();
+  as_->UnpinUserPage(pfn);
+}
+
 }  // namespace
 }  // namespace usvm::mm

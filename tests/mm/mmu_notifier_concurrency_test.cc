@@ -365,5 +365,55 @@ TEST(MmuIntervalNotifierConcurrency, ReaderProtocolNeverLeavesAStaleShadowEntry)
   ASSERT_TRUE(hub.Remove(&sub));
 }
 
+
+// Regression (issue 8, bug 1): Remove of a subscription whose removal was
+// deferred returned as soon as it saw the sequence move, while the last
+// InvalidateRangeEnd was still about to apply the deferred list that links
+// through that subscription; the owner then freed it under the walker.
+// The kernel's mmu_interval_seq_released checks under the hub lock, so
+// Remove returns only after the deferred list was applied. The hooks hold
+// Remove between queueing and waiting until End has made the seq even,
+// and hold End there for a while before it applies the list.
+TEST(MmuIntervalNotifierConcurrency, RemoveReturnedWhileEndStillWalkedTheDeferredList) {
+  struct Hooks : MmuNotifierSubscriptions::DebugHooks {
+    std::atomic<bool> queued{false};
+    std::atomic<bool> released{false};
+    void RemoveDeferred() override {
+      queued.store(true);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (!released.load() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    }
+    void SeqReleasedLocked() override {
+      released.store(true);
+      // A wrong Remove returns during this pause (lock_ is held, so a
+      // correct one cannot look at the seq until the list was applied).
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    }
+  } hooks;
+  MmuNotifierSubscriptions hub(nullptr);
+  SeqOps ops;
+  MmuIntervalNotifier hit, target;
+  ASSERT_TRUE(hub.Insert(&hit, 0, kPage, &ops));
+  ASSERT_TRUE(hub.Insert(&target, 0, kPage, &ops));
+  ASSERT_TRUE(hub.InvalidateRangeStart(Range(0, kPage)));  // seq odd
+  hub.DebugSetHooks(&hooks);
+  std::atomic<bool> removed{false};
+  std::atomic<bool> pending_after_remove{true};
+  std::thread remover([&] {
+    EXPECT_TRUE(hub.Remove(&target));  // deferred: waits for the End
+    // The owner may free `target` now: the hub must be done with it.
+    pending_after_remove.store(target.DebugPending());
+    removed.store(true);
+  });
+  while (!hooks.queued.load()) std::this_thread::yield();
+  hub.InvalidateRangeEnd(Range(0, kPage));
+  remover.join();
+  EXPECT_TRUE(removed.load());
+  EXPECT_FALSE(pending_after_remove.load());
+  EXPECT_EQ(hub.DebugDeferredSize(), 0u);
+  hub.DebugSetHooks(nullptr);
+  ASSERT_TRUE(hub.Remove(&hit));
+}
+
 }  // namespace
 }  // namespace usvm::mm

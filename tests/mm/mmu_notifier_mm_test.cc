@@ -143,5 +143,49 @@ TEST_F(MmuNotifierMmTest, ExitSendsOneReleaseAndCallsClassicReleaseOnce) {
   ASSERT_TRUE(as_->notifiers().Remove(&sub));
 }
 
+
+// Regression (issue 8, bug 5): Insert did not keep the address space
+// alive, so Remove after the owner dropped its last reference used the
+// freed hub. The kernel takes mmgrab at insert and mmdrop at remove.
+TEST_F(MmuNotifierMmTest, RemoveAfterTheLastAddressSpaceReferenceWasDropped) {
+  EventOps ops;
+  MmuIntervalNotifier sub;
+  ASSERT_TRUE(as_->notifiers().Insert(&sub, 0x100000, 16 * kPage, &ops));
+  std::weak_ptr<AddressSpace> weak = as_;
+  as_->Exit();   // the process is gone (mmput) ...
+  as_.reset();   // ... and so is every other reference
+  EXPECT_FALSE(weak.expired()) << "an inserted subscription must keep its address space";
+  EXPECT_EQ(sub.mm(), weak.lock().get());
+  ASSERT_TRUE(sub.Remove());  // reaches the hub, then drops the last reference
+  EXPECT_TRUE(weak.expired());
+  EXPECT_EQ(sub.hub(), nullptr);
+}
+
+
+// Regression (issue 8, bug 4): Put of a Get'ed notifier from its own
+// Release callback failed with EDEADLK and the free op never ran; the
+// kernel allows mmu_notifier_put from ->release (the free is deferred).
+TEST_F(MmuNotifierMmTest, PutFromItsOwnReleaseFreesTheNotifier) {
+  struct SelfPutting : MmuNotifier {
+    Result<void> put_result = Err(Errc::kInval, "not called");
+    void Release(AddressSpace& mm) override { put_result = mm.notifiers().Put(this); }
+  };
+  struct Alloc : MmuNotifierAllocator {
+    Result<MmuNotifier*> AllocNotifier(AddressSpace*) override { return new SelfPutting(); }
+    void FreeNotifier(MmuNotifier* n) override {
+      auto* s = static_cast<SelfPutting*>(n);
+      put_ok = s->put_result.has_value();
+      ++frees;
+      delete s;
+    }
+    bool put_ok = false;
+    int frees = 0;
+  } alloc;
+  ASSERT_TRUE(as_->notifiers().Get(&alloc));
+  as_->Exit();
+  EXPECT_EQ(alloc.frees, 1);
+  EXPECT_TRUE(alloc.put_ok);
+}
+
 }  // namespace
 }  // namespace usvm::mm

@@ -532,19 +532,32 @@ TEST(MmuNotifier, GetSharesOneRefcountedNotifierPerAllocatorFreedOnLastPut) {
   EXPECT_EQ(other.frees, 1);
 }
 
-TEST(MmuNotifier, PutFromACallbackFailsWithEdeadlk) {
+// mmu_notifier_put may be called from the notifier's own callbacks: the
+// notifier leaves the list at once (no later callback, not even the End
+// of the bracket it was put in) and is freed when the walk ends.
+TEST(MmuNotifier, PutFromACallbackUnhooksAtOnceAndFreesAfterTheWalk) {
   MmuNotifierSubscriptions hub(nullptr);
   Allocator alloc;
   auto* n = static_cast<SharedNotifier*>(hub.Get(&alloc).value());
   n->hub = &hub;
   n->try_unregister = true;
   ASSERT_TRUE(hub.InvalidateRangeStart(Range(0, kPage)));
-  hub.InvalidateRangeEnd(Range(0, kPage));
-  ASSERT_FALSE(n->unregister_result);
-  EXPECT_EQ(n->unregister_result.error(), Errc::kDeadlk);
-  n->try_unregister = false;
-  ASSERT_TRUE(hub.Put(n));
+  // The walk has ended: the notifier was freed (n dangles from here on).
   EXPECT_EQ(alloc.frees, 1);
+  hub.InvalidateRangeEnd(Range(0, kPage));  // reaches nobody
+  // A second reference keeps it alive through a callback's Put.
+  auto* m = static_cast<SharedNotifier*>(hub.Get(&alloc).value());
+  ASSERT_EQ(hub.Get(&alloc).value(), m);
+  m->hub = &hub;
+  m->try_unregister = true;
+  ASSERT_TRUE(hub.InvalidateRangeStart(Range(0, kPage)));
+  EXPECT_TRUE(m->unregister_result);
+  EXPECT_EQ(alloc.frees, 1);
+  m->try_unregister = false;
+  hub.InvalidateRangeEnd(Range(0, kPage));
+  EXPECT_EQ(m->ends, 1);
+  ASSERT_TRUE(hub.Put(m));
+  EXPECT_EQ(alloc.frees, 2);
 }
 
 TEST(MmuNotifier, PutAfterReleaseStillFrees) {

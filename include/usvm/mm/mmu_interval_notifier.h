@@ -44,7 +44,11 @@
 // Lifetime: the driver owns the subscription; it must stay alive from
 // Insert until Remove returns, and Remove must not be called from one of
 // the address space's invalidation callbacks (it returns EDEADLK there:
-// defer it to a worker, as seed 000 does).
+// defer it to a worker, as seed 000 does). An inserted subscription keeps
+// its address space alive (a reference taken by Insert, dropped when
+// Remove returns, as the kernel's mmgrab/mmdrop), so the owner may drop
+// its own references first; the address space may be destroyed inside
+// that Remove.
 #ifndef USVM_MM_MMU_INTERVAL_NOTIFIER_H_
 #define USVM_MM_MMU_INTERVAL_NOTIFIER_H_
 
@@ -53,6 +57,7 @@
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "usvm/base/env.h"
 #include "usvm/base/interval_tree.h"
@@ -163,6 +168,11 @@ class alignas(32) MmuIntervalNotifier {
   // The address space (may be null for a hub built without one).
   AddressSpace* mm() const;
   MmuIntervalNotifierOps* ops() const { return ops_; }
+  // Racy, for tests: whether the hub still has this subscription on its
+  // deferred list (an insert or remove not yet applied). Once Remove has
+  // returned the hub never touches the subscription again, so then the
+  // answer is exact and must be false.
+  bool DebugPending() const { return deferred_link_.linked(); }
 
  private:
   friend class MmuNotifierSubscriptions;
@@ -181,6 +191,11 @@ class alignas(32) MmuIntervalNotifier {
   // Owner-serialised: set by Insert, cleared when Remove returns.
   MmuNotifierSubscriptions* hub_ = nullptr;
   MmuIntervalNotifierOps* ops_ = nullptr;
+  // The address space, held from Insert until Remove returns (the
+  // kernel's mmgrab/mmdrop): Remove must be able to reach the hub even
+  // when every other reference to the address space is gone.
+  // Owner-serialised like hub_.
+  std::shared_ptr<AddressSpace> mm_ref_;
 };
 
 // A small fixed pool of finish objects, as seed 002 recommends over

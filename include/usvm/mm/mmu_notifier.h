@@ -57,9 +57,10 @@
 //     itself only in Register, Get and the first Insert (as the kernel's
 //     mmu_notifier_register does), so those must not be called with the
 //     mmap lock held; use the ...Locked forms under the write lock.
-//   - Remove, Unregister and Put from an invalidation callback of the same
-//     hub would deadlock (they wait for the callback to return); they
-//     detect it and fail with EDEADLK.
+//   - Remove and Unregister from an invalidation callback of the same hub
+//     would deadlock (they wait for the callback to return); they detect
+//     it and fail with EDEADLK. Put from a callback (Release included) is
+//     allowed: the free is deferred to the end of that walk.
 //
 // Fast path: when nothing was ever subscribed, InvalidateRangeStart/End
 // are two relaxed atomic loads. "Has interval subscriptions" is sticky and
@@ -110,9 +111,13 @@ class MmuNotifier {
   // allocator_/users_: set for notifiers made by Get.
   MmuNotifierSubscriptions* hub_ = nullptr;
   MmuNotifierAllocator* allocator_ = nullptr;
+  // Guarded by the owning hub's put_lock_: references taken by Get.
   uint32_t users_ = 0;
   // Atomic: makes Release run once when teardown and Unregister race.
   std::atomic<bool> release_called_{false};
+  // Atomic: set when the last Put came from a callback; walks skip the
+  // notifier from then on, and the hub frees it once no walk can see it.
+  std::atomic<bool> dead_{false};
 };
 
 // The alloc_notifier/free_notifier half of mmu_notifier_ops, for Get/Put:
@@ -162,10 +167,12 @@ class MmuNotifierSubscriptions {
   // mmu_notifier_get_locked. REQUIRES: the mmap write lock (EINVAL if not).
   Result<MmuNotifier*> GetLocked(MmuNotifierAllocator* alloc) USVM_EXCLUDES(list_lock_);
   // mmu_notifier_put: drops a reference; the last one unhooks the notifier,
-  // waits for its running callbacks and calls FreeNotifier (the kernel
-  // defers that free through SRCU; here it is done before Put returns).
-  // EINVAL: not from Get on this hub, or no reference left. EDEADLK from a
-  // callback of this hub.
+  // waits for its running callbacks and calls FreeNotifier before Put
+  // returns. From a callback of this hub (its own Release included, as
+  // the kernel allows) Put cannot wait for the walk it runs in: the
+  // notifier is unhooked at once (no later callback reaches it) and freed
+  // when that walk ends, like the kernel's SRCU-deferred free.
+  // EINVAL: not from Get on this hub, or no reference left.
   Result<void> Put(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
 
   // ---- interval notifiers -----------------------------------------------
@@ -218,6 +225,19 @@ class MmuNotifierSubscriptions {
   // callback returned false.
   uint64_t DebugWarnings() const { return warnings_.load(std::memory_order_relaxed); }
 
+  // Test hooks that hold a thread at a point where a race window opens, so
+  // regression tests of lifetime rules are deterministic. Install before
+  // any concurrent use of the hub; nullptr (the default) disables them.
+  struct DebugHooks {
+    virtual ~DebugHooks() = default;
+    // Remove queued a deferred removal and dropped lock_; about to wait.
+    virtual void RemoveDeferred() {}
+    // The last InvalidateRangeEnd made the seq even and is about to apply
+    // the deferred list; lock_ is held (do not touch the hub).
+    virtual void SeqReleasedLocked() {}
+  };
+  void DebugSetHooks(DebugHooks* hooks) { debug_hooks_ = hooks; }
+
  private:
   friend class MmuIntervalNotifier;
   using Tree = IntrusiveIntervalTree<MmuIntervalNotifier, &MmuIntervalNotifier::node_>;
@@ -235,9 +255,17 @@ class MmuNotifierSubscriptions {
   // its part) when a non-blockable callback failed.
   Result<void> ItreeInvalidate(const NotifierRange& range) USVM_EXCLUDES(lock_);
   uint64_t ReadBegin(MmuIntervalNotifier* sub) USVM_EXCLUDES(lock_);
+  // True once the invalidation sequence `seq` has ended and its deferred
+  // list was applied (checked under lock_).
+  bool SeqReleased(uint64_t seq) const USVM_EXCLUDES(lock_);
   Result<void> RegisterInternal(MmuNotifier* n) USVM_EXCLUDES(list_lock_);
   Result<void> HlistInvalidateStart(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
+  Result<void> HlistInvalidateStartWalk(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
   void HlistInvalidateEnd(const NotifierRange& range) USVM_EXCLUDES(list_lock_);
+  // Unhooks and frees the notifiers whose last Put came from a callback,
+  // unless this thread is still inside a walk of this hub (the outermost
+  // walk does it).
+  void ReapDeferredPuts() USVM_EXCLUDES(list_lock_, put_lock_);
 
   // Constant after construction.
   AddressSpace* const mm_;  // non-owning back pointer; outlives this
@@ -251,6 +279,8 @@ class MmuNotifierSubscriptions {
   std::atomic<bool> release_started_{false};
   // Atomic counter, statistics only.
   std::atomic<uint64_t> warnings_{0};
+  // Set before concurrent use (DebugSetHooks); read-only afterwards.
+  DebugHooks* debug_hooks_ = nullptr;
 
   // Interval notifier state, protected by lock_.
   mutable SpinLock lock_;
@@ -271,6 +301,12 @@ class MmuNotifierSubscriptions {
   Mutex get_mu_ USVM_ACQUIRED_BEFORE(list_lock_);
   std::vector<MmuNotifier*> notifiers_ USVM_GUARDED_BY(list_lock_);
   bool released_ USVM_GUARDED_BY(list_lock_) = false;
+  // Innermost: the users_ counts of Get'ed notifiers, and the notifiers
+  // put from callbacks, waiting to be freed after their walk.
+  mutable SpinLock put_lock_ USVM_ACQUIRED_AFTER(list_lock_);
+  std::vector<MmuNotifier*> deferred_free_ USVM_GUARDED_BY(put_lock_);
+  // Atomic: deferred_free_ is non-empty (a lockless check for the walks).
+  std::atomic<bool> has_deferred_free_{false};
 };
 
 }  // namespace usvm::mm
