@@ -29,9 +29,11 @@ build: deps
 run: build
 	./build/release/tools/usvm/usvm demo
 
-# Every test (optimised build, assertions on), then the concurrency tests
-# under ThreadSanitizer, then clang's thread-safety analysis of the libraries.
-test: test-release test-tsan check-tsa
+# Every test (optimised build, assertions on), then every test again under
+# AddressSanitizer + UndefinedBehaviorSanitizer (use-after-free is the class
+# of bug lifetime rules produce), then the concurrency tests under
+# ThreadSanitizer, then clang's thread-safety analysis of the libraries.
+test: test-release asan test-tsan check-tsa
 
 test-release: deps
 	@cmake --preset release >/dev/null
@@ -51,7 +53,9 @@ check-tsa: deps
 asan: deps
 	@cmake --preset asan >/dev/null
 	cmake --build build/asan
-	cd build/asan && ctest --output-on-failure -j$(CTEST_JOBS)
+	cd build/asan && ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" \
+	  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+	  ctest --output-on-failure -j$(CTEST_JOBS)
 
 # Google Benchmark programs; JSON results under build/bench/.
 bench: build
