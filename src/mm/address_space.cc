@@ -220,9 +220,7 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
     if (h != 0) {
       if (s == base && e == base + kHugePageSize) {
         slot.huge.store(0, std::memory_order_relaxed);
-        if (pte::HoldsFrame(h))
-          for (uint64_t i = 0; i < kPagesPerHuge; ++i) dropped.frames.push_back(pte::PfnOf(h) + i);
-        if (pte::IsPresent(h)) unmapped += kPagesPerHuge;
+        unmapped += dropped.AddHuge(h);
       } else {
         // Callers split the edges first; a racing THP fault (madvise runs
         // under the read lock) may have mapped one since. Split it here:
@@ -688,10 +686,17 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
           h = 0;
         }
       }
-      if (h != 0 && pte::IsPresent(h)) {
+      if (h != 0) {
+        // Shared read-only by both: a THP, or a 2 MiB device page (private
+        // or coherent), each of its 512 pages referenced once more.
         const uint64_t wp = h & ~pte::kWrite;
         if (pte::HoldsFrame(h))
           for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Get(pte::PfnOf(h) + i);
+        if (pte::HoldsDevicePage(h)) {
+          DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(h));
+          for (uint64_t i = 0; i < kPagesPerHuge; ++i) pm->Get(pm->IndexOf(pte::PfnOf(h)) + i);
+          device_pagemaps.push_back(pm);
+        }
         slot.huge.store(wp, std::memory_order_relaxed);
         cs->huge.store(wp, std::memory_order_relaxed);
         copied += kPagesPerHuge;
@@ -799,7 +804,8 @@ PteInfo AddressSpace::Impl::QueryPte(uint64_t addr) const {
   Pfn pfn = kInvalidPfn;
   if (e != 0) {
     info.huge = true;
-    pfn = pte::PfnOf(e) + (pte::HoldsFrame(e) ? ((addr >> kPageShift) & 511) : 0);
+    e = pte::SubEntry(e, addr);
+    pfn = pte::PfnOf(e);
   } else if (slot->table) {
     e = slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed);
     pfn = pte::PfnOf(e);

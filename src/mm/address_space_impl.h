@@ -170,6 +170,14 @@ class AddressSpace::Impl {
       if (pte::HoldsDevicePage(e)) device.push_back(pte::PfnOf(e));
       return pte::KindOf(e) != pte::kNone;
     }
+    // Records what the 2 MiB entry h held (512 references of its kind);
+    // returns the number of 4 KiB pages it mapped.
+    uint64_t AddHuge(uint64_t h) {
+      if (pte::KindOf(h) == pte::kNone) return 0;
+      if (pte::HoldsPages(h))
+        for (uint64_t i = 0; i < kPagesPerHuge; ++i) Add(h + (i << pte::kPfnShift));
+      return kPagesPerHuge;
+    }
   };
   void Drop(const Dropped& d);
   // Waits until the migration entry `e` at addr is gone (migration_entry_wait).

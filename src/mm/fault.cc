@@ -109,6 +109,26 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
   for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
     slot->lock.Lock();
     const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+    if (h != 0 && pte::KindOf(h) == pte::kMigration) {
+      // A 2 MiB page under migration: wait for it, as for 4 KiB.
+      slot->lock.Unlock();
+      WaitMigrationLocked(addr, pte::SubEntry(h, addr));
+      continue;
+    }
+    if (h != 0 && pte::KindOf(h) == pte::kDevicePrivate) {
+      // A 2 MiB device-private page: its owner brings it home (all of it,
+      // or the faulting part after splitting the entry).
+      slot->lock.Unlock();
+      USVM_TRY(DeviceFaultLocked(addr, pte::SubEntry(h, addr)));
+      continue;
+    }
+    if (h != 0 && (h & pte::kDevice) && write && !(h & pte::kWrite)) {
+      // A write to a shared read-only 2 MiB coherent device page: handle it
+      // per 4 KiB page (the copy-on-write path below).
+      slot->lock.Unlock();
+      SplitHugeLocked(hbase);
+      continue;
+    }
     if (h != 0) {
       if (!write || (h & pte::kWrite)) {
         // Resolved by someone else, or only the read bit was stale.
@@ -246,7 +266,7 @@ uint64_t AddressSpace::Impl::ReadEntryLocked(uint64_t addr) const {
   if (!slot) return 0;
   ReadLock l(slot->lock);
   const uint64_t h = slot->huge.load(std::memory_order_relaxed);
-  if (h != 0) return h;
+  if (h != 0) return pte::SubEntry(h, addr);
   return slot->table ? slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed) : 0;
 }
 
@@ -386,11 +406,12 @@ Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool 
       PmdSlot* slot = pt_.Lookup(a);
       ReadLock sl(slot->lock);
       const uint64_t h = slot->huge.load(std::memory_order_relaxed);
-      const uint64_t cur = h != 0 ? h : (slot->table ? slot->table->e[PageTable::PteIndex(a)].load(
-                                                             std::memory_order_relaxed)
-                                                       : 0);
+      const uint64_t cur = h != 0 ? pte::SubEntry(h, a)
+                                  : (slot->table ? slot->table->e[PageTable::PteIndex(a)].load(
+                                                       std::memory_order_relaxed)
+                                                 : 0);
       if (cur != e) continue;  // changed: look again
-      const Pfn pfn = h != 0 ? pte::PfnOf(h) + ((a >> kPageShift) & (kPagesPerHuge - 1)) : pte::PfnOf(e);
+      const Pfn pfn = pte::PfnOf(e);
       pool_.Pin(pfn);
       out[pinned++] = pfn;
       break;
@@ -432,12 +453,15 @@ Result<void> AddressSpace::Impl::Access(uint64_t addr, uint64_t len, AccessKind 
       std::byte* p = nullptr;
       uint64_t unit_end = 0;
       if (e != 0) {
-        p = pool_.Data(pte::PfnOf(e)) + (a & (kHugePageSize - 1));
+        if (pte::IsPresent(e))
+          p = ((e & pte::kDevice) ? EntryData(e) : pool_.Data(pte::PfnOf(e))) +
+              (a & (kHugePageSize - 1));
         unit_end = (a & kHugeMask) + kHugePageSize;
       } else if (slot->table) {
         ent = &slot->table->e[PageTable::PteIndex(a)];
         e = ent->load(std::memory_order_relaxed);
-        p = ((e & pte::kDevice) ? EntryData(e) : pool_.Data(pte::PfnOf(e))) + (a & (kPageSize - 1));
+        if (pte::IsPresent(e))
+          p = ((e & pte::kDevice) ? EntryData(e) : pool_.Data(pte::PfnOf(e))) + (a & (kPageSize - 1));
         unit_end = PageAlignDown(a) + kPageSize;
       }
       if (pte::IsPresent(e) && (e & need) == need) {

@@ -56,9 +56,9 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         ReadLock l(slot->lock);
         const uint64_t h = slot->huge.load(std::memory_order_relaxed);
         if (h != 0) {
-          e = h;
+          e = pte::SubEntry(h, addr);  // this page's view of the 2 MiB entry
           order = kHugeShift - kPageShift;
-          pfn = pte::PfnOf(h) + ((addr >> kPageShift) & (kPagesPerHuge - 1));
+          pfn = pte::PfnOf(e);
         } else if (slot->table) {
           e = slot->table->e[PageTable::PteIndex(addr)].load(std::memory_order_relaxed);
           pfn = pte::PfnOf(e);
@@ -69,7 +69,8 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         const bool mine = pm && r.dev_private_owner && pm->owner() == r.dev_private_owner;
         const bool dev_writable = e & pte::kWrite;
         if (mine && !(want_write && !dev_writable)) {
-          word = kPfnValid | kPfnDevice | (dev_writable ? kPfnWrite : 0) | pte::PfnOf(e);
+          word = kPfnValid | kPfnDevice | (dev_writable ? kPfnWrite : 0) |
+                 (uint64_t{order} << kPfnOrderShift) | pfn;
           addr += kPageSize;
           continue;
         }

@@ -9,11 +9,40 @@ namespace usvm::mm {
 
 namespace {
 
-// What Setup did to each page, for Finalize.
+// What Setup did to each page, for Pages and Finalize. A 2 MiB unit
+// collected whole keeps its 2 MiB entries at its first index (compound
+// set there) until it is either finalized whole or expanded into 4 KiB
+// form (ExpandUnit).
 struct MigrateState {
   std::vector<uint64_t> installed;  // our migration entry, or 0 (hole / skipped)
   std::vector<uint64_t> orig;       // the entry it replaced
+  std::vector<bool> compound;       // first index of a 2 MiB unit
 };
+
+constexpr uint64_t kUnitPages = kPagesPerHuge;
+
+uint64_t AddrOf(const MigrateVma& m, uint64_t i) { return m.start + (i << kPageShift); }
+
+// The word for page k of a 2 MiB src/dst word (compound flag dropped).
+uint64_t SubWord(uint64_t w, uint64_t k) {
+  w &= ~kMigratePfnCompound;
+  return (w & kMigratePfnValid) ? w + (k << kMigratePfnShift) : w;
+}
+
+// Turns the 2 MiB unit at index i into 512 4 KiB pages: entries, src words
+// and (if still compound) dst words.
+void ExpandUnit(const MigrateVma& m, MigrateState& st, uint64_t* src, uint64_t* dst, uint64_t i) {
+  const uint64_t inst = st.installed[i], orig = st.orig[i];
+  const uint64_t sw = src[i], dw = dst[i];
+  for (uint64_t k = 0; k < kUnitPages; ++k) {
+    const uint64_t a = AddrOf(m, i + k);
+    st.installed[i + k] = inst ? pte::SubEntry(inst, a) : 0;
+    st.orig[i + k] = orig ? pte::SubEntry(orig, a) : 0;
+    src[i + k] = SubWord(sw, k);
+    if (dw & kMigratePfnCompound) dst[i + k] = SubWord(dw, k);
+  }
+  st.compound[i] = false;
+}
 
 }  // namespace
 
@@ -40,8 +69,9 @@ std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::FindDeviceEntriesLocked
 Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   USVM_TRY(CheckAliveLocked());
   if (!m.src || !m.dst) return Err(Errc::kInval, "migrate: null src or dst");
-  if (m.flags == 0 ||
-      (m.flags & ~(kMigrateSelectSystem | kMigrateSelectDevicePrivate | kMigrateSelectDeviceCoherent)))
+  constexpr uint32_t kSelectPages =
+      kMigrateSelectSystem | kMigrateSelectDevicePrivate | kMigrateSelectDeviceCoherent;
+  if (!(m.flags & kSelectPages) || (m.flags & ~(kSelectPages | kMigrateSelectCompound)))
     return Err(Errc::kInval, "migrate: bad select flags");
   if (!IsPageAligned(m.start) || !IsPageAligned(m.end) || m.start >= m.end)
     return Err(Errc::kInval, "migrate: bad range");
@@ -51,29 +81,98 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
     return Err(Errc::kInval, "migrate: range not inside one VMA");
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
-  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0)};
+  const bool compound = m.flags & kMigrateSelectCompound;
+  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0),
+                              std::vector<bool>(n, false)};
   for (uint64_t i = 0; i < n; ++i) m.src[i] = m.dst[i] = 0;
   m.cpages = 0;
+  // A 2 MiB unit that may be collected whole: aligned and inside the range.
+  auto whole_unit = [&](uint64_t b) { return compound && b >= m.start && b + kHugePageSize <= m.end; };
 
-  // Huge entries are migrated as 4 KiB pages.
+  // 2 MiB entries are migrated as 4 KiB pages, except whole units with
+  // kMigrateSelectCompound. Another migrator's 2 MiB migration entry is
+  // never split (its Finalize restores or replaces it whole).
   for (uint64_t b = m.start & kHugeMask; b < m.end; b += kHugePageSize) {
+    if (whole_unit(b)) continue;
     PmdSlot* slot = pt_.Lookup(b);
     if (!slot) continue;
-    bool huge;
+    uint64_t h;
     {
       ReadLock l(slot->lock);
-      huge = slot->huge.load(std::memory_order_relaxed) != 0;
+      h = slot->huge.load(std::memory_order_relaxed);
     }
-    if (huge) SplitHugeLocked(b);
+    if (h != 0 && pte::KindOf(h) != pte::kMigration) SplitHugeLocked(b);
   }
 
   NotifierRange range{&as_, m.start, m.end, NotifyEvent::kMigrate, m.pgmap_owner, true};
   [[maybe_unused]] auto res = as_.notifiers_->InvalidateRangeStart(range);
   assert(res.has_value());
+
+  // Collects the 2 MiB entry h of the unit at index i if it can move
+  // whole; false leaves it to the 4 KiB pass. REQUIRES: its slot lock.
+  auto collect_unit = [&](uint64_t i, PmdSlot& slot, uint64_t h) -> bool {
+    const uint64_t keep = h & (pte::kRead | pte::kWrite | pte::kDirty);
+    const bool writable = h & pte::kWrite;
+    uint64_t word;
+    if (pte::HoldsFrame(h)) {
+      if (!(m.flags & kMigrateSelectSystem) || !anon || (h & pte::kFile)) return false;
+      for (uint64_t k = 0; k < kUnitPages; ++k) {
+        const Pfn f = pte::PfnOf(h) + k;
+        if (pool_.PinCount(f) > 0 || (writable && pool_.RefCount(f) != 1)) return false;
+      }
+      for (uint64_t k = 0; k < kUnitPages; ++k) pool_.Get(pte::PfnOf(h) + k);  // the migrator's
+      word = MigratePfn(pte::PfnOf(h), false);
+      st->installed[i] = pte::Make(pte::kMigration, pte::PfnOf(h), keep);
+    } else if (pte::HoldsDevicePage(h) && pte::KindOf(h) != pte::kMigration) {
+      const uint64_t dpfn = pte::PfnOf(h);
+      DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+      const uint32_t select =
+          pte::IsPresent(h) ? kMigrateSelectDeviceCoherent : kMigrateSelectDevicePrivate;
+      if (!(m.flags & select) || !pm || pm->owner() != m.pgmap_owner) return false;
+      const uint64_t idx = pm->IndexOf(dpfn);
+      for (uint64_t k = 0; k < kUnitPages; ++k)
+        if (writable && pm->RefCount(idx + k) != 1) return false;
+      for (uint64_t k = 0; k < kUnitPages; ++k) pm->Get(idx + k);
+      word = MigratePfn(dpfn, true);
+      st->installed[i] = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
+    } else {
+      return false;
+    }
+    m.src[i] = word | kMigratePfnMigrate | kMigratePfnCompound | (writable ? kMigratePfnWrite : 0);
+    st->orig[i] = h;
+    st->compound[i] = true;
+    slot.huge.store(st->installed[i], std::memory_order_relaxed);
+    m.cpages += kUnitPages;
+    return true;
+  };
+
   for (uint64_t i = 0; i < n; ++i) {
-    const uint64_t a = m.start + (i << kPageShift);
+    const uint64_t a = AddrOf(m, i);
     PmdSlot* slot = pt_.Ensure(a);
     WriteLock l(slot->lock);
+    if (IsHugeAligned(a) && whole_unit(a)) {
+      const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+      if (h == 0 && !slot->table) {
+        // An empty PMD of anonymous memory: one 2 MiB destination fills it.
+        if (anon) {
+          m.src[i] = kMigratePfnMigrate | kMigratePfnCompound;
+          st->compound[i] = true;
+          m.cpages += kUnitPages;
+        }
+        i += kUnitPages - 1;
+        continue;
+      }
+      if (h != 0) {
+        if (pte::KindOf(h) == pte::kMigration || collect_unit(i, *slot, h)) {
+          i += kUnitPages - 1;  // collected whole, or someone else migrates it
+          continue;
+        }
+        // Cannot move whole: its pages are collected one by one. The
+        // MIGRATE bracket already covers the split.
+        pt_.InstallTableLocked(*slot);
+        counters.thp_splits.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
     if (!slot->table) {
       if (slot->huge.load(std::memory_order_relaxed) != 0) continue;  // a racing THP fault
       pt_.InstallTableLocked(*slot);
@@ -125,11 +224,39 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
 }
 
 void AddressSpace::Impl::MigratePagesLocked(MigrateVma& m) {
-  assert(m.internal && "migrate_vma_pages without setup");
+  auto* st = static_cast<MigrateState*>(m.internal);
+  assert(st && "migrate_vma_pages without setup");
+  if (!st) return;
   const uint64_t n = (m.end - m.start) >> kPageShift;
-  for (uint64_t i = 0; i < n; ++i)
-    if ((m.src[i] & kMigratePfnMigrate) && !(m.dst[i] & kMigratePfnValid))
+  for (uint64_t i = 0; i < n; ++i) {
+    if (st->compound[i]) {
+      if (!(m.src[i] & kMigratePfnMigrate)) continue;
+      if (!(m.dst[i] & kMigratePfnValid)) {
+        m.src[i] &= ~kMigratePfnMigrate;  // stays where it is
+      } else if (!(m.dst[i] & kMigratePfnCompound)) {
+        // The caller could not get 2 MiB and gave 4 KiB pages: split the
+        // source (its 2 MiB migration entry becomes 512) and move each page.
+        const uint64_t inst = st->installed[i];
+        if (inst != 0) {
+          PmdSlot* slot = pt_.Lookup(AddrOf(m, i));
+          WriteLock l(slot->lock);
+          if (slot->huge.load(std::memory_order_relaxed) == inst) {
+            pt_.InstallTableLocked(*slot);
+            counters.thp_splits.fetch_add(1, std::memory_order_relaxed);
+          }
+        }
+        ExpandUnit(m, *st, m.src, m.dst, i);
+        for (uint64_t k = 0; k < kUnitPages; ++k)
+          if (!(m.dst[i + k] & kMigratePfnValid)) m.src[i + k] &= ~kMigratePfnMigrate;
+      }
+      i += kUnitPages - 1;
+      continue;
+    }
+    if (!(m.src[i] & kMigratePfnMigrate)) continue;
+    // A 4 KiB source needs a 4 KiB destination.
+    if (!(m.dst[i] & kMigratePfnValid) || (m.dst[i] & kMigratePfnCompound))
       m.src[i] &= ~kMigratePfnMigrate;
+  }
 }
 
 void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
@@ -138,25 +265,83 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
   if (!st) return;
   const Vma* vma = FindVmaLocked(m.start);
   const uint64_t n = (m.end - m.start) >> kPageShift;
+  // Work on copies: the caller's words stay as Pages left them.
+  std::vector<uint64_t> src(m.src, m.src + n), dst(m.dst, m.dst + n);
   Dropped dropped;
   std::vector<DevicePagemap*> mapped_pagemaps;
   uint64_t added = 0;
-  auto drop_word = [&](uint64_t w) {  // a reference named by a src/dst word
+  auto drop_word = [&](uint64_t w) {  // the reference(s) a src/dst word names
     if (!(w & kMigratePfnValid)) return;
-    if (w & kMigratePfnDevice)
-      dropped.device.push_back(MigratePfnOf(w));
-    else
-      dropped.frames.push_back(MigratePfnOf(w));
+    const uint64_t count = (w & kMigratePfnCompound) ? kUnitPages : 1;
+    for (uint64_t k = 0; k < count; ++k) {
+      const uint64_t pfn = MigratePfnOf(w) + k;
+      if (w & kMigratePfnDevice)
+        dropped.device.push_back(pfn);
+      else
+        dropped.frames.push_back(pfn);
+    }
   };
+  // The entry that maps destination word d (4 KiB or 2 MiB) in this VMA.
+  auto new_entry = [&](uint64_t d, bool writable) -> uint64_t {
+    const uint64_t w = writable ? pte::kWrite : 0;
+    if (!(d & kMigratePfnDevice))
+      return pte::Make(pte::kPresent, MigratePfnOf(d),
+                       ReadBit(vma->prot) | pte::kAccessed | pte::kDirty | w);
+    DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
+    if (pm) mapped_pagemaps.push_back(pm);
+    if (pm && pm->coherent())
+      return pte::Make(pte::kPresent, MigratePfnOf(d),
+                       ReadBit(vma->prot) | pte::kDevice | pte::kAccessed | pte::kDirty | w);
+    return pte::Make(pte::kDevicePrivate, MigratePfnOf(d), pte::kRead | w);
+  };
+
+  // 2 MiB units first: finalized whole if their 2 MiB entry (or empty
+  // PMD) is still there; otherwise someone split or zapped it meanwhile,
+  // and the unit is finalized page by page below.
   for (uint64_t i = 0; i < n; ++i) {
+    if (!st->compound[i]) continue;
+    const uint64_t a = AddrOf(m, i);
     const uint64_t installed = st->installed[i];
-    const bool collected = installed != 0 || (m.src[i] & kMigratePfnMigrate);
-    if (!collected) {
-      drop_word(m.dst[i]);  // a destination the caller filled in vain
+    PmdSlot* slot = pt_.Ensure(a);
+    slot->lock.Lock();
+    const uint64_t cur = slot->huge.load(std::memory_order_relaxed);
+    const bool whole = installed != 0 ? cur == installed : (cur == 0 && !slot->table);
+    if (!whole) {
+      slot->lock.Unlock();
+      ExpandUnit(m, *st, src.data(), dst.data(), i);
       continue;
     }
-    const uint64_t a = m.start + (i << kPageShift);
-    bool migrated = (m.src[i] & kMigratePfnMigrate) && (m.dst[i] & kMigratePfnValid);
+    const bool migrated = (src[i] & kMigratePfnMigrate) && (dst[i] & kMigratePfnValid) &&
+                          (dst[i] & kMigratePfnCompound);
+    if (migrated) {
+      const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
+      slot->huge.store(new_entry(dst[i], writable), std::memory_order_relaxed);
+      if (installed == 0) added += kUnitPages;
+    } else if (installed != 0) {
+      slot->huge.store(st->orig[i], std::memory_order_relaxed);  // restore
+    }
+    slot->lock.Unlock();
+    if (installed != 0) {
+      drop_word(src[i] | kMigratePfnValid);  // the migrator's references
+      if (migrated) drop_word(src[i]);       // the old mapping's
+    }
+    if (!migrated) drop_word(dst[i]);
+    st->compound[i] = false;
+    st->installed[i] = 0;
+    src[i] &= ~kMigratePfnMigrate;
+    dst[i] = 0;  // done: the 4 KiB pass below skips this unit
+    i += kUnitPages - 1;
+  }
+
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t installed = st->installed[i];
+    const bool collected = installed != 0 || (src[i] & kMigratePfnMigrate);
+    if (!collected) {
+      drop_word(dst[i]);  // a destination the caller filled in vain
+      continue;
+    }
+    const uint64_t a = AddrOf(m, i);
+    bool migrated = (src[i] & kMigratePfnMigrate) && (dst[i] & kMigratePfnValid);
     PmdSlot* slot = pt_.Ensure(a);
     {
       WriteLock l(slot->lock);
@@ -167,33 +352,15 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
       if (!ours) migrated = false;  // zapped (or refaulted) meanwhile
       if (ours && migrated) {
         const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
-        const uint64_t d = m.dst[i];
-        if (d & kMigratePfnDevice) {
-          DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
-          if (pm && pm->coherent())
-            ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
-                                 ReadBit(vma->prot) | pte::kDevice | pte::kAccessed | pte::kDirty |
-                                     (writable ? pte::kWrite : 0)),
-                       std::memory_order_relaxed);
-          else
-            ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
-                                 pte::kRead | (writable ? pte::kWrite : 0)),
-                       std::memory_order_relaxed);
-          if (pm) mapped_pagemaps.push_back(pm);
-        } else {
-          ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
-                               ReadBit(vma->prot) | pte::kAccessed | pte::kDirty |
-                                   (writable ? pte::kWrite : 0)),
-                     std::memory_order_relaxed);
-        }
+        ent->store(new_entry(dst[i], writable), std::memory_order_relaxed);
         if (installed == 0) ++added;
       } else if (ours && installed != 0) {
         ent->store(st->orig[i], std::memory_order_relaxed);  // restore
       }
-      if (ours && migrated) drop_word(m.src[i]);  // the old mapping's reference
+      if (ours && migrated) drop_word(src[i]);  // the old mapping's reference
     }
-    if (installed != 0 && !(installed & pte::kZero)) drop_word(m.src[i] | kMigratePfnValid);  // the migrator's
-    if (!migrated) drop_word(m.dst[i]);
+    if (installed != 0 && !(installed & pte::kZero)) drop_word(src[i] | kMigratePfnValid);  // the migrator's
+    if (!migrated) drop_word(dst[i]);
   }
   counters.rss_pages.fetch_add(added, std::memory_order_relaxed);
   if (!mapped_pagemaps.empty()) {
@@ -216,6 +383,12 @@ std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::Impl::FindDeviceEntries
     const Vma& v = kv.second;
     pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
       ReadLock l(slot.lock);
+      const uint64_t h = slot.huge.load(std::memory_order_relaxed);
+      if (h != 0) {
+        if (pte::HoldsDevicePage(h) && pte::PfnOf(h) + kPagesPerHuge > lo && pte::PfnOf(h) < hi)
+          out.emplace_back(base, pte::PfnOf(h));  // a 2 MiB device page: its head
+        return;
+      }
       if (!slot.table) return;
       const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
       for (uint64_t a = s; a < e; a += kPageSize) {

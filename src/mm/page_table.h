@@ -4,6 +4,9 @@
 //   PGD (256 used entries) -> PUD (512) -> PMD table (512 PmdSlots) -> PTE table (512)
 // A PmdSlot covers 2 MiB and holds either a huge leaf entry or a pointer to
 // a PTE table (never both), plus that region's page table lock (split PTL).
+// A huge leaf may be a present THP (system or device-coherent frames), a
+// device-private entry of a 2 MiB device page, or a migration entry of one
+// of those; it maps 512 consecutive frames, each with its own reference.
 //
 // Entry words (PTE and huge PMD alike) pack a kind, permission/state bits
 // and a frame number; see namespace pte.
@@ -68,6 +71,17 @@ inline constexpr bool IsExclusive(uint64_t e) { return KindOf(e) == kDeviceExclu
 // A migration entry that holds a reference on a system frame.
 inline constexpr bool HoldsMigratingFrame(uint64_t e) {
   return KindOf(e) == kMigration && !(e & (kDevice | kZero));
+}
+// Whether the entry holds one reference per 4 KiB page it maps (system
+// frames, migrating frames, device pages), so that a 2 MiB entry of that
+// kind maps 512 consecutive frames that each carry their own count.
+inline constexpr bool HoldsPages(uint64_t e) {
+  return HoldsFrame(e) || HoldsMigratingFrame(e) || HoldsDevicePage(e);
+}
+// The 4 KiB view of a 2 MiB entry `h` at addr: same kind and bits, the
+// frame of that page. Splitting a huge entry stores exactly these.
+inline constexpr uint64_t SubEntry(uint64_t h, uint64_t addr) {
+  return HoldsPages(h) ? h + ((((addr) >> 12) & 511) << kPfnShift) : h;
 }
 }  // namespace pte
 

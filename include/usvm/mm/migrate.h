@@ -21,6 +21,22 @@
 //
 // The notification carries NotifyEvent::kMigrate and pgmap_owner, so a
 // driver can ignore invalidations caused by its own migrations.
+//
+// 2 MiB pages (kMigrateSelectCompound): a 2 MiB-aligned 2 MiB part of the
+// range that one 2 MiB entry maps (a THP, or a 2 MiB device page), or that
+// has no page table at all (an empty PMD of anonymous memory), is
+// collected as one unit: src[i] = pfn | kMigratePfnCompound | ... for the
+// first page and 0 for the other 511 (a hole: kMigratePfnMigrate |
+// kMigratePfnCompound with no pfn). The caller then either
+//   - fills dst[i] with a 2 MiB destination (MigratePfn(first, device) |
+//     kMigratePfnCompound, 512 consecutive frames each with refcount 1):
+//     the page moves whole and is mapped by one 2 MiB entry;
+//   - or, when it cannot get 2 MiB, fills dst[i..i+511] with 4 KiB pages
+//     (the fallback): Pages splits the source and each page moves alone;
+//   - or leaves dst[i] 0: the unit stays where it is.
+// A 2 MiB entry that cannot move whole (pinned or shared writable pages)
+// is split and its pages are collected one by one. cpages counts 4 KiB
+// pages. Without the flag every 2 MiB entry is split first.
 #ifndef USVM_MM_MIGRATE_H_
 #define USVM_MM_MIGRATE_H_
 
@@ -35,6 +51,10 @@ inline constexpr uint64_t kMigratePfnValid = 1u << 0;
 inline constexpr uint64_t kMigratePfnMigrate = 1u << 1;
 inline constexpr uint64_t kMigratePfnWrite = 1u << 3;
 inline constexpr uint64_t kMigratePfnDevice = 1u << 4;  // the pfn is a DevicePfn
+// A 2 MiB page (MIGRATE_PFN_COMPOUND): set on the first word of 512; the
+// other 511 words of that page are 0. The pfn is the first of 512
+// consecutive frames, each with its own reference.
+inline constexpr uint64_t kMigratePfnCompound = 1u << 5;
 inline constexpr unsigned kMigratePfnShift = 6;
 
 inline constexpr uint64_t MigratePfn(uint64_t pfn, bool device) {
@@ -46,6 +66,8 @@ inline constexpr uint64_t MigratePfnOf(uint64_t word) { return word >> kMigrateP
 inline constexpr uint32_t kMigrateSelectSystem = 1u << 0;
 inline constexpr uint32_t kMigrateSelectDevicePrivate = 1u << 1;
 inline constexpr uint32_t kMigrateSelectDeviceCoherent = 1u << 2;
+// Collect 2 MiB pages whole (MIGRATE_VMA_SELECT_COMPOUND), see below.
+inline constexpr uint32_t kMigrateSelectCompound = 1u << 3;
 
 struct MigrateVma {
   uint64_t start = 0;  // page aligned, inside one VMA
