@@ -71,6 +71,7 @@ AddressSpace::Stats AddressSpace::GetStats() const {
   s.cow_breaks = c.cow_breaks.load(std::memory_order_relaxed);
   s.cow_reuses = c.cow_reuses.load(std::memory_order_relaxed);
   s.thp_splits = c.thp_splits.load(std::memory_order_relaxed);
+  s.thp_collapses = c.thp_collapses.load(std::memory_order_relaxed);
   s.rss_pages = c.rss_pages.load(std::memory_order_relaxed);
   s.page_table_pages = impl_->pt_.table_pages();
   return s;
@@ -454,6 +455,7 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
     case kMadvFree:
     case kMadvHugePage:
     case kMadvNoHugePage:
+    case kMadvCollapse:
       break;
     default:
       return Err(Errc::kInval, "madvise: unknown advice");
@@ -464,6 +466,33 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
   if (alen == 0) return {};
 
   bool hole = false;
+  if (advice == kMadvCollapse) {
+    // The kernel scans under the read lock and takes the write lock to
+    // swap the PTE table for the 2 MiB entry; here the whole call holds it.
+    WriteLock l(mmap_lock_);
+    USVM_TRY(CheckAliveLocked());
+    Errc last_fail = Errc::kInval;
+    uint64_t regions = 0, collapsed = 0;
+    USVM_TRY(ForEachVmaPartLocked(addr, end, &hole, [&](const Vma& v, uint64_t a, uint64_t e) -> Result<void> {
+      mmap_lock_.AssertHeld();
+      const uint64_t hs = (a + kHugePageSize - 1) & kHugeMask, he = e & kHugeMask;
+      const bool eligible = as_.config_.thp && v.private_anon() && !(v.flags & kVmaNoHugePage);
+      for (uint64_t b = hs; b + kHugePageSize <= he; b += kHugePageSize) {
+        ++regions;
+        const Errc r = eligible ? CollapseHugeLocked(v, b) : Errc::kInval;
+        if (r == Errc::kOk) {
+          ++collapsed;
+          continue;
+        }
+        last_fail = r;
+        if (r == Errc::kNoMem) return Err(r, "madvise: MADV_COLLAPSE could not allocate 2 MiB");
+      }
+      return {};
+    }));
+    if (hole) return Err(Errc::kNoMem, "madvise: range not fully mapped");
+    if (regions == 0 || collapsed != regions) return Err(last_fail, "madvise: MADV_COLLAPSE failed");
+    return {};
+  }
   if (advice == kMadvHugePage || advice == kMadvNoHugePage || advice == kMadvNormal) {
     // VMA flag changes: the write lock.
     WriteLock l(mmap_lock_);
@@ -502,6 +531,58 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
   }
   if (hole) return Err(Errc::kNoMem, "madvise: range not fully mapped");
   return {};
+}
+
+Errc AddressSpace::Impl::CollapseHugeLocked(const Vma& vma, uint64_t base) {
+  PmdSlot* slot = pt_.Lookup(base);
+  if (!slot) return Errc::kInval;  // no page table: nothing to collapse (SCAN_PMD_NULL)
+  uint64_t old[kPagesPerHuge];
+  {
+    ReadLock l(slot->lock);
+    const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+    if (h != 0) return pte::HoldsFrame(h) ? Errc::kOk : Errc::kInval;  // already a THP, or not a page
+    if (!slot->table) return Errc::kInval;
+    uint64_t pages = 0;
+    for (unsigned i = 0; i < kPagesPerHuge; ++i) {
+      const uint64_t e = slot->table->e[i].load(std::memory_order_relaxed);
+      old[i] = e;
+      if (e == 0 || (pte::IsPresent(e) && (e & pte::kZero))) continue;
+      // Device, migration or exclusive entries, and device-coherent pages
+      // (SCAN_PTE_NON_PRESENT / SCAN_PAGE_NULL).
+      if (!pte::HoldsFrame(e) || (e & pte::kFile)) return Errc::kInval;
+      // A page with users beyond its mappings (SCAN_PAGE_COUNT).
+      if (pool_.PinCount(pte::PfnOf(e)) > 0) return Errc::kAgain;
+      ++pages;
+    }
+    if (pages == 0) return Errc::kInval;  // only holes and the zero page: nothing to gain
+  }
+  auto huge = pool_.AllocHuge(FramePool::Zero::kNo);
+  if (!huge) return Errc::kNoMem;
+  const Pfn hp = *huge;
+  NotifyStart(base, base + kHugePageSize, NotifyEvent::kClear);
+  Dropped dropped;
+  uint64_t mapped = 0;
+  {
+    WriteLock l(slot->lock);
+    // The mmap write lock keeps faults out; the entries are as scanned.
+    for (unsigned i = 0; i < kPagesPerHuge; ++i) {
+      const uint64_t e = old[i];
+      std::byte* to = pool_.Data(hp + i);
+      if (pte::HoldsFrame(e))
+        std::memcpy(to, pool_.Data(pte::PfnOf(e)), kPageSize);
+      else
+        std::memset(to, 0, kPageSize);
+      if (dropped.Add(e)) ++mapped;
+    }
+    uint64_t flags = ReadBit(vma.prot) | pte::kAccessed | pte::kDirty;
+    if (vma.prot & kProtWrite) flags |= pte::kWrite;
+    pt_.ReplaceTableLocked(*slot, pte::Make(pte::kPresent, hp, flags));
+  }
+  NotifyEnd(base, base + kHugePageSize, NotifyEvent::kClear);
+  counters.rss_pages.fetch_add(kPagesPerHuge - mapped, std::memory_order_relaxed);
+  counters.thp_collapses.fetch_add(1, std::memory_order_relaxed);
+  Drop(dropped);
+  return Errc::kOk;
 }
 
 // ===== mremap ================================================================

@@ -88,7 +88,7 @@ class AddressSpace::Impl {
 
   struct Counters {
     std::atomic<uint64_t> faults{0}, zero_maps{0}, anon_allocs{0}, huge_faults{0},
-        cow_breaks{0}, cow_reuses{0}, thp_splits{0}, rss_pages{0};
+        cow_breaks{0}, cow_reuses{0}, thp_splits{0}, thp_collapses{0}, rss_pages{0};
   };
   Counters counters;
 
@@ -122,6 +122,10 @@ class AddressSpace::Impl {
   // prot still allows writes. Splits huge entries cut by the range.
   void ChangeProtectionLocked(uint64_t start, uint64_t end, uint32_t prot)
       USVM_REQUIRES(mmap_lock_);
+  // MADV_COLLAPSE of the 2 MiB at base, inside private anonymous `vma`:
+  // 0 on success (or already one THP), else the errno the region fails
+  // with. REQUIRES: the mmap write lock (the PTE table is freed).
+  Errc CollapseHugeLocked(const Vma& vma, uint64_t base) USVM_REQUIRES(mmap_lock_);
   // MADV_FREE's pass: exclusive anonymous pages become clean and lazy-free.
   void MarkLazyFreeLocked(uint64_t start, uint64_t end) USVM_REQUIRES_SHARED(mmap_lock_);
   // Calls fn(vma, a, e) for each VMA part of [start, end) in order; sets

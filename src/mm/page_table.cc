@@ -63,6 +63,13 @@ void PageTable::InstallTableLocked(PmdSlot& slot) {
   tables_.fetch_add(1, std::memory_order_relaxed);
 }
 
+void PageTable::ReplaceTableLocked(PmdSlot& slot, uint64_t huge) {
+  delete slot.table;
+  slot.table = nullptr;
+  tables_.fetch_sub(1, std::memory_order_relaxed);
+  slot.huge.store(huge, std::memory_order_relaxed);
+}
+
 void PageTable::FreeEmpty(uint64_t start, uint64_t end) {
   // PTE tables of the 2 MiB regions the range touches.
   ForEachSlot(start, end, [&](uint64_t, PmdSlot& slot) {

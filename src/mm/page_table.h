@@ -165,6 +165,10 @@ class PageTable {
   // Installs a fresh PTE table in slot (from a huge entry or empty).
   // REQUIRES: slot.lock held exclusively; slot has no table.
   void InstallTableLocked(PmdSlot& slot) USVM_REQUIRES(slot.lock);
+  // Frees the slot's PTE table and installs the huge entry `huge` (THP
+  // collapse). REQUIRES: slot.lock held exclusively and the mmap write
+  // lock (nothing can hold a pointer into the table).
+  void ReplaceTableLocked(PmdSlot& slot, uint64_t huge) USVM_REQUIRES(slot.lock);
 
  private:
   std::atomic<PudTable*> pgd_[kPgdEntries] = {};

@@ -137,9 +137,18 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // first hole have been changed then.
   Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
   // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
-  // kMadvNoHugePage. EINVAL: unaligned address, unknown advice, FREE on a
-  // shared or file mapping. ENOMEM: part of the range is not mapped (the
-  // mapped parts are still advised, as in Linux).
+  // kMadvNoHugePage, kMadvCollapse. EINVAL: unaligned address, unknown
+  // advice, FREE on a shared or file mapping. ENOMEM: part of the range is
+  // not mapped (the mapped parts are still advised, as in Linux).
+  // kMadvCollapse (MADV_COLLAPSE, khugepaged's work done now): every
+  // 2 MiB-aligned 2 MiB inside the range and inside one private anonymous
+  // VMA becomes one THP, copying its pages (holes and the zero page read as
+  // zeros), whatever MADV_HUGEPAGE says (not under MADV_NOHUGEPAGE, not
+  // with THP off). Regions that cannot be collapsed are skipped and the
+  // call fails with the errno of the last one, as Linux 6.18: EINVAL for
+  // an ineligible VMA, a region with no page at all, device or migration
+  // entries, or no whole 2 MiB in the range; EAGAIN for pinned pages;
+  // ENOMEM when no 2 MiB block can be had (that stops the walk).
   Result<void> Madvise(uint64_t addr, uint64_t len, int advice);
   // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap.
   // Returns the new address. EINVAL: bad flags/alignment/lengths or
@@ -195,6 +204,7 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
     uint64_t cow_breaks = 0;    // copies made by write faults
     uint64_t cow_reuses = 0;    // write faults that reused an exclusive page
     uint64_t thp_splits = 0;    // huge entries split into 4 KiB entries
+    uint64_t thp_collapses = 0; // 2 MiB regions collapsed by MADV_COLLAPSE
     uint64_t rss_pages = 0;     // present 4 KiB entries (huge counts 512)
     uint64_t page_table_pages = 0;
   };

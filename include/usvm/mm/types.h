@@ -51,6 +51,7 @@ enum : int {
   kMadvFree = 8,
   kMadvHugePage = 14,
   kMadvNoHugePage = 15,
+  kMadvCollapse = 25,
 };
 
 // mremap flags (MREMAP_*), Linux values.
