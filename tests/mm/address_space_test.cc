@@ -406,6 +406,22 @@ TEST_F(AddressSpaceTest, MremapFixedMovesSeveralVmasAndKeepsTheGaps) {
   EXPECT_FALSE(as_->FindVma(a).has_value() && as_->FindVma(a)->start < a + 5 * P);
 }
 
+// Bug: the top-down search started at the cached end of the last
+// allocation, so a hole above it that an earlier, larger request had
+// skipped was never used; Linux (vm_unmapped_area) takes the highest gap
+// that fits.
+TEST_F(AddressSpaceTest, TopDownPlacementTakesTheHighestGapThatFits) {
+  const uint64_t top = as_->config().mmap_base;
+  MapAnon(kPageSize, kProtRead, kMapFixed, top - 2 * kPageSize);  // leaves [top - P, top) free
+  EXPECT_EQ(MapAnon(2 * kPageSize, kProtRead | kProtWrite), top - 4 * kPageSize);
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead | kProtWrite), top - kPageSize);
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead | kProtWrite), top - 5 * kPageSize);
+  // A hole in the middle of a gap's top half: after munmap the search
+  // starts at the top of the whole gap.
+  ASSERT_TRUE(as_->Munmap(top - 4 * kPageSize, kPageSize).has_value());
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead), top - 4 * kPageSize);
+}
+
 // mmap rounds an unaligned hint down (Linux: addr &= PAGE_MASK).
 TEST_F(AddressSpaceTest, MmapRoundsAnUnalignedHintDown) {
   auto r = as_->Mmap(0x50000000 + 100, kPageSize, kProtRead, kMapPrivate | kMapAnonymous);
