@@ -647,6 +647,9 @@ uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_
   dst.pgoff = src.PgoffOf(addr);
   vmas_.emplace(target, std::move(dst));
   if (olen != 0) {
+    // Huge entries cut by the range are split first (CLEAR over their
+    // 2 MiB), as split_huge_pmd does in move_page_tables.
+    SplitHugeRangeEdgesLocked(addr, addr + olen);
     NotifyStart(addr, addr + olen, NotifyEvent::kUnmap);
     MovePageTablesLocked(addr, target, olen);
     NotifyEnd(addr, addr + olen, NotifyEvent::kUnmap);
