@@ -499,13 +499,18 @@ class Comparison {
         op.addr = kWrap;
         op.len = op.new_len = 2 * kPageSize;
         op.flags = kMremapMayMove | kMremapFixed;
-        op.new_addr = RandPage();
+        op.new_addr = win_ + Pick(kWindowPages - 1) * kPageSize;  // a valid target (in the window)
         break;
       case 10: op.kind = OpKind::kMremap; op.new_len = kTop; op.flags = kMremapMayMove; break;
       case 11: op.kind = OpKind::kMremap; op.new_len = op.len; op.flags = kMremapFixed; op.new_addr = RandPage(); break;
       case 12: op.kind = OpKind::kMmap; op.len = 0; op.prot = kProtRead; op.flags = kMapPrivate | kMapAnonymous; break;
       case 13: op.kind = OpKind::kMmap; op.prot = kProtRead; op.flags = kMapAnonymous | (Pick(2) ? kMapFixedNoReplace : 0u); break;
-      case 14: op.kind = OpKind::kMmap; op.addr += 4; op.prot = kProtRead; op.flags = kMapPrivate | kMapAnonymous | kMapFixed; break;
+      case 14:
+        // Unaligned, and not at the window's end: there our range check
+        // (ENOMEM past task_size) would come before the alignment check.
+        if (op.addr + op.len >= win_end_) op.addr = win_;
+        op.kind = OpKind::kMmap;
+        op.addr += 4; op.prot = kProtRead; op.flags = kMapPrivate | kMapAnonymous | kMapFixed; break;
       default: op.kind = OpKind::kMmap; op.addr = kTop; op.prot = kProtRead; op.flags = kMapShared | kMapAnonymous | kMapFixed; break;
     }
     return op;
@@ -534,7 +539,11 @@ class Comparison {
   }
 
   Reply Sim(const Op& op) {
-    auto err = [](const Error& e) { return Reply{0, e.errnum()}; };
+    sim_what_.clear();
+    auto err = [&](const Error& e) {
+      sim_what_ = e.ToString();
+      return Reply{0, e.errnum()};
+    };
     switch (op.kind) {
       case OpKind::kMmap: {
         auto r = as_->Mmap(op.addr, op.len, op.prot, op.flags);
@@ -578,7 +587,8 @@ class Comparison {
                       " (errno %d %s)",
                       s.err ? "error" : "ok", s.err ? 0 : s.ret - int64_t(win_), s.err, std::strerror(s.err),
                       r.err ? "error" : "ok", r.err ? 0 : r.ret - int64_t(win_), r.err, std::strerror(r.err));
-        return b;
+        return b + (sim_what_.empty() ? "" : " [ours: " + sim_what_ + "]") + "\nkernel VMAs (after):\n" + Show(RealLayout(pid_, win_, win_end_), win_) +
+               "ours (after):\n" + Show(SimLayout(*as_), win_);
       }
     }
     if (op.kind == OpKind::kWrite) {
@@ -724,6 +734,7 @@ class Comparison {
   pid_t pid_ = -1;
   int cmd_fd_ = -1, reply_fd_ = -1;
   bool low_gap_ = false;
+  std::string sim_what_;  // our last error, spelled out
   std::map<uint64_t, uint64_t> real_to_sim_, sim_to_real_;
   std::vector<std::string> trace_;
   uint64_t compared_pages_ = 0, successes_ = 0, failures_ = 0, excluded_ = 0;
