@@ -670,6 +670,9 @@ Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen,
   // range check can still fail; we check it first so that a failing call
   // changes nothing (documented in docs/mm.md).
   if (olen > nlen) USVM_TRY(CheckMunmapRange(addr + nlen, olen - nlen));
+  // Linux fails this in get_unmapped_area (security_mmap_addr), after the
+  // target and the tail were unmapped; we fail before changing anything.
+  if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
   if (fixed) UnmapLocked(new_addr, new_addr + nlen);
   if (olen > nlen) {
     UnmapLocked(addr + nlen, addr + olen);
@@ -764,9 +767,6 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
     if (old_addr + olen > new_addr && new_addr + nlen > old_addr)
       return Err(Errc::kInval, "mremap: old and new ranges overlap");
   }
-  // Linux fails this in get_unmapped_area (security_mmap_addr), after the
-  // FIXED target was unmapped; we fail before changing anything.
-  if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
 
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());

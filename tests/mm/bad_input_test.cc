@@ -391,6 +391,8 @@ std::vector<Case> Cases() {
       {"mremap FIXED overlapping ranges", Errc::kInval, [](World& w) { return ErrOf(w.as->Mremap(kPriv, 4 * kPageSize, 4 * kPageSize, kMremapMayMove | kMremapFixed, kPriv + 2 * kPageSize)); }},
       {"mremap FIXED same range", Errc::kInval, [](World& w) { return ErrOf(w.as->Mremap(kPriv, 4 * kPageSize, 4 * kPageSize, kMremapMayMove | kMremapFixed, kPriv)); }},
       {"mremap FIXED below mmap_min_addr", Errc::kPerm, [](World& w) { return ErrOf(w.as->Mremap(kPriv, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kPageSize)); }},
+      {"mremap FIXED of a hole below mmap_min_addr (EFAULT first)", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kPageSize)); }, Stage::kSeeded,
+       "Mremap checked a FIXED new address against mmap_min_addr (EPERM) before looking the old VMA up; Linux: EFAULT first"},
       {"mremap nothing mapped at old address", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, 2 * kPageSize, kMremapMayMove)); }},
       {"mremap FIXED nothing mapped at old address", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kHole + kHugePageSize)); }},
       {"mremap old range runs into a hole", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kPriv, kPrivLen + kPageSize, kPrivLen + 2 * kPageSize, kMremapMayMove)); }},
