@@ -24,6 +24,7 @@ std::string_view ErrcName(Errc code) {
     case Errc::kCanceled: return "ECANCELED";
     case Errc::kFBig: return "EFBIG";
     case Errc::kIo: return "EIO";
+    case Errc::kOverflow: return "EOVERFLOW";
   }
   return "E?";
 }

@@ -103,32 +103,45 @@ bool AddressSpace::Impl::RangeFreeLocked(uint64_t start, uint64_t end) const {
   return !v || v->start >= end;
 }
 
+std::optional<uint64_t> AddressSpace::Impl::TopDownGapLocked(uint64_t limit, uint64_t len,
+                                                             uint64_t* skipped) const {
+  const uint64_t lowest = as_.config_.min_addr;
+  uint64_t hi = limit;
+  while (hi >= lowest + len) {
+    auto it = vmas_.lower_bound(hi);
+    if (it == vmas_.begin()) return hi - len;
+    const Vma& prev = std::prev(it)->second;
+    if (prev.end > hi) {  // hi lies inside prev
+      hi = prev.start;
+      continue;
+    }
+    const uint64_t lo = std::max(lowest, prev.end);
+    if (hi - lo >= len) return hi - len;
+    if (skipped) *skipped = std::max(*skipped, hi - lo);
+    hi = prev.start;
+  }
+  return std::nullopt;
+}
+
 Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
   const auto& c = as_.config_;
   if (len > c.task_size - c.min_addr) return Err(Errc::kNoMem, "no free address range large enough");
-  // Top-down from the cached hole (the pre-maple-tree free_area_cache), then
-  // once more from the top of user space.
-  for (uint64_t limit : {std::min(free_area_cache_, c.task_size), c.task_size}) {
-    uint64_t hi = limit;
-    while (hi >= c.min_addr + len) {
-      auto it = vmas_.lower_bound(hi);
-      if (it == vmas_.begin()) {
-        free_area_cache_ = hi - len;
-        return hi - len;
-      }
-      const Vma& prev = std::prev(it)->second;
-      if (prev.end > hi) {  // hi lies inside prev
-        hi = prev.start;
-        continue;
-      }
-      const uint64_t lo = std::max(c.min_addr, prev.end);
-      if (hi - lo >= len) {
-        free_area_cache_ = hi - len;
-        return hi - len;
-      }
-      hi = prev.start;
-    }
+  // vm_unmapped_area top-down: the top of the highest gap below mmap_base
+  // that fits. The search starts at free_area_cache_ (a VMA start, or
+  // mmap_base) and finds the same gap, because every gap above the cache
+  // is at most cached_hole_size_ long; a request that could fit in one of
+  // them starts again from mmap_base (the pre-maple-tree scheme).
+  if (len <= cached_hole_size_ || free_area_cache_ > c.mmap_base) {
+    free_area_cache_ = c.mmap_base;
+    cached_hole_size_ = 0;
   }
+  if (auto a = TopDownGapLocked(free_area_cache_, len, &cached_hole_size_)) {
+    free_area_cache_ = *a;
+    return *a;
+  }
+  // Nothing below mmap_base: any gap up to the top of user space.
+  if (c.mmap_base < c.task_size)
+    if (auto a = TopDownGapLocked(c.task_size, len, nullptr)) return *a;
   return Err(Errc::kNoMem, "no free address range large enough");
 }
 
@@ -263,8 +276,13 @@ void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
   for (auto it = vmas_.lower_bound(ns); it != vmas_.end() && it->first < ne;) it = vmas_.erase(it);
   NotifyEnd(ns, ne, NotifyEvent::kUnmap);
   pt_.FreeEmpty(ns, ne);
-  // Let the next top-down search find this hole first.
-  if (ne > free_area_cache_) free_area_cache_ = std::min(ne, as_.config_.mmap_base);
+  // The next top-down search starts at the top of the gap this hole is now
+  // part of, if that is above the cache (see GetUnmappedAreaLocked).
+  if (ne > free_area_cache_) {
+    auto next = vmas_.lower_bound(ne);
+    const uint64_t top = next == vmas_.end() ? as_.config_.mmap_base : next->first;
+    free_area_cache_ = std::min(top, as_.config_.mmap_base);
+  }
 }
 
 // ===== mmap / munmap ========================================================
@@ -279,48 +297,59 @@ Result<uint64_t> AddressSpace::Impl::Mmap(uint64_t addr, uint64_t len, uint32_t 
   if (prot & ~kProtAll) return Err(Errc::kInval, "mmap: unknown prot bits");
   if (flags & ~kKnown) return Err(Errc::kInval, "mmap: unknown flags");
   const bool shared = flags & kMapShared;
-  if (shared == bool(flags & kMapPrivate))
-    return Err(Errc::kInval, "mmap: need exactly one of MAP_SHARED and MAP_PRIVATE");
   const bool anon = flags & kMapAnonymous;
   if (anon && file) return Err(Errc::kInval, "mmap: MAP_ANONYMOUS with a file");
   if (!anon && !file) return Err(Errc::kInval, "mmap: file mapping without a file");
   if (!IsPageAligned(offset)) return Err(Errc::kInval, "mmap: offset not page aligned");
+  // From here Linux's do_mmap order: length, then the address
+  // (get_unmapped_area), MAP_FIXED_NOREPLACE, the file offset, the type.
   const uint64_t alen = PageAlignUp(len);
   if (alen < len || alen == 0 || alen > c.task_size - c.min_addr)
     return Err(Errc::kNoMem, "mmap: length too large");
-  if (!anon && offset + alen < offset) return Err(Errc::kInval, "mmap: file offset overflow");
   const bool fixed = flags & (kMapFixed | kMapFixedNoReplace);
   if (fixed) {
-    if (!IsPageAligned(addr)) return Err(Errc::kInval, "mmap: fixed address not page aligned");
     if (addr > c.task_size - alen) return Err(Errc::kNoMem, "mmap: fixed range beyond user space");
+    if (!IsPageAligned(addr)) return Err(Errc::kInval, "mmap: fixed address not page aligned");
     if (addr < c.min_addr) return Err(Errc::kPerm, "mmap: fixed address below mmap_min_addr");
   }
-  if (anon && shared) {
-    // Shared anonymous memory is a shmem object of the mapping's size.
-    file = USVM_TRY(SimFile::TryCreate(pool_, alen, "shmem", /*shmem=*/true));
-    offset = 0;
-  }
+  // file_mmap_ok: the last page's offset must fit in MAX_LFS_FILESIZE.
+  constexpr uint64_t kMaxLfsFileSize = ~uint64_t{0} >> 1;
+  const bool offset_overflow = file && (offset >> kPageShift) > ((kMaxLfsFileSize - alen) >> kPageShift);
+  const bool bad_type = shared == bool(flags & kMapPrivate);
   uint64_t start = 0;
   {
     WriteLock l(mmap_lock_);
     USVM_TRY(CheckAliveLocked());
+    // A failure after the search must not leave the search's cache
+    // pointing at a mapping that was never made.
+    const uint64_t cache = free_area_cache_, hole = cached_hole_size_;
+    auto fail = [&](Error e) USVM_REQUIRES(mmap_lock_) {
+      free_area_cache_ = cache;
+      cached_hole_size_ = hole;
+      return Err(e);
+    };
     if (fixed) {
-      if (flags & kMapFixedNoReplace) {
-        if (!RangeFreeLocked(addr, addr + alen))
-          return Err(Errc::kExist, "mmap: MAP_FIXED_NOREPLACE over an existing mapping");
-      } else {
-        UnmapLocked(addr, addr + alen);
-      }
       start = addr;
     } else {
-      if (addr != 0) {
-        const uint64_t hint = PageAlignUp(addr);
-        if (hint >= addr && hint >= c.min_addr && hint <= c.task_size - alen &&
-            RangeFreeLocked(hint, hint + alen))
-          start = hint;
-      }
+      // round_hint_to_min, then the hint is used if the range is free
+      // (an unaligned hint is rounded down).
+      uint64_t hint = PageAlignDown(addr);
+      if (hint != 0 && hint < c.min_addr) hint = c.min_addr;
+      if (hint != 0 && hint <= c.task_size - alen && RangeFreeLocked(hint, hint + alen)) start = hint;
       if (start == 0) start = USVM_TRY(GetUnmappedAreaLocked(alen));
     }
+    if ((flags & kMapFixedNoReplace) && !RangeFreeLocked(addr, addr + alen))
+      return Err(Errc::kExist, "mmap: MAP_FIXED_NOREPLACE over an existing mapping");
+    if (offset_overflow) return fail(Error(Errc::kOverflow, "mmap: file offset overflow"));
+    if (bad_type) return fail(Error(Errc::kInval, "mmap: need exactly one of MAP_SHARED and MAP_PRIVATE"));
+    if (anon && shared) {
+      // Shared anonymous memory is a shmem object of the mapping's size.
+      auto shm = SimFile::TryCreate(pool_, alen, "shmem", /*shmem=*/true);
+      if (!shm) return fail(shm.error());
+      file = std::move(*shm);
+      offset = 0;
+    }
+    if (fixed && !(flags & kMapFixedNoReplace)) UnmapLocked(addr, addr + alen);
     Vma v;
     v.start = start;
     v.end = start + alen;
@@ -386,15 +415,31 @@ void AddressSpace::Impl::ChangeProtectionLocked(uint64_t start, uint64_t end, ui
 }
 
 Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t prot) {
-  // Linux's order: alignment, zero length (success), overflow, then prot.
+  // do_mprotect_pkey's order: both GROWS bits, alignment, zero length
+  // (success), overflow, prot bits, then the VMAs.
+  const uint32_t grows = prot & (kProtGrowsDown | kProtGrowsUp);
+  prot &= ~grows;
+  if (grows == (kProtGrowsDown | kProtGrowsUp))
+    return Err(Errc::kInval, "mprotect: PROT_GROWSDOWN and PROT_GROWSUP together");
   if (!IsPageAligned(addr)) return Err(Errc::kInval, "mprotect: address not page aligned");
   if (len == 0) return {};
   const uint64_t alen = PageAlignUp(len);
   const uint64_t end = addr + alen;
-  if (alen < len || end < addr) return Err(Errc::kNoMem, "mprotect: range overflows");
-  if (prot & ~kProtAll) return Err(Errc::kInval, "mprotect: unknown prot bits");
+  if (alen < len || end <= addr) return Err(Errc::kNoMem, "mprotect: range overflows");
+  if (prot & ~(kProtAll | kProtSem)) return Err(Errc::kInval, "mprotect: unknown prot bits");
+  prot &= ~kProtSem;  // accepted and ignored, as on x86
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  if (grows) {
+    // PROT_GROWSDOWN extends the range down to the start of a VM_GROWSDOWN
+    // VMA (GROWSUP: up to the end of a VM_GROWSUP one). No VMA of ours can
+    // grow (there is no MAP_GROWSDOWN), so a VMA found is EINVAL; nothing
+    // found is ENOMEM as in Linux.
+    const Vma* v = FindVmaLocked(addr);
+    if (!v || v->start >= end) return Err(Errc::kNoMem, "mprotect: range not mapped");
+    if ((grows & kProtGrowsUp) && v->start > addr) return Err(Errc::kNoMem, "mprotect: range not fully mapped");
+    return Err(Errc::kInval, "mprotect: PROT_GROWSDOWN/GROWSUP on a VMA that cannot grow");
+  }
   // Like Linux: VMAs are changed in order until a hole is met (ENOMEM).
   uint64_t a = addr;
   while (a < end) {
@@ -638,97 +683,174 @@ void AddressSpace::Impl::MovePageTablesLocked(uint64_t old_start, uint64_t new_s
   });
 }
 
+const Vma* AddressSpace::Impl::VmaLookupLocked(uint64_t addr) const {
+  const Vma* v = FindVmaLocked(addr);
+  return v && v->start <= addr ? v : nullptr;
+}
+
+Result<void> AddressSpace::Impl::CheckMunmapRange(uint64_t start, uint64_t len) const {
+  // do_vmi_munmap's range check.
+  const uint64_t top = as_.config_.task_size;
+  if (!IsPageAligned(start) || start > top || len > top - start)
+    return Err(Errc::kInval, "munmap: range outside user space");
+  return {};
+}
+
+Result<void> AddressSpace::Impl::CheckRemapLocked(const Vma& v, uint64_t addr, uint64_t olen,
+                                                 uint64_t nlen, uint32_t flags) const {
+  // check_prep_vma: only an operation that maps new address space (grow,
+  // or a move to a new address) is checked against the VMA.
+  const bool new_addr = flags & (kMremapFixed | kMremapDontUnmap);
+  if (nlen <= olen && !new_addr) return {};
+  if (olen == 0 && !v.shared())
+    return Err(Errc::kInval, "mremap: zero old length duplicates only shared mappings");
+  // The part that moves must lie in this VMA; a shrink's tail may cross
+  // VMA ends (it is unmapped first).
+  const uint64_t moved = std::min(olen, nlen);
+  if (moved > v.end - addr) return Err(Errc::kFault, "mremap: old range spans several mappings");
+  if (nlen == moved) return {};
+  const uint64_t pgoff = v.PgoffOf(addr);
+  if (pgoff + (nlen >> kPageShift) < pgoff) return Err(Errc::kInval, "mremap: file offset overflow");
+  return {};
+}
+
+uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_t target,
+                                           uint64_t nlen, bool dontunmap) {
+  // copy_vma + move_page_tables + unmap of the source. The source VMA is
+  // not split here: do_munmap splits what it unmaps, and with DONTUNMAP (or
+  // old_len 0) the source stays as it was.
+  const Vma& src = *VmaLookupLocked(addr);
+  Vma dst = src;
+  dst.start = target;
+  dst.end = target + nlen;
+  dst.pgoff = src.PgoffOf(addr);
+  vmas_.emplace(target, std::move(dst));
+  if (olen != 0) {
+    // Huge entries cut by the range are split first (CLEAR over their
+    // 2 MiB), as split_huge_pmd does in move_page_tables.
+    SplitHugeRangeEdgesLocked(addr, addr + olen);
+    NotifyStart(addr, addr + olen, NotifyEvent::kUnmap);
+    MovePageTablesLocked(addr, target, olen);
+    NotifyEnd(addr, addr + olen, NotifyEvent::kUnmap);
+    if (!dontunmap)
+      UnmapLocked(addr, addr + olen);
+    else
+      pt_.FreeEmpty(addr, addr + olen);
+  }
+  MergeAroundLocked(target);
+  return target;
+}
+
+Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen, uint64_t nlen,
+                                                   uint32_t flags, uint64_t new_addr) {
+  const auto& c = as_.config_;
+  const bool fixed = flags & kMremapFixed;
+  // mremap_to. Linux unmaps a FIXED target before the shrink's tail, whose
+  // range check can still fail; we check it first so that a failing call
+  // changes nothing (documented in docs/mm.md).
+  if (olen > nlen) USVM_TRY(CheckMunmapRange(addr + nlen, olen - nlen));
+  // Linux fails this in get_unmapped_area (security_mmap_addr), after the
+  // target and the tail were unmapped; we fail before changing anything.
+  if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
+  if (fixed) UnmapLocked(new_addr, new_addr + nlen);
+  if (olen > nlen) {
+    UnmapLocked(addr + nlen, addr + olen);
+    olen = nlen;
+  }
+  uint64_t target = new_addr;
+  if (!fixed) {
+    // MREMAP_DONTUNMAP alone: new_addr is a hint (get_unmapped_area).
+    if (!(new_addr >= c.min_addr && new_addr <= c.task_size - nlen &&
+          RangeFreeLocked(new_addr, new_addr + nlen)))
+      target = USVM_TRY(GetUnmappedAreaLocked(nlen));
+  }
+  return MoveVmaLocked(addr, olen, target, nlen, flags & kMremapDontUnmap);
+}
+
+Result<uint64_t> AddressSpace::Impl::RemapOneLocked(uint64_t addr, uint64_t olen, uint64_t nlen,
+                                                    uint32_t flags, uint64_t new_addr) {
+  const auto& c = as_.config_;
+  // do_mremap looks the VMA up first (since 5.16): no VMA at addr is EFAULT
+  // whatever the lengths, before anything is unmapped.
+  const Vma* v = VmaLookupLocked(addr);
+  if (!v) return Err(Errc::kFault, "mremap: nothing mapped at old address");
+  USVM_TRY(CheckRemapLocked(*v, addr, olen, nlen, flags));
+  if (flags & (kMremapFixed | kMremapDontUnmap)) return RemapToLocked(addr, olen, nlen, flags, new_addr);
+  // mremap_at.
+  if (olen == nlen) return addr;
+  if (olen > nlen) {
+    // Shrink: a munmap of the tail, which may cross VMA ends.
+    USVM_TRY(CheckMunmapRange(addr + nlen, olen - nlen));
+    UnmapLocked(addr + nlen, addr + olen);
+    return addr;
+  }
+  // Grow in place if the range ends the VMA and the room after it is free.
+  if (v->end - addr == olen && nlen <= c.task_size - addr &&
+      RangeFreeLocked(addr + olen, addr + nlen)) {
+    vmas_.at(v->start).end = addr + nlen;
+    MergeAroundLocked(v->start);
+    return addr;
+  }
+  if (!(flags & kMremapMayMove)) return Err(Errc::kNoMem, "mremap: cannot grow in place and may not move");
+  const uint64_t target = USVM_TRY(GetUnmappedAreaLocked(nlen));
+  return MoveVmaLocked(addr, olen, target, nlen, /*dontunmap=*/false);
+}
+
+Result<uint64_t> AddressSpace::Impl::RemapMoveLocked(uint64_t start, uint64_t len, uint32_t flags,
+                                                     uint64_t new_addr) {
+  // remap_move (Linux 6.17+): a FIXED move with old_len == new_len moves
+  // every VMA in [start, start + len) to the same offset from new_addr.
+  // Gaps between VMAs stay gaps (the target's mappings there survive), a
+  // hole at the end is ignored, a hole at the start (or no VMA) is EFAULT.
+  const uint64_t end = start + len;
+  if (end < start) return Err(Errc::kFault, "mremap: old range wraps");
+  uint64_t cursor = start;
+  uint64_t first = 0;
+  bool seen = false;
+  while (cursor < end) {
+    const Vma* v = FindVmaLocked(cursor);
+    if (!v || v->start >= end) break;
+    if (!seen && v->start > start) return Err(Errc::kFault, "mremap: nothing mapped at old address");
+    const uint64_t a = std::max(v->start, cursor);
+    const uint64_t n = std::min(end, v->end) - a;
+    const uint64_t res = USVM_TRY(RemapOneLocked(a, n, n, flags, new_addr + (a - start)));
+    if (!seen) first = res;
+    seen = true;
+    cursor = a + n;
+  }
+  if (!seen) return Err(Errc::kFault, "mremap: nothing mapped at old address");
+  return first;
+}
+
 Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len,
                                             uint32_t flags, uint64_t new_addr) {
   const auto& c = as_.config_;
+  // do_mremap / check_mremap_params (Linux 6.18), in its order. Lengths are
+  // page aligned first; one within a page of 2^64 wraps to 0.
+  const uint64_t olen = PageAlignUp(old_len);
+  const uint64_t nlen = PageAlignUp(new_len);
   if (flags & ~(kMremapMayMove | kMremapFixed | kMremapDontUnmap))
     return Err(Errc::kInval, "mremap: unknown flags");
+  if (!IsPageAligned(old_addr)) return Err(Errc::kInval, "mremap: old address not page aligned");
+  if (nlen == 0) return Err(Errc::kInval, "mremap: zero new length");
+  if (nlen > c.task_size) return Err(Errc::kInval, "mremap: new length beyond user space");
   const bool may_move = flags & kMremapMayMove;
   const bool fixed = flags & kMremapFixed;
   const bool dontunmap = flags & kMremapDontUnmap;
-  if (fixed && !may_move) return Err(Errc::kInval, "mremap: MREMAP_FIXED without MREMAP_MAYMOVE");
-  if (dontunmap && (!may_move || old_len != new_len))
-    return Err(Errc::kInval, "mremap: MREMAP_DONTUNMAP needs MAYMOVE and equal lengths");
-  if (!IsPageAligned(old_addr)) return Err(Errc::kInval, "mremap: old address not page aligned");
-  const uint64_t olen = PageAlignUp(old_len);
-  const uint64_t nlen = PageAlignUp(new_len);
-  if (olen < old_len || nlen < new_len || nlen == 0 || old_addr + olen < old_addr)
-    return Err(Errc::kInval, "mremap: bad length");
-  if (fixed) {
-    if (nlen > c.task_size - c.min_addr) return Err(Errc::kInval, "mremap: new length too large");
-    if (!IsPageAligned(new_addr)) return Err(Errc::kInval, "mremap: new address not page aligned");
+  if (fixed || dontunmap) {
     if (new_addr > c.task_size - nlen) return Err(Errc::kInval, "mremap: new range outside user space");
-    if (new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
-    if (new_addr < old_addr + olen && old_addr < new_addr + nlen)
+    if (!IsPageAligned(new_addr)) return Err(Errc::kInval, "mremap: new address not page aligned");
+    if (!may_move) return Err(Errc::kInval, "mremap: FIXED/DONTUNMAP without MREMAP_MAYMOVE");
+    if (dontunmap && olen != nlen)
+      return Err(Errc::kInval, "mremap: MREMAP_DONTUNMAP cannot resize");
+    if (old_addr + olen > new_addr && new_addr + nlen > old_addr)
       return Err(Errc::kInval, "mremap: old and new ranges overlap");
   }
 
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
-  if (!fixed && !dontunmap && olen >= nlen && olen != 0) {
-    // Shrinking is a munmap of the tail, whatever is mapped (as in Linux,
-    // which does not look the VMA up for it).
-    if (olen > nlen) UnmapLocked(old_addr + nlen, std::min(old_addr + olen, c.task_size));
-    return old_addr;
-  }
-  // Validate the source before changing anything (Linux unmaps a fixed
-  // target first; we report the error with nothing changed).
-  {
-    const Vma* v = FindVmaLocked(old_addr);
-    if (!v || v->start > old_addr) return Err(Errc::kFault, "mremap: nothing mapped at old address");
-    if (olen == 0 && !v->shared())
-      return Err(Errc::kInval, "mremap: zero old length on a private mapping");
-    if (olen > v->end - old_addr) return Err(Errc::kFault, "mremap: old range spans several mappings");
-  }
-
-  if (!fixed && !dontunmap) {
-    // Grow in place if the VMA ends with the range and the room is free.
-    const Vma* v = FindVmaLocked(old_addr);
-    if (olen != 0 && v->end == old_addr + olen && nlen <= c.task_size - old_addr &&
-        RangeFreeLocked(old_addr + olen, old_addr + nlen)) {
-      vmas_.at(v->start).end = old_addr + nlen;
-      MergeAroundLocked(v->start);
-      return old_addr;
-    }
-    if (!may_move) return Err(Errc::kNoMem, "mremap: cannot grow in place and may not move");
-  }
-
-  uint64_t target;
-  uint64_t move_len = olen;
-  if (fixed) {
-    UnmapLocked(new_addr, new_addr + nlen);
-    if (olen > nlen) {
-      UnmapLocked(old_addr + nlen, old_addr + olen);
-      move_len = nlen;
-    }
-    target = new_addr;
-  } else {
-    target = USVM_TRY(GetUnmappedAreaLocked(nlen));
-  }
-  move_len = std::min(move_len, nlen);
-
-  SplitVmaLocked(old_addr);
-  if (olen != 0) SplitVmaLocked(old_addr + move_len);
-  Vma dst = vmas_.at(FindVmaLocked(old_addr)->start);
-  const uint64_t src_pgoff = dst.PgoffOf(old_addr);
-  dst.start = target;
-  dst.end = target + nlen;
-  dst.pgoff = src_pgoff;
-  vmas_.emplace(target, std::move(dst));
-  if (move_len != 0) {
-    NotifyStart(old_addr, old_addr + move_len, NotifyEvent::kUnmap);
-    MovePageTablesLocked(old_addr, target, move_len);
-    NotifyEnd(old_addr, old_addr + move_len, NotifyEvent::kUnmap);
-    if (!dontunmap) {
-      UnmapLocked(old_addr, old_addr + move_len);
-    } else {
-      pt_.FreeEmpty(old_addr, old_addr + move_len);
-      // The emptied source stays mapped; undo the splits made above.
-      MergeAroundLocked(FindVmaLocked(old_addr)->start);
-    }
-  }
-  MergeAroundLocked(target);
-  return target;
+  if (fixed && olen == nlen) return RemapMoveLocked(old_addr, olen, flags, new_addr);
+  return RemapOneLocked(old_addr, olen, nlen, flags, new_addr);
 }
 
 // ===== fork ==================================================================
@@ -831,6 +953,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   }
   child.counters.rss_pages.store(copied, std::memory_order_relaxed);
   child.free_area_cache_ = free_area_cache_;
+  child.cached_hole_size_ = cached_hole_size_;
   if (oom) return Err(Errc::kNoMem, "fork: cannot copy a pinned page");  // the caller drops the child
   if (!device_pagemaps.empty()) {
     auto child_sp = child.as_.shared_from_this();

@@ -1,7 +1,7 @@
 // AddressSpace::Impl: the state and logic behind AddressSpace (private).
 //
 // State and its guards:
-// - vmas_, free_area_cache_, dead_: mmap_lock_ (write to change; read to use).
+// - vmas_, free_area_cache_, cached_hole_size_, dead_: mmap_lock_ (write to change; read to use).
 // - pt_: see page_table.h (upper levels: mmap lock; entries: slot locks).
 // - stats: atomics, updated anywhere.
 //
@@ -100,6 +100,10 @@ class AddressSpace::Impl {
   Result<void> CheckAliveLocked() const USVM_REQUIRES_SHARED(mmap_lock_);
   bool RangeFreeLocked(uint64_t start, uint64_t end) const USVM_REQUIRES_SHARED(mmap_lock_);
   Result<uint64_t> GetUnmappedAreaLocked(uint64_t len) USVM_REQUIRES(mmap_lock_);
+  // The start of the top len bytes of the highest gap in [min_addr, limit)
+  // that fits len; *skipped (if given) grows to the largest gap passed over.
+  std::optional<uint64_t> TopDownGapLocked(uint64_t limit, uint64_t len, uint64_t* skipped) const
+      USVM_REQUIRES_SHARED(mmap_lock_);
   // Splits the VMA containing addr (start < addr < end) in two.
   void SplitVmaLocked(uint64_t addr) USVM_REQUIRES(mmap_lock_);
   // Merges the VMA starting at `start` with compatible neighbours.
@@ -151,6 +155,29 @@ class AddressSpace::Impl {
   // Notifier brackets. Start's EAGAIN cannot happen for blockable ranges.
   void NotifyStart(uint64_t start, uint64_t end, NotifyEvent ev);
   void NotifyEnd(uint64_t start, uint64_t end, NotifyEvent ev);
+  // vma_lookup: the VMA containing addr, or null.
+  const Vma* VmaLookupLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  // munmap's range check (EINVAL outside user space).
+  Result<void> CheckMunmapRange(uint64_t start, uint64_t len) const;
+  // ---- mremap steps (mm/mremap.c); lengths are page aligned ----
+  // check_prep_vma: EINVAL/EFAULT for a resize or move of [addr, addr+olen)
+  // that the VMA v containing addr does not allow.
+  Result<void> CheckRemapLocked(const Vma& v, uint64_t addr, uint64_t olen, uint64_t nlen,
+                                uint32_t flags) const USVM_REQUIRES(mmap_lock_);
+  // One VMA's mremap (lookup, checks, then mremap_to or mremap_at).
+  Result<uint64_t> RemapOneLocked(uint64_t addr, uint64_t olen, uint64_t nlen, uint32_t flags,
+                                  uint64_t new_addr) USVM_REQUIRES(mmap_lock_);
+  // mremap_to: FIXED target or DONTUNMAP hint. REQUIRES: checks done.
+  Result<uint64_t> RemapToLocked(uint64_t addr, uint64_t olen, uint64_t nlen, uint32_t flags,
+                                 uint64_t new_addr) USVM_REQUIRES(mmap_lock_);
+  // remap_move: a FIXED move of equal lengths over any number of VMAs.
+  Result<uint64_t> RemapMoveLocked(uint64_t start, uint64_t len, uint32_t flags, uint64_t new_addr)
+      USVM_REQUIRES(mmap_lock_);
+  // move_vma: a copy of the VMA at addr becomes [target, target+nlen), the
+  // entries of [addr, addr+olen) move there, and the source is unmapped
+  // unless `dontunmap`. REQUIRES: a VMA contains addr, the target is free.
+  uint64_t MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_t target, uint64_t nlen,
+                         bool dontunmap) USVM_REQUIRES(mmap_lock_);
   // Moves entries of [old_start, old_start+len) to new_start (mremap).
   void MovePageTablesLocked(uint64_t old_start, uint64_t new_start, uint64_t len)
       USVM_REQUIRES(mmap_lock_);
@@ -207,7 +234,9 @@ class AddressSpace::Impl {
   RwSemaphore& mmap_lock_;
   PageTable pt_;
   VmaMap vmas_ USVM_GUARDED_BY(mmap_lock_);
+  // Where the top-down search starts, and the largest gap above it.
   uint64_t free_area_cache_ USVM_GUARDED_BY(mmap_lock_);
+  uint64_t cached_hole_size_ USVM_GUARDED_BY(mmap_lock_) = 0;
   bool dead_ USVM_GUARDED_BY(mmap_lock_) = false;
   std::atomic<bool> exiting_{false};
   // Woken whenever migration entries are replaced.

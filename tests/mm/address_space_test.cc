@@ -298,6 +298,137 @@ TEST_F(AddressSpaceTest, MremapDontUnmapLeavesAnEmptyOldMapping) {
   EXPECT_EQ(ReadByte(*as_, a), 0);
 }
 
+// Bug: mremap of an old range that starts in a hole (no VMA at old_addr)
+// returned success, and when shrinking unmapped whatever lay in the tail,
+// destroying the mapping after the hole. Linux (since 5.16) looks the VMA
+// up first and fails with EFAULT, changing nothing.
+TEST_F(AddressSpaceTest, MremapOfHoleFailsWithEfaultAndKeepsTail) {
+  const uint64_t a = MapAnon(4 * kPageSize, kProtRead | kProtWrite, kMapFixed, 0x50000000);
+  ASSERT_TRUE(as_->Write(a, Bytes(4 * kPageSize, 3).data(), 4 * kPageSize).has_value());
+  rec_.Take();
+  // Old range [a - 2P, a + 2P) starts in the hole; shrinking to one page
+  // would unmap [a - P, a + 2P).
+  auto r = as_->Mremap(a - 2 * kPageSize, 4 * kPageSize, kPageSize, 0);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), Errc::kFault);
+  // Same length (the "no resize" shortcut) and growing: EFAULT as well.
+  EXPECT_EQ(as_->Mremap(a - 2 * kPageSize, 2 * kPageSize, 2 * kPageSize, 0).error(), Errc::kFault);
+  EXPECT_EQ(as_->Mremap(a - 2 * kPageSize, 4 * kPageSize, kPageSize, kMremapMayMove).error(), Errc::kFault);
+  auto v = as_->FindVma(a);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(v->start, a);
+  EXPECT_EQ(v->end, a + 4 * kPageSize);
+  EXPECT_EQ(ReadByte(*as_, a + kPageSize), 3);
+  EXPECT_TRUE(rec_.Take().empty());
+}
+
+// A shrink with MREMAP_FIXED unmaps [old_addr + new_len, old_addr +
+// old_len) first, and that range may cross VMA ends (Linux checks only the
+// part that moves against the VMA).
+TEST_F(AddressSpaceTest, MremapFixedShrinkMayUnmapAcrossVmaEnds) {
+  const uint64_t a = MapAnon(2 * kPageSize, kProtRead | kProtWrite, kMapFixed, 0x50000000);
+  MapAnon(2 * kPageSize, kProtRead, kMapFixed, a + 2 * kPageSize);  // a second VMA
+  uint8_t v = 7;
+  ASSERT_TRUE(as_->Write(a, &v, 1).has_value());
+  auto r = as_->Mremap(a, 4 * kPageSize, kPageSize, kMremapMayMove | kMremapFixed, 0x60000000);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(*r, 0x60000000u);
+  EXPECT_EQ(ReadByte(*as_, *r), 7);
+  EXPECT_FALSE(as_->FindVma(a).has_value() && as_->FindVma(a)->start < a + 4 * kPageSize);
+  // Without FIXED a shrink across VMA ends is a plain munmap of the tail.
+  const uint64_t b = MapAnon(2 * kPageSize, kProtRead | kProtWrite, kMapFixed, 0x70000000);
+  MapAnon(2 * kPageSize, kProtRead, kMapFixed, b + 2 * kPageSize);
+  ASSERT_EQ(as_->Mremap(b, 4 * kPageSize, kPageSize, 0).value_or(0), b);
+  EXPECT_EQ(as_->FindVma(b)->end, b + kPageSize);
+  EXPECT_FALSE(as_->FindVma(b + kPageSize).has_value() &&
+               as_->FindVma(b + kPageSize)->start < b + 4 * kPageSize);
+}
+
+// Bug: mremap with old_len 0 (duplicating a shared mapping) split the
+// source VMA at old_addr and left it split. Linux copies the VMA without
+// touching the source.
+TEST_F(AddressSpaceTest, MremapZeroOldLengthLeavesTheSourceVmaWhole) {
+  auto s = as_->Mmap(0x50000000, 4 * kPageSize, kProtRead | kProtWrite,
+                     kMapShared | kMapAnonymous | kMapFixed);
+  ASSERT_TRUE(s.has_value());
+  uint8_t v = 5;
+  ASSERT_TRUE(as_->Write(*s + kPageSize, &v, 1).has_value());
+  const size_t before = as_->VmaCount();
+  auto r = as_->Mremap(*s + kPageSize, 0, kPageSize, kMremapMayMove);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(as_->VmaCount(), before + 1);
+  auto src = as_->FindVma(*s);
+  ASSERT_TRUE(src.has_value());
+  EXPECT_EQ(src->start, *s);
+  EXPECT_EQ(src->end, *s + 4 * kPageSize);
+  EXPECT_EQ(ReadByte(*as_, *r), 5);  // the same shmem page
+  EXPECT_EQ(ReadByte(*as_, *s + kPageSize), 5);
+}
+
+// MREMAP_DONTUNMAP without MREMAP_FIXED: new_addr is validated (aligned,
+// not overlapping the old range: EINVAL) and used as a placement hint.
+TEST_F(AddressSpaceTest, MremapDontUnmapValidatesNewAddrAndUsesItAsAHint) {
+  const uint64_t a = MapAnon(2 * kPageSize, kProtRead | kProtWrite, kMapFixed, 0x50000000);
+  constexpr uint32_t kFlags = kMremapMayMove | kMremapDontUnmap;
+  EXPECT_EQ(as_->Mremap(a, 2 * kPageSize, 2 * kPageSize, kFlags, 0x60000000 + 8).error(), Errc::kInval);
+  EXPECT_EQ(as_->Mremap(a, 2 * kPageSize, 2 * kPageSize, kFlags, a + kPageSize).error(), Errc::kInval);
+  auto r = as_->Mremap(a, 2 * kPageSize, 2 * kPageSize, kFlags, 0x60000000);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(*r, 0x60000000u);
+  // A hint that is taken is only a hint: the mapping goes elsewhere.
+  auto r2 = as_->Mremap(a, 2 * kPageSize, 2 * kPageSize, kFlags, 0x60000000);
+  ASSERT_TRUE(r2.has_value()) << r2.error().ToString();
+  EXPECT_NE(*r2, 0x60000000u);
+  EXPECT_EQ(as_->FindVma(0x60000000)->start, 0x60000000u);
+}
+
+// Since Linux 6.17 an MREMAP_FIXED move with old_len == new_len may span
+// several VMAs: each is moved to the same offset in the new range, gaps
+// stay gaps (what the target had there survives), and a hole at the end is
+// ignored. A hole at the start is EFAULT.
+TEST_F(AddressSpaceTest, MremapFixedMovesSeveralVmasAndKeepsTheGaps) {
+  constexpr uint64_t P = kPageSize;
+  const uint64_t a = 0x50000000, t = 0x60000000;
+  MapAnon(2 * P, kProtRead | kProtWrite, kMapFixed, a);
+  MapAnon(P, kProtRead, kMapFixed, a + 3 * P);  // gap at a + 2P
+  MapAnon(P, kProtRead | kProtWrite, kMapFixed, t + 2 * P);  // in the target's gap
+  uint8_t v = 9;
+  ASSERT_TRUE(as_->Write(a + P, &v, 1).has_value());
+  constexpr uint32_t kFlags = kMremapMayMove | kMremapFixed;
+  EXPECT_EQ(as_->Mremap(a - P, 3 * P, 3 * P, kFlags, t).error(), Errc::kFault);  // hole at start
+  auto r = as_->Mremap(a, 5 * P, 5 * P, kFlags, t);  // ends in a hole at a + 4P
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(*r, t);
+  EXPECT_EQ(ReadByte(*as_, t + P), 9);
+  EXPECT_EQ(as_->FindVma(t)->end, t + 3 * P);  // t's VMA merged with the kept gap mapping
+  EXPECT_EQ(as_->FindVma(t + 3 * P)->prot, kProtRead);
+  EXPECT_EQ(as_->FindVma(t + 3 * P)->start, t + 3 * P);
+  EXPECT_FALSE(as_->FindVma(a).has_value() && as_->FindVma(a)->start < a + 5 * P);
+}
+
+// Bug: the top-down search started at the cached end of the last
+// allocation, so a hole above it that an earlier, larger request had
+// skipped was never used; Linux (vm_unmapped_area) takes the highest gap
+// that fits.
+TEST_F(AddressSpaceTest, TopDownPlacementTakesTheHighestGapThatFits) {
+  const uint64_t top = as_->config().mmap_base;
+  MapAnon(kPageSize, kProtRead, kMapFixed, top - 2 * kPageSize);  // leaves [top - P, top) free
+  EXPECT_EQ(MapAnon(2 * kPageSize, kProtRead | kProtWrite), top - 4 * kPageSize);
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead | kProtWrite), top - kPageSize);
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead | kProtWrite), top - 5 * kPageSize);
+  // A hole in the middle of a gap's top half: after munmap the search
+  // starts at the top of the whole gap.
+  ASSERT_TRUE(as_->Munmap(top - 4 * kPageSize, kPageSize).has_value());
+  EXPECT_EQ(MapAnon(kPageSize, kProtRead), top - 4 * kPageSize);
+}
+
+// mmap rounds an unaligned hint down (Linux: addr &= PAGE_MASK).
+TEST_F(AddressSpaceTest, MmapRoundsAnUnalignedHintDown) {
+  auto r = as_->Mmap(0x50000000 + 100, kPageSize, kProtRead, kMapPrivate | kMapAnonymous);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(*r, 0x50000000u);
+}
+
 TEST_F(AddressSpaceTest, SharedFileMappingIsCoherentWithPreadPwrite) {
   auto f = *SimFile::TryCreate(*pool_, 2 * kPageSize, "f");
   ASSERT_TRUE(f->Pwrite(10, "hello", 5).has_value());

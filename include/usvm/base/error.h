@@ -39,6 +39,7 @@ enum class Errc : int {
   kCanceled = ECANCELED,
   kFBig = EFBIG,
   kIo = EIO,
+  kOverflow = EOVERFLOW,
 };
 
 class Error {

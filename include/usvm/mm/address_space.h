@@ -122,19 +122,25 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
   // mmap(2). `flags`: exactly one of kMapShared/kMapPrivate, plus
   // kMapAnonymous (then `file` must be null), kMapFixed,
-  // kMapFixedNoReplace, kMapPopulate. Returns the address.
-  // EINVAL: zero length, bad flags or prot, unaligned fixed address or file
-  // offset, anonymous with a file or file-backed without one. ENOMEM: no
-  // room, length overflow, or populate could not allocate. EEXIST:
-  // kMapFixedNoReplace over an existing mapping.
+  // kMapFixedNoReplace, kMapPopulate. Returns the address. A hint (addr
+  // without FIXED) is rounded down to a page and used if the range is free.
+  // Errors in Linux's order: EINVAL: zero length, unknown flags or prot,
+  // unaligned file offset, anonymous with a file or file-backed without
+  // one; ENOMEM: length overflow, no room, a fixed range beyond user space;
+  // EINVAL: an unaligned fixed address; EPERM: a fixed address below
+  // min_addr; EEXIST: kMapFixedNoReplace over an existing mapping;
+  // EOVERFLOW: the file offset of the last page beyond MAX_LFS_FILESIZE;
+  // EINVAL: not exactly one of kMapShared/kMapPrivate.
   Result<uint64_t> Mmap(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
                         std::shared_ptr<SimFile> file = nullptr, uint64_t offset = 0);
   // munmap(2). EINVAL: unaligned address, zero length, or a range outside
   // user space. Unmapping nothing succeeds.
   Result<void> Munmap(uint64_t addr, uint64_t len);
-  // mprotect(2). EINVAL: unaligned address or unknown prot bits. ENOMEM:
-  // part of the range is not mapped; as in Linux the mappings before the
-  // first hole have been changed then.
+  // mprotect(2). EINVAL: unaligned address, unknown prot bits (kProtSem is
+  // accepted and ignored), both kProtGrowsDown and kProtGrowsUp, or one of
+  // them on a VMA (none can grow). ENOMEM: the range overflows, or part of
+  // it is not mapped; as in Linux the mappings before the first hole have
+  // been changed then.
   Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
   // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
   // kMadvNoHugePage, kMadvCollapse. EINVAL: unaligned address, unknown
@@ -150,10 +156,15 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // entries, or no whole 2 MiB in the range; EAGAIN for pinned pages;
   // ENOMEM when no 2 MiB block can be had (that stops the walk).
   Result<void> Madvise(uint64_t addr, uint64_t len, int advice);
-  // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap.
-  // Returns the new address. EINVAL: bad flags/alignment/lengths or
-  // overlapping fixed ranges; EFAULT: the old range is not one mapping;
-  // ENOMEM: cannot grow in place and may not move, or no room.
+  // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap, as in
+  // Linux 6.18 (docs/mm.md). Returns the new address. EINVAL: bad flags or
+  // alignment, zero or too large new length, a bad or overlapping new
+  // address (FIXED, or DONTUNMAP whose new_addr is a hint), DONTUNMAP
+  // resizing, old_len 0 on a private mapping, a shrink tail outside user
+  // space; EFAULT: no VMA at old_addr, or the part that moves leaves it (a
+  // FIXED move of equal lengths may span several VMAs); EPERM: a FIXED
+  // address below min_addr; ENOMEM: cannot grow in place and may not move,
+  // or no room.
   Result<uint64_t> Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len,
                           uint32_t flags, uint64_t new_addr = 0);
   // fork(2) of the memory: a new address space with copies of every VMA;

@@ -32,6 +32,11 @@ enum : uint32_t {
   kProtWrite = 0x2,
   kProtExec = 0x4,
   kProtAll = kProtRead | kProtWrite | kProtExec,
+  kProtSem = 0x8,  // accepted by mprotect and ignored (x86)
+  // mprotect only: extend the change to the start (end) of a VMA that grows
+  // down (up). No VMA here can grow: EINVAL where one is found.
+  kProtGrowsDown = 0x01000000,
+  kProtGrowsUp = 0x02000000,
 };
 
 // mmap flags (MAP_*), Linux values.
