@@ -182,6 +182,11 @@ class AddressSpace::Impl {
   Result<Pfn> MakeExclusiveLocked(uint64_t addr, const void* owner) USVM_REQUIRES_SHARED(mmap_lock_);
   Result<void> PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
       USVM_REQUIRES_SHARED(mmap_lock_);
+  // get_user_pages' loop (gup.cc).
+  Result<void> GupLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // Drops a reference GupLocked took (system, zero or coherent page).
+  void PutGupPage(Pfn pfn);
   // The bytes of the frame a present entry maps (system or coherent device).
   std::byte* EntryData(uint64_t e) const;
   uint32_t DeviceRefCount(uint64_t dpfn) const;

@@ -183,6 +183,14 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
   // find_vma: the first VMA ending above addr, if any.
   std::optional<VmaInfo> FindVma(uint64_t addr) const;
+  // The same lookups for callers that already hold the mmap lock (read or
+  // write), e.g. a driver's fault handler between ReadBegin and
+  // RangeFault: VmaLookupLocked is the kernel's vma_lookup (the VMA that
+  // contains addr, or nothing), FindVmaLocked is find_vma (the first VMA
+  // ending above addr). Both return copies; nothing stays referenced.
+  // REQUIRES: the mmap lock (read or write).
+  std::optional<VmaInfo> VmaLookupLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  std::optional<VmaInfo> FindVmaLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
   std::vector<VmaInfo> Vmas() const;
   size_t VmaCount() const;
   PteInfo QueryPte(uint64_t addr) const;
@@ -234,6 +242,31 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // EINVAL for an unaligned address or zero pages.
   Result<void> PinUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
   void UnpinUserPage(Pfn pfn) { pool_.Unpin(pfn); }
+
+  // get_user_pages (FOLL_GET, short term; takes the mmap read lock, as
+  // get_user_pages_unlocked): faults npages pages from addr in as a CPU
+  // access would (a write access if `write`, breaking copy-on-write) and
+  // takes one page reference on each, into out[]. All or nothing.
+  // What out[i] names:
+  //   - a system frame (Pfn) with a reference;
+  //   - FramePool::kZeroPfn for a read of never-written private anonymous
+  //     memory (the shared zero page; no reference is needed);
+  //   - a DevicePfn of device-coherent memory, returned where it is with a
+  //     reference on the device page (DevicePagemap::Lookup tells them
+  //     apart). Device-private pages are faulted home first (the owner's
+  //     MigrateToRam), as any CPU access does.
+  // Unlike PinUserPages (FOLL_PIN | FOLL_LONGTERM) a reference is not a
+  // pin: huge entries stay huge, coherent pages are not moved, fork shares
+  // the page copy-on-write (only pinned pages are copied at fork), and a
+  // later write fault on a shared copy copies (the extra reference means
+  // the page may still be in use). Migration skips writable pages with
+  // extra references. Release each with PutUserPage.
+  // EFAULT as for an access (no VMA, PROT_NONE, write to a read-only
+  // mapping, beyond end of file); ENOMEM; EINVAL for an unaligned address,
+  // zero pages, a null out or a range that wraps.
+  Result<void> GetUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
+  // put_page for a page GetUserPages returned.
+  void PutUserPage(Pfn pfn);
 
   // ---- for the layers above --------------------------------------------
 
