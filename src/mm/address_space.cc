@@ -102,7 +102,7 @@ bool AddressSpace::Impl::RangeFreeLocked(uint64_t start, uint64_t end) const {
   return !v || v->start >= end;
 }
 
-Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
+Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len, uint64_t align) {
   const auto& c = as_.config_;
   if (len > c.task_size - c.min_addr) return Err(Errc::kNoMem, "no free address range large enough");
   // Top-down from the cached hole (the pre-maple-tree free_area_cache), then
@@ -111,9 +111,11 @@ Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
     uint64_t hi = limit;
     while (hi >= c.min_addr + len) {
       auto it = vmas_.lower_bound(hi);
+      const uint64_t cand = (hi - len) & ~(align - 1);
       if (it == vmas_.begin()) {
-        free_area_cache_ = hi - len;
-        return hi - len;
+        if (cand < c.min_addr) break;
+        free_area_cache_ = cand;
+        return cand;
       }
       const Vma& prev = std::prev(it)->second;
       if (prev.end > hi) {  // hi lies inside prev
@@ -121,9 +123,9 @@ Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
         continue;
       }
       const uint64_t lo = std::max(c.min_addr, prev.end);
-      if (hi - lo >= len) {
-        free_area_cache_ = hi - len;
-        return hi - len;
+      if (cand >= lo) {
+        free_area_cache_ = cand;
+        return cand;
       }
       hi = prev.start;
     }
@@ -161,6 +163,10 @@ void AddressSpace::Impl::SplitHugeAtLocked(uint64_t addr) {
 void AddressSpace::Impl::SplitHugeLocked(uint64_t base) {
   PmdSlot* slot = pt_.Lookup(base);
   if (!slot) return;
+  {
+    ReadLock l(slot->lock);
+    if (slot->huge.load(std::memory_order_relaxed) & pte::kHugetlb) return;  // never split
+  }
   NotifyStart(base, base + kHugePageSize, NotifyEvent::kClear);
   slot->lock.Lock();
   if (slot->huge.load(std::memory_order_relaxed) != 0) {
@@ -188,8 +194,9 @@ void AddressSpace::Impl::SplitVmaLocked(uint64_t addr) {
 namespace {
 bool Mergeable(const Vma& a, const Vma& b) {
   if (a.end != b.start || a.prot != b.prot || a.flags != b.flags || a.file != b.file) return false;
-  // File-backed: the file offsets must continue. Anonymous: always.
-  return !a.file || a.PgoffOf(a.end) == b.pgoff;
+  if (a.hugetlb != b.hugetlb || a.hugetlb_resv_owner != b.hugetlb_resv_owner) return false;
+  // File-backed (and hugetlb): the offsets must continue. Anonymous: always.
+  return (!a.file && !a.hugetlb) || a.PgoffOf(a.end) == b.pgoff;
 }
 }  // namespace
 
@@ -261,7 +268,10 @@ void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
   SplitVmaLocked(end);
   NotifyStart(ns, ne, NotifyEvent::kUnmap);
   ZapLocked(ns, ne);
-  for (auto it = vmas_.lower_bound(ns); it != vmas_.end() && it->first < ne;) it = vmas_.erase(it);
+  for (auto it = vmas_.lower_bound(ns); it != vmas_.end() && it->first < ne;) {
+    HugetlbCloseVmaLocked(it->second);
+    it = vmas_.erase(it);
+  }
   NotifyEnd(ns, ne, NotifyEvent::kUnmap);
   pt_.FreeEmpty(ns, ne);
   // Let the next top-down search find this hole first.
@@ -273,6 +283,7 @@ void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
 Result<uint64_t> AddressSpace::Impl::Mmap(uint64_t addr, uint64_t len, uint32_t prot,
                                           uint32_t flags, std::shared_ptr<SimFile> file,
                                           uint64_t offset) {
+  if (flags & kMapHugetlb) return MmapHugetlb(addr, len, prot, flags, file != nullptr, offset);
   const auto& c = as_.config_;
   constexpr uint32_t kKnown =
       kMapShared | kMapPrivate | kMapFixed | kMapAnonymous | kMapPopulate | kMapFixedNoReplace;
@@ -310,6 +321,7 @@ Result<uint64_t> AddressSpace::Impl::Mmap(uint64_t addr, uint64_t len, uint32_t 
         if (!RangeFreeLocked(addr, addr + alen))
           return Err(Errc::kExist, "mmap: MAP_FIXED_NOREPLACE over an existing mapping");
       } else {
+        USVM_TRY(CheckHugetlbSplitLocked(addr, addr + alen));
         UnmapLocked(addr, addr + alen);
       }
       start = addr;
@@ -349,6 +361,7 @@ Result<void> AddressSpace::Impl::Munmap(uint64_t addr, uint64_t len) {
     return Err(Errc::kInval, "munmap: range outside user space");
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  USVM_TRY(CheckHugetlbSplitLocked(addr, addr + alen));
   UnmapLocked(addr, addr + alen);
   return {};
 }
@@ -396,6 +409,7 @@ Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t 
   if (prot & ~kProtAll) return Err(Errc::kInval, "mprotect: unknown prot bits");
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  USVM_TRY(CheckHugetlbSplitLocked(addr, end));
   // Like Linux: VMAs are changed in order until a hole is met (ENOMEM).
   uint64_t a = addr;
   while (a < end) {
@@ -476,6 +490,7 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
       const uint32_t set = advice == kMadvHugePage ? kVmaHugePage : kVmaNoHugePage;
       const uint32_t clear = advice == kMadvHugePage ? kVmaNoHugePage : kVmaHugePage;
       if ((v.flags & (set | clear)) != set) {
+        if (v.is_hugetlb()) USVM_TRY(CheckHugetlbSplitLocked(a, e));
         SplitVmaLocked(a);
         SplitVmaLocked(e);
         Vma& w = vmas_.at(a);
@@ -490,6 +505,7 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
     USVM_TRY(CheckAliveLocked());
     USVM_TRY(ForEachVmaPartLocked(addr, end, &hole, [&](const Vma& v, uint64_t a, uint64_t e) -> Result<void> {
       mmap_lock_.AssertReaderHeld();
+      if (v.is_hugetlb()) return HugetlbMadviseLocked(v, a, e, advice);
       if (advice == kMadvFree && !v.private_anon())
         return Err(Errc::kInval, "madvise: MADV_FREE on a shared or file mapping");
       NotifyStart(a, e, NotifyEvent::kClear);
@@ -571,8 +587,8 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
   if (dontunmap && (!may_move || old_len != new_len))
     return Err(Errc::kInval, "mremap: MREMAP_DONTUNMAP needs MAYMOVE and equal lengths");
   if (!IsPageAligned(old_addr)) return Err(Errc::kInval, "mremap: old address not page aligned");
-  const uint64_t olen = PageAlignUp(old_len);
-  const uint64_t nlen = PageAlignUp(new_len);
+  uint64_t olen = PageAlignUp(old_len);
+  uint64_t nlen = PageAlignUp(new_len);
   if (olen < old_len || nlen < new_len || nlen == 0 || old_addr + olen < old_addr)
     return Err(Errc::kInval, "mremap: bad length");
   if (fixed) {
@@ -586,6 +602,11 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
 
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  uint64_t area_align = kPageSize;
+  if (const Vma* hv = FindVmaLocked(old_addr); hv && hv->start <= old_addr && hv->is_hugetlb()) {
+    USVM_TRY(AlignHugetlbMremapLocked(old_addr, new_addr, flags, &olen, &nlen));
+    area_align = kHugePageSize;
+  }
   if (!fixed && !dontunmap && olen >= nlen && olen != 0) {
     // Shrinking is a munmap of the tail, whatever is mapped (as in Linux,
     // which does not look the VMA up for it).
@@ -617,6 +638,7 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
   uint64_t target;
   uint64_t move_len = olen;
   if (fixed) {
+    USVM_TRY(CheckHugetlbSplitLocked(new_addr, new_addr + nlen));
     UnmapLocked(new_addr, new_addr + nlen);
     if (olen > nlen) {
       UnmapLocked(old_addr + nlen, old_addr + olen);
@@ -624,7 +646,7 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
     }
     target = new_addr;
   } else {
-    target = USVM_TRY(GetUnmappedAreaLocked(nlen));
+    target = USVM_TRY(GetUnmappedAreaLocked(nlen, area_align));
   }
   move_len = std::min(move_len, nlen);
 
@@ -636,6 +658,7 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
   dst.end = target + nlen;
   dst.pgoff = src_pgoff;
   vmas_.emplace(target, std::move(dst));
+  DisownHugetlbReservationsLocked(old_addr);  // they moved with the pages
   if (move_len != 0) {
     NotifyStart(old_addr, old_addr + move_len, NotifyEvent::kUnmap);
     MovePageTablesLocked(old_addr, target, move_len);
@@ -663,7 +686,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   bool oom = false;
   for (const auto& kv : vmas_) {
     const Vma& v = kv.second;
-    child.vmas_.emplace(kv.first, v);
+    child.vmas_.emplace(kv.first, v).first->second.hugetlb_resv_owner = false;  // a child owns none
     // Shared mappings refault from the page cache in the child.
     if (v.shared()) continue;
     NotifyStart(v.start, v.end, NotifyEvent::kProtectionPage);
@@ -673,7 +696,16 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
       slot.lock.Lock();
       cs->lock.Lock();
       const uint64_t h = slot.huge.load(std::memory_order_relaxed);
-      if (h != 0 && pte::IsPresent(h)) {
+      if (HugetlbEntryPinned(h)) {
+        // A pinned hugetlb page is copied whole for the child.
+        auto copy = HugetlbCopyForFork(h);
+        if (copy) {
+          cs->huge.store(*copy, std::memory_order_relaxed);
+          copied += kPagesPerHuge;
+        } else {
+          oom = true;
+        }
+      } else if (h != 0 && pte::IsPresent(h)) {
         const uint64_t wp = h & ~pte::kWrite;
         if (pte::HoldsFrame(h))
           for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Get(pte::PfnOf(h) + i);
@@ -804,6 +836,7 @@ PteInfo AddressSpace::Impl::QueryPte(uint64_t addr) const {
   info.zero_page = e & pte::kZero;
   info.file = e & pte::kFile;
   info.lazy_free = e & pte::kLazyFree;
+  info.hugetlb = e & pte::kHugetlb;
   info.device_memory = pte::HoldsDevicePage(e);
   return info;
 }

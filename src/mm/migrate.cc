@@ -49,6 +49,7 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   const Vma* vma = FindVmaLocked(m.start);
   if (!vma || vma->start > m.start || m.end > vma->end)
     return Err(Errc::kInval, "migrate: range not inside one VMA");
+  if (vma->is_hugetlb()) return Err(Errc::kInval, "migrate: hugetlb mapping");
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
   auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0)};

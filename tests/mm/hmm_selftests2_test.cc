@@ -125,5 +125,139 @@ TEST_F(HmmSelftest2, MigrateOfPrivateFileMappingSkipsPageCachePagesAndHoles) {
   EXPECT_EQ(CpuRead(a, len), expect);
 }
 
+// ---- hugetlb -----------------------------------------------------------------
+
+// hmm-tests compound: a MAP_HUGETLB region is reported at PMD level (order
+// 9) on every page, writable, then read-only after mprotect(PROT_READ).
+TEST_F(HmmSelftest2, CompoundHugetlbPagesReportOrderNine) {
+  ASSERT_EQ(pool_->SetHugetlbPages(1), 1u);  // HUGETLB_SETUP_DEFAULT_PAGES(1)
+  const uint64_t npages = kPagesPerHuge;
+  auto r = as_->Mmap(0, kHugePageSize, kRW, kMapPrivate | kMapAnonymous | kMapHugetlb);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  const uint64_t a = *r;
+  ASSERT_TRUE(dev_->Watch(a, kHugePageSize).has_value());
+  std::vector<uint32_t> ints(kHugePageSize / 4);
+  for (uint32_t i = 0; i < ints.size(); ++i) ints[i] = i;
+  ASSERT_TRUE(as_->Write(a, ints.data(), kHugePageSize).has_value());
+
+  auto words = dev_->Snapshot(a, a + kHugePageSize);
+  ASSERT_TRUE(words.has_value());
+  ASSERT_EQ(words->size(), npages);
+  for (uint64_t i = 0; i < npages; ++i) {
+    const uint64_t w = (*words)[i];
+    ASSERT_TRUE(w & kPfnValid) << i;
+    ASSERT_TRUE(w & kPfnWrite) << i;
+    ASSERT_FALSE(w & (kPfnError | kPfnDevice)) << i;
+    ASSERT_EQ(HmmOrder(w), 9u) << i;
+  }
+  ASSERT_TRUE(as_->Mprotect(a, kHugePageSize, kProtRead).has_value());
+  words = dev_->Snapshot(a, a + kHugePageSize);
+  ASSERT_TRUE(words.has_value());
+  for (uint64_t i = 0; i < npages; ++i) {
+    const uint64_t w = (*words)[i];
+    ASSERT_TRUE(w & kPfnValid) << i;
+    ASSERT_FALSE(w & kPfnWrite) << i;
+    ASSERT_EQ(HmmOrder(w), 9u) << i;
+  }
+  ASSERT_TRUE(as_->Munmap(a, kHugePageSize).has_value());
+  EXPECT_EQ(pool_->GetHugetlbStats().free, 1u);
+}
+
+// hmm-tests anon_write_hugetlbfs: the device writes a MAP_HUGETLB page (the
+// write fault maps the whole 2 MiB page); the CPU reads what it wrote.
+TEST_F(HmmSelftest2, AnonWriteHugetlbfs) {
+  ASSERT_EQ(pool_->SetHugetlbPages(1), 1u);
+  auto r = as_->Mmap(0, kHugePageSize, kRW, kMapPrivate | kMapAnonymous | kMapHugetlb);
+  ASSERT_TRUE(r.has_value());
+  const uint64_t a = *r;
+  ASSERT_TRUE(dev_->Watch(a, kHugePageSize).has_value());
+  auto data = Pattern(kHugePageSize, 21);
+  std::vector<uint64_t> words;
+  ASSERT_TRUE(dev_->Write(a, data.data(), data.size(), &words).has_value());
+  ASSERT_EQ(words.size(), kPagesPerHuge);
+  for (uint64_t w : words) ASSERT_EQ(HmmOrder(w), 9u);
+  EXPECT_EQ(CpuRead(a, kHugePageSize), data);
+  EXPECT_TRUE(as_->QueryPte(a).hugetlb);
+  EXPECT_EQ(as_->GetStats().huge_faults, 1u);
+}
+
+// ---- THP regions migrated with 4 KiB device pages --------------------------------
+
+// hmm-tests migrate_anon_huge_empty: an untouched MADV_HUGEPAGE region
+// (read-only) migrates whole, every hole filled by a device page of zeros.
+TEST_F(HmmSelftest2, MigrateAnonHugeEmpty) {
+  const uint64_t a = MapThp(1, kProtRead);
+  ASSERT_TRUE(dev_->Watch(a, kHugePageSize).has_value());
+  auto moved = dev_->MigrateToDevice(a, a + kHugePageSize);
+  ASSERT_TRUE(moved.has_value());
+  EXPECT_EQ(*moved, kPagesPerHuge);
+  EXPECT_EQ(DevRead(a, kHugePageSize), std::vector<uint8_t>(kHugePageSize, 0));
+  EXPECT_EQ(dev_->cpu_faults(), 0u);
+}
+
+// hmm-tests migrate_anon_huge_zero: after a CPU read of the region (our THP
+// read fault maps a zeroed huge page rather than the huge zero page), the
+// whole 2 MiB migrates and faults back as zeros.
+TEST_F(HmmSelftest2, MigrateAnonHugeZero) {
+  const uint64_t a = MapThp(1, kProtRead);
+  ASSERT_TRUE(dev_->Watch(a, kHugePageSize).has_value());
+  EXPECT_EQ(*as_->AtomicLoad(a), 0u);
+  auto moved = dev_->MigrateToDevice(a, a + kHugePageSize);
+  ASSERT_TRUE(moved.has_value());
+  EXPECT_EQ(*moved, kPagesPerHuge);
+  EXPECT_EQ(DevRead(a, kHugePageSize), std::vector<uint8_t>(kHugePageSize, 0));
+  EXPECT_EQ(CpuRead(a, kHugePageSize), std::vector<uint8_t>(kHugePageSize, 0));
+  EXPECT_EQ(as_->QueryPte(a).kind, PteInfo::Kind::kPresent);
+}
+
+// hmm-tests migrate_anon_huge_free: migrate a written huge page, then
+// MADV_FREE it: the call succeeds and the bytes are still readable (device
+// pages are not lazily freed).
+TEST_F(HmmSelftest2, MigrateAnonHugeFree) {
+  const uint64_t a = MapThp(1);
+  ASSERT_TRUE(dev_->Watch(a, kHugePageSize).has_value());
+  auto data = Pattern(kHugePageSize, 5);
+  ASSERT_TRUE(as_->Write(a, data.data(), data.size()).has_value());
+  ASSERT_TRUE(as_->QueryPte(a).huge);
+  EXPECT_EQ(*dev_->MigrateToDevice(a, a + kHugePageSize), kPagesPerHuge);
+  EXPECT_EQ(DevRead(a, kHugePageSize), data);
+  ASSERT_TRUE(as_->Madvise(a, kHugePageSize, kMadvFree).has_value());
+  EXPECT_EQ(CpuRead(a, kHugePageSize), data);
+}
+
+// ---- get_user_pages ------------------------------------------------------------
+
+// hmm-tests hmm_gup_test (device-private variant): GUP_BASIC_TEST and
+// GUP_FAST_BENCHMARK (short-term references) and the two FOLL_LONGTERM pin
+// benchmarks on four migrated pages: all four end up in system memory,
+// writable, with their bytes.
+TEST_F(HmmSelftest2, HmmGupTest) {
+  const uint64_t n = 4, len = n * kPageSize;
+  const uint64_t a = MapAnon(len);
+  ASSERT_TRUE(dev_->Watch(a, len).has_value());
+  auto data = Pattern(len, 40);
+  ASSERT_TRUE(as_->Write(a, data.data(), len).has_value());
+  ASSERT_EQ(*dev_->MigrateToDevice(a, a + len), n);
+  EXPECT_EQ(DevRead(a, len), data);
+
+  Pfn p[4];
+  ASSERT_TRUE(as_->GetUserPages(a, 1, true, &p[0]).has_value());
+  ASSERT_TRUE(as_->GetUserPages(a + kPageSize, 1, true, &p[1]).has_value());
+  ASSERT_TRUE(as_->PinUserPages(a + 2 * kPageSize, 1, true, &p[2]).has_value());
+  ASSERT_TRUE(as_->PinUserPages(a + 3 * kPageSize, 1, true, &p[3]).has_value());
+  as_->PutUserPage(p[0]);
+  as_->PutUserPage(p[1]);
+  as_->UnpinUserPage(p[2]);
+  as_->UnpinUserPage(p[3]);
+
+  auto words = dev_->Snapshot(a, a + len);
+  ASSERT_TRUE(words.has_value());
+  for (uint64_t i = 0; i < n; ++i) {
+    EXPECT_EQ((*words)[i] & (kPfnValid | kPfnWrite | kPfnDevice | kPfnError), kPfnValid | kPfnWrite) << i;
+    EXPECT_EQ(HmmPfn((*words)[i]), p[i]) << i;
+  }
+  EXPECT_EQ(CpuRead(a, len), data);
+}
+
 }  // namespace
 }  // namespace usvm::mm

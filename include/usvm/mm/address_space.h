@@ -65,6 +65,7 @@ enum : uint32_t {
   kVmaAnonymous = 1u << 1,  // anonymous (private anon, or shmem)
   kVmaHugePage = 1u << 2,   // MADV_HUGEPAGE
   kVmaNoHugePage = 1u << 3, // MADV_NOHUGEPAGE
+  kVmaHugetlb = 1u << 4,    // MAP_HUGETLB (2 MiB pages from the hugetlb pool)
 };
 
 // A copy of one VMA's attributes.
@@ -95,6 +96,7 @@ struct PteInfo {
   bool zero_page = false;  // the shared zero page
   bool file = false;       // a page-cache page (not anonymous)
   bool huge = false;       // mapped by a 2 MiB entry
+  bool hugetlb = false;    // a 2 MiB page of a MAP_HUGETLB mapping
   bool lazy_free = false;  // MADV_FREE'd and not written since
   bool device_memory = false;  // pfn is a DevicePfn (device-private or coherent)
 };
@@ -127,24 +129,36 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // offset, anonymous with a file or file-backed without one. ENOMEM: no
   // room, length overflow, or populate could not allocate. EEXIST:
   // kMapFixedNoReplace over an existing mapping.
+  // kMapHugetlb (anonymous only; optional kMapHuge2MB, kMapNoReserve): 2 MiB
+  // pages from the pool's hugetlb pool (FramePool::SetHugetlbPages). The
+  // length rounds up to 2 MiB and the address is 2 MiB aligned; the pages
+  // are reserved now (ENOMEM if the pool cannot, unless kMapNoReserve).
+  // EINVAL: with a file, another huge page size, an unaligned fixed address
+  // or offset. A fault that finds no page is EFAULT (SIGBUS).
   Result<uint64_t> Mmap(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
                         std::shared_ptr<SimFile> file = nullptr, uint64_t offset = 0);
-  // munmap(2). EINVAL: unaligned address, zero length, or a range outside
-  // user space. Unmapping nothing succeeds.
+  // munmap(2). EINVAL: unaligned address, zero length, a range outside
+  // user space, or an end that cuts a hugetlb mapping off a 2 MiB
+  // boundary. Unmapping nothing succeeds.
   Result<void> Munmap(uint64_t addr, uint64_t len);
-  // mprotect(2). EINVAL: unaligned address or unknown prot bits. ENOMEM:
+  // mprotect(2). EINVAL: unaligned address, unknown prot bits, or an end
+  // that cuts a hugetlb mapping off a 2 MiB boundary. ENOMEM:
   // part of the range is not mapped; as in Linux the mappings before the
   // first hole have been changed then.
   Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
   // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
   // kMadvNoHugePage. EINVAL: unaligned address, unknown advice, FREE on a
   // shared or file mapping. ENOMEM: part of the range is not mapped (the
-  // mapped parts are still advised, as in Linux).
+  // mapped parts are still advised, as in Linux). Hugetlb mappings: FREE is
+  // EINVAL, DONTNEED must start on a 2 MiB boundary and rounds its end
+  // down to one, flag changes that would split off a boundary are EINVAL.
   Result<void> Madvise(uint64_t addr, uint64_t len, int advice);
   // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap.
   // Returns the new address. EINVAL: bad flags/alignment/lengths or
   // overlapping fixed ranges; EFAULT: the old range is not one mapping;
-  // ENOMEM: cannot grow in place and may not move, or no room.
+  // ENOMEM: cannot grow in place and may not move, or no room. Hugetlb
+  // mappings: lengths round up to 2 MiB; EINVAL for unaligned addresses,
+  // growth, or kMremapDontUnmap.
   Result<uint64_t> Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len,
                           uint32_t flags, uint64_t new_addr = 0);
   // fork(2) of the memory: a new address space with copies of every VMA;

@@ -1,0 +1,82 @@
+// HugetlbObject: the object behind one MAP_HUGETLB mapping (private to mm):
+// the kernel's anonymous hugetlbfs inode, its page cache (shared mappings)
+// and its reservation map.
+//
+// Pages are 2 MiB pool pages (FramePool::HugetlbAlloc), named by their huge
+// index (the VMA's pgoff / 512; pgoff starts at 0 for each mapping).
+//
+// Reservations (Documentation/mm/hugetlbfs_reserv.rst): mmap reserves one
+// pool page per huge page of the mapping, so faults cannot run out later
+// (ENOMEM at mmap otherwise), unless MAP_NORESERVE.
+// - Shared: the object (inode) owns the reservations and a page cache;
+//   a fault finds the page in the cache, or takes a pool page, consuming
+//   that index's reservation, and caches it. Pages and unused reservations
+//   are given back when the object dies (the last VMA referring to it is
+//   unmapped, in every process).
+// - Private: the VMAs of the mmap caller own the reservations
+//   (HPAGE_RESV_OWNER); each index is kReserved until its first fault
+//   consumes it. Unmapping a range gives its unused reservations back;
+//   zapping a page whose frames were freed restores its reservation, as
+//   the kernel does since 6.9. Fork children own none: their faults and
+//   every COW copy take unreserved pool pages (SIGBUS, our EFAULT, when
+//   there is none).
+//
+// Thread-safety: lock_ guards the per-index state and the cache. Lock
+// order: mmap lock -> PMD slot lock -> lock_ -> the FramePool lock.
+#ifndef USVM_SRC_MM_HUGETLB_H_
+#define USVM_SRC_MM_HUGETLB_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "usvm/base/mutex.h"
+#include "usvm/base/result.h"
+#include "usvm/mm/frame_pool.h"
+
+namespace usvm::mm {
+
+class HugetlbObject {
+ public:
+  // npages huge pages, mapped from index `first` on (the mmap offset);
+  // reserves [first, npages) unless `reserve` is false (MAP_NORESERVE).
+  // ENOMEM: the pool cannot reserve them. EINVAL: nothing to map.
+  static Result<std::shared_ptr<HugetlbObject>> TryCreate(FramePool& pool, uint64_t npages,
+                                                          uint64_t first, bool shared, bool reserve);
+  // Shared: drops the page cache and returns unused reservations.
+  ~HugetlbObject();
+  HugetlbObject(const HugetlbObject&) = delete;
+  HugetlbObject& operator=(const HugetlbObject&) = delete;
+
+  bool shared() const { return shared_; }
+  uint64_t npages() const { return npages_; }
+
+  // Private: a fresh zeroed pool page for index idx (512 frames, one
+  // reference each for the mapping). The reservation owner consumes idx's
+  // reservation if it still holds it. ENOMEM: none free.
+  Result<Pfn> AllocPrivate(uint64_t idx, bool owner) USVM_EXCLUDES(lock_);
+  // Private owner: [lo, hi) is unmapped; its unused reservations go back.
+  void ReleasePrivate(uint64_t lo, uint64_t hi) USVM_EXCLUDES(lock_);
+  // Private owner: the page of idx was zapped and freed (MADV_DONTNEED):
+  // idx gets a reservation again if the pool still has a free page for it.
+  void RestorePrivate(uint64_t idx) USVM_EXCLUDES(lock_);
+  // Shared: the cached page of idx, created (zeroed) on first use, with one
+  // more reference on each of its 512 frames for the caller's mapping.
+  // ENOMEM: not cached and no pool page for it.
+  Result<Pfn> GetShared(uint64_t idx) USVM_EXCLUDES(lock_);
+
+ private:
+  enum State : uint8_t { kNone, kReserved, kConsumed };
+  HugetlbObject(FramePool& pool, uint64_t npages, uint64_t first, bool shared, bool reserve);
+
+  FramePool& pool_;
+  const bool shared_;
+  const uint64_t npages_;
+  Mutex lock_;
+  std::vector<State> state_ USVM_GUARDED_BY(lock_);  // per huge index
+  std::vector<Pfn> cache_ USVM_GUARDED_BY(lock_);    // shared: page cache (kInvalidPfn: none)
+};
+
+}  // namespace usvm::mm
+
+#endif  // USVM_SRC_MM_HUGETLB_H_
