@@ -610,7 +610,11 @@ Result<uint64_t> AddressSpace::Impl::Mremap(uint64_t old_addr, uint64_t old_len,
   if (!fixed && !dontunmap && olen >= nlen && olen != 0) {
     // Shrinking is a munmap of the tail, whatever is mapped (as in Linux,
     // which does not look the VMA up for it).
-    if (olen > nlen) UnmapLocked(old_addr + nlen, std::min(old_addr + olen, c.task_size));
+    if (olen > nlen) {
+      const uint64_t tail_end = std::min(old_addr + olen, c.task_size);
+      USVM_TRY(CheckHugetlbSplitLocked(old_addr + nlen, tail_end));
+      UnmapLocked(old_addr + nlen, tail_end);
+    }
     return old_addr;
   }
   // Validate the source before changing anything (Linux unmaps a fixed

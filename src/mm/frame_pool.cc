@@ -262,7 +262,7 @@ Result<Pfn> FramePool::HugetlbAlloc(bool reserved) {
     MutexLock l(lock_);
     if (reserved && hugetlb_resv_ == 0) reserved = false;
     if (!reserved && hugetlb_free_.size() <= hugetlb_resv_)
-      return Err(Errc::kNoMem, "hugetlb: no free huge page");
+      return Err(Errc::kNoSpc, "hugetlb: no free huge page");
     Block* b = hugetlb_free_.pop_front();
     if (reserved) --hugetlb_resv_;
     b->nfree = 0;

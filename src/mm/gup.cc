@@ -41,11 +41,13 @@ void AddressSpace::PutUserPage(Pfn pfn) { impl_->PutGupPage(pfn); }
 
 void AddressSpace::Impl::PutGupPage(Pfn pfn) {
   if (pfn == FramePool::kZeroPfn || pfn == kInvalidPfn) return;
+  // A frame nobody holds is not ours to put: ignored rather than freed twice.
   if (pfn < pool_.frames()) {
-    pool_.Put(pfn);
+    if (pool_.RefCount(pfn) > 0) pool_.Put(pfn);
     return;
   }
-  if (DevicePagemap* pm = DevicePagemap::Lookup(pfn)) pm->Put(pm->IndexOf(pfn));
+  if (DevicePagemap* pm = DevicePagemap::Lookup(pfn))
+    if (pm->RefCount(pm->IndexOf(pfn)) > 0) pm->Put(pm->IndexOf(pfn));
 }
 
 Result<void> AddressSpace::Impl::GupLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out) {

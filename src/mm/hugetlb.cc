@@ -213,7 +213,9 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
       Result<Pfn> page = obj.shared() ? obj.GetShared(idx) : obj.AllocPrivate(idx, vma.hugetlb_resv_owner);
       if (!page) {
         slot->lock.Unlock();
-        return Err(Errc::kFault, "SIGBUS: no free huge page");
+        // vmf_error: an empty pool is SIGBUS, other failures are OOM.
+        if (page.error() == Errc::kNoSpc) return Err(Errc::kFault, "SIGBUS: no free huge page");
+        return Err(page.error());
       }
       uint64_t flags = read | pte::kAccessed | pte::kHugetlb;
       if (obj.shared()) {
@@ -255,20 +257,23 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
     NotifyStart(hbase, hbase + kHugePageSize, NotifyEvent::kClear);
     slot->lock.Lock();
     const bool same = slot->huge.load(std::memory_order_relaxed) == h;
-    Result<Pfn> copy = Err(Errc::kAgain);
+    Errc failed = Errc::kOk;
     if (same) {
-      copy = obj.AllocPrivate(idx, /*owner=*/false);
+      auto copy = obj.AllocPrivate(idx, /*owner=*/false);
       if (copy) {
         std::memcpy(pool_.Data(*copy), pool_.Data(pte::PfnOf(h)), kHugePageSize);
         slot->huge.store(pte::Make(pte::kPresent, *copy,
                                    read | pte::kWrite | pte::kDirty | pte::kAccessed | pte::kHugetlb),
                          std::memory_order_relaxed);
+      } else {
+        failed = copy.error().code();
       }
     }
     slot->lock.Unlock();
     NotifyEnd(hbase, hbase + kHugePageSize, NotifyEvent::kClear);
     if (!same) continue;  // changed meanwhile: look again
-    if (!copy) return Err(Errc::kFault, "SIGBUS: no free huge page for copy-on-write");
+    if (failed == Errc::kNoSpc) return Err(Errc::kFault, "SIGBUS: no free huge page for copy-on-write");
+    if (failed != Errc::kOk) return Err(failed, "hugetlb copy-on-write: allocation failed");
     for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Put(pte::PfnOf(h) + i);
     counters.cow_breaks.fetch_add(1, std::memory_order_relaxed);
     return {};

@@ -53,7 +53,7 @@ class HugetlbObject {
 
   // Private: a fresh zeroed pool page for index idx (512 frames, one
   // reference each for the mapping). The reservation owner consumes idx's
-  // reservation if it still holds it. ENOMEM: none free.
+  // reservation if it still holds it. ENOSPC: none free.
   Result<Pfn> AllocPrivate(uint64_t idx, bool owner) USVM_EXCLUDES(lock_);
   // Private owner: [lo, hi) is unmapped; its unused reservations go back.
   void ReleasePrivate(uint64_t lo, uint64_t hi) USVM_EXCLUDES(lock_);
@@ -62,7 +62,7 @@ class HugetlbObject {
   void RestorePrivate(uint64_t idx) USVM_EXCLUDES(lock_);
   // Shared: the cached page of idx, created (zeroed) on first use, with one
   // more reference on each of its 512 frames for the caller's mapping.
-  // ENOMEM: not cached and no pool page for it.
+  // ENOSPC: not cached and no pool page for it.
   Result<Pfn> GetShared(uint64_t idx) USVM_EXCLUDES(lock_);
 
  private:

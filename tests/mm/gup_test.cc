@@ -182,6 +182,18 @@ TEST_F(GupTest, GetUserPagesRejectsBadArgumentsAndBadMemory) {
   as_->PutUserPage(kInvalidPfn);  // ignored
 }
 
+TEST_F(GupTest, PutUserPageOfAFrameNobodyHoldsIsIgnored) {
+  const uint64_t a = MapAnon(kPageSize);
+  ASSERT_TRUE(as_->AtomicStore(a, 1).has_value());
+  const Pfn pfn = as_->QueryPte(a).pfn;
+  ASSERT_TRUE(as_->Munmap(a, kPageSize).has_value());
+  ASSERT_EQ(pool_->RefCount(pfn), 0u);
+  const auto before = pool_->GetStats();
+  as_->PutUserPage(pfn);
+  EXPECT_EQ(pool_->GetStats().free_frames, before.free_frames);
+  EXPECT_EQ(pool_->GetStats().frees, before.frees);
+}
+
 // ---- references vs pins: fork and migration -------------------------------------------
 
 // The kernel copies a private page at fork only when it may be pinned

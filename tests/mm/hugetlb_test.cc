@@ -293,6 +293,23 @@ TEST_F(HugetlbTest, MremapMovesTheReservations) {
   EXPECT_EQ(Pool().free, 0u);
 }
 
+// A shrinking mremap of another mapping whose old range runs into a
+// hugetlb VMA cannot unmap part of a huge page either.
+TEST_F(HugetlbTest, MremapShrinkThatWouldSplitAHugetlbVmaIsEinval) {
+  ASSERT_EQ(pool_->SetHugetlbPages(2), 2u);
+  const uint64_t r = Map(8 * kHugePageSize, kMapPrivate | kMapAnonymous);
+  const uint64_t base = HugeAlignUp(r);
+  ASSERT_TRUE(as_->Mmap(base, kHugePageSize, kRW, kMapPrivate | kMapAnonymous | kMapFixed).has_value());
+  ASSERT_TRUE(as_->Mmap(base + kHugePageSize, 2 * kHugePageSize, kRW, kHugePriv | kMapFixed).has_value());
+  ASSERT_TRUE(as_->AtomicStore(base + kHugePageSize, 3).has_value());
+  EXPECT_EQ(as_->Mremap(base, 5 << 20, 1 << 20, 0).error(), Errc::kInval);
+  EXPECT_EQ(Load(*as_, base + kHugePageSize), 3u);
+  EXPECT_EQ(as_->FindVma(base + kHugePageSize)->end, base + 3 * kHugePageSize);
+  // Ending on a boundary is fine.
+  EXPECT_EQ(*as_->Mremap(base, 2 * kHugePageSize, 1 << 20, 0), base);
+  EXPECT_FALSE(as_->FindVma(base + kHugePageSize)->start == base + kHugePageSize);
+}
+
 // ---- fork ----------------------------------------------------------------------------
 
 // hugetlb_wp: after fork a write copies the whole 2 MiB page.
@@ -415,6 +432,36 @@ TEST_F(HugetlbTest, GetUserPagesTakesReferencesOnSubpages) {
   as_->PutUserPage(out[0]);
   as_->PutUserPage(out[1]);
   EXPECT_EQ(Pool().free, 1u);
+}
+
+// An allocation failure that is not an empty pool is ENOMEM (VM_FAULT_OOM),
+// and leaves the reservation for the next try.
+class HugetlbFaultInjectionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    pool_ = testing::MakePool(64, env_);
+    as_ = testing::MakeSpace(*pool_, env_);
+  }
+  void TearDown() override {
+    as_->Exit();
+    as_.reset();
+    pool_.reset();  // before env_
+  }
+  Env env_{std::make_unique<RealClock>(), 3};
+  std::unique_ptr<FramePool> pool_;
+  std::shared_ptr<AddressSpace> as_;
+};
+
+TEST_F(HugetlbFaultInjectionTest, FailedHugetlbAllocationIsEnomemAndKeepsTheReservation) {
+  ASSERT_EQ(pool_->SetHugetlbPages(1), 1u);
+  const uint64_t a = *as_->Mmap(0, kHugePageSize, kRW, kHugePriv);
+  env_.faults().FailEvery("frame_pool.alloc_hugetlb", 1);
+  EXPECT_EQ(as_->AtomicStore(a, 1).error(), Errc::kNoMem);
+  EXPECT_EQ(as_->QueryPte(a).kind, PteInfo::Kind::kNone);
+  EXPECT_EQ(pool_->GetHugetlbStats().reserved, 1u);
+  env_.faults().ClearAll();
+  EXPECT_TRUE(as_->AtomicStore(a, 1).has_value());
+  EXPECT_EQ(pool_->GetHugetlbStats().reserved, 0u);
 }
 
 }  // namespace

@@ -279,7 +279,8 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // mapping, beyond end of file); ENOMEM; EINVAL for an unaligned address,
   // zero pages, a null out or a range that wraps.
   Result<void> GetUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
-  // put_page for a page GetUserPages returned.
+  // put_page for a page GetUserPages returned. The zero page, kInvalidPfn,
+  // unknown device frames and frames with no reference are ignored.
   void PutUserPage(Pfn pfn);
 
   // ---- for the layers above --------------------------------------------

@@ -118,7 +118,8 @@ class FramePool {
   void HugetlbUnreserve(uint64_t n) USVM_EXCLUDES(lock_);
   // Takes a free pool page: 512 zeroed frames with refcount 1 each; returns
   // the first. `reserved`: consumes a reservation made earlier; otherwise
-  // only an unreserved free page may be taken. ENOMEM when there is none.
+  // only an unreserved free page may be taken. ENOSPC when there is none
+  // (alloc_hugetlb_folio); ENOMEM only from fault injection.
   Result<Pfn> HugetlbAlloc(bool reserved) USVM_EXCLUDES(lock_);
   // Whether pfn lies in a block of the hugetlb pool.
   bool IsHugetlbFrame(Pfn pfn) const USVM_EXCLUDES(lock_);
