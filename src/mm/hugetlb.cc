@@ -4,6 +4,7 @@
 // madvise / mremap, faults (whole 2 MiB pages, whole-page COW), madvise
 // DONTNEED and fork of pinned pages.
 #include <cassert>
+#include <iterator>
 #include <cstring>
 
 #include "address_space_impl.h"
@@ -22,59 +23,62 @@ Result<std::shared_ptr<HugetlbObject>> HugetlbObject::TryCreate(FramePool& pool,
 
 HugetlbObject::HugetlbObject(FramePool& pool, uint64_t npages, uint64_t first, bool shared,
                              bool reserve)
-    : pool_(pool), shared_(shared), npages_(npages), state_(npages, kNone) {
+    : pool_(pool), shared_(shared), npages_(npages) {
+  MutexLock l(lock_);
   if (reserve)
-    for (uint64_t i = first; i < npages; ++i) state_[i] = kReserved;
-  if (shared) cache_.assign(npages, kInvalidPfn);
+    for (uint64_t i = first; i < npages; ++i) reserved_.insert(reserved_.end(), i);
 }
 
 HugetlbObject::~HugetlbObject() {
   MutexLock l(lock_);
-  uint64_t unused = 0;
-  for (uint64_t i = 0; i < npages_; ++i) {
-    if (state_[i] == kReserved) ++unused;
-    if (shared_ && cache_[i] != kInvalidPfn)
-      for (uint64_t f = 0; f < kPagesPerHuge; ++f) pool_.Put(cache_[i] + f);
-  }
-  if (unused) pool_.HugetlbUnreserve(unused);
+  for (const auto& [idx, base] : cache_)
+    for (uint64_t f = 0; f < kPagesPerHuge; ++f) pool_.Put(base + f);
+  if (!reserved_.empty()) pool_.HugetlbUnreserve(reserved_.size());
 }
 
 Result<Pfn> HugetlbObject::AllocPrivate(uint64_t idx, bool owner) {
   MutexLock l(lock_);
-  const bool reserved = owner && idx < npages_ && state_[idx] == kReserved;
+  const bool reserved = owner && reserved_.count(idx) != 0;
   const Pfn base = USVM_TRY(pool_.HugetlbAlloc(reserved));
-  if (reserved) state_[idx] = kConsumed;
+  if (reserved) {
+    reserved_.erase(idx);
+    consumed_.insert(idx);
+  }
   return base;
 }
 
 void HugetlbObject::ReleasePrivate(uint64_t lo, uint64_t hi) {
   MutexLock l(lock_);
-  uint64_t unused = 0;
-  for (uint64_t i = lo; i < hi && i < npages_; ++i) {
-    if (state_[i] == kReserved) ++unused;
-    state_[i] = kNone;
-  }
+  auto first = reserved_.lower_bound(lo), last = reserved_.lower_bound(hi);
+  const uint64_t unused = static_cast<uint64_t>(std::distance(first, last));
+  reserved_.erase(first, last);
+  consumed_.erase(consumed_.lower_bound(lo), consumed_.lower_bound(hi));
   if (unused) pool_.HugetlbUnreserve(unused);
 }
 
 void HugetlbObject::RestorePrivate(uint64_t idx) {
   MutexLock l(lock_);
-  if (idx >= npages_ || state_[idx] != kConsumed) return;
+  if (consumed_.count(idx) == 0) return;
   // The zapped page went back to the pool; if it was taken meanwhile the
   // reservation is simply not restored.
-  if (pool_.HugetlbReserve(1)) state_[idx] = kReserved;
+  if (pool_.HugetlbReserve(1)) {
+    consumed_.erase(idx);
+    reserved_.insert(idx);
+  }
 }
 
 Result<Pfn> HugetlbObject::GetShared(uint64_t idx) {
   MutexLock l(lock_);
   if (idx >= npages_) return Err(Errc::kFault, "hugetlb: beyond the end of the object");
-  if (cache_[idx] == kInvalidPfn) {
-    const bool reserved = state_[idx] == kReserved;
-    cache_[idx] = USVM_TRY(pool_.HugetlbAlloc(reserved));  // the cache's references
-    if (reserved) state_[idx] = kConsumed;
+  auto it = cache_.find(idx);
+  if (it == cache_.end()) {
+    const bool reserved = reserved_.count(idx) != 0;
+    const Pfn base = USVM_TRY(pool_.HugetlbAlloc(reserved));  // the cache's references
+    if (reserved) reserved_.erase(idx);
+    it = cache_.emplace(idx, base).first;
   }
-  for (uint64_t f = 0; f < kPagesPerHuge; ++f) pool_.Get(cache_[idx] + f);
-  return cache_[idx];
+  for (uint64_t f = 0; f < kPagesPerHuge; ++f) pool_.Get(it->second + f);
+  return it->second;
 }
 
 // ===== mmap and the layout rules ================================================

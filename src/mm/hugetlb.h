@@ -17,7 +17,7 @@
 //   (HPAGE_RESV_OWNER); each index is kReserved until its first fault
 //   consumes it. Unmapping a range gives its unused reservations back;
 //   zapping a page whose frames were freed restores its reservation, as
-//   the kernel does since 6.9. Fork children own none: their faults and
+//   __unmap_hugepage_range does. Fork children own none: their faults and
 //   every COW copy take unreserved pool pages (SIGBUS, our EFAULT, when
 //   there is none).
 //
@@ -27,8 +27,9 @@
 #define USVM_SRC_MM_HUGETLB_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
-#include <vector>
+#include <set>
 
 #include "usvm/base/mutex.h"
 #include "usvm/base/result.h"
@@ -66,15 +67,17 @@ class HugetlbObject {
   Result<Pfn> GetShared(uint64_t idx) USVM_EXCLUDES(lock_);
 
  private:
-  enum State : uint8_t { kNone, kReserved, kConsumed };
   HugetlbObject(FramePool& pool, uint64_t npages, uint64_t first, bool shared, bool reserve);
 
   FramePool& pool_;
   const bool shared_;
   const uint64_t npages_;
   Mutex lock_;
-  std::vector<State> state_ USVM_GUARDED_BY(lock_);  // per huge index
-  std::vector<Pfn> cache_ USVM_GUARDED_BY(lock_);    // shared: page cache (kInvalidPfn: none)
+  // Sparse, so that their size follows the pool pages in use or reserved,
+  // never the length of the mapping (a MAP_NORESERVE mapping may be huge).
+  std::set<uint64_t> reserved_ USVM_GUARDED_BY(lock_);  // indices holding an unused reservation
+  std::set<uint64_t> consumed_ USVM_GUARDED_BY(lock_);  // private: indices whose reservation a fault used
+  std::map<uint64_t, Pfn> cache_ USVM_GUARDED_BY(lock_);  // shared: the page cache
 };
 
 }  // namespace usvm::mm

@@ -69,6 +69,21 @@ TEST_F(HugetlbTest, NoReserveMappingFaultsFailWhenThePoolIsEmpty) {
   EXPECT_EQ(Pool().reserved, 0u);
 }
 
+// The bookkeeping follows the pages in use, not the mapping's length: a
+// 16 TiB MAP_NORESERVE mapping costs nothing until touched.
+TEST_F(HugetlbTest, HugeNoReserveMappingsCostNothingUntilTouched) {
+  ASSERT_EQ(pool_->SetHugetlbPages(1), 1u);
+  const uint64_t len = uint64_t{1} << 44;
+  const uint64_t a = Map(len, kHugePriv | kMapNoReserve);
+  const uint64_t s = Map(len, kHugeShared | kMapNoReserve);
+  ASSERT_TRUE(as_->AtomicStore(a + len - kHugePageSize, 1).has_value());
+  EXPECT_EQ(as_->AtomicStore(s + len / 2, 1).error(), Errc::kFault);  // pool empty: SIGBUS
+  ASSERT_TRUE(as_->Munmap(a, len).has_value());
+  EXPECT_TRUE(as_->AtomicStore(s + len / 2, 1).has_value());
+  ASSERT_TRUE(as_->Munmap(s, len).has_value());
+  EXPECT_EQ(Pool().free, 1u);
+}
+
 TEST_F(HugetlbTest, MmapReservesAndFaultsConsumeWholePages) {
   ASSERT_EQ(pool_->SetHugetlbPages(4), 4u);
   // 3 MiB rounds up to two huge pages.
@@ -217,8 +232,9 @@ TEST_F(HugetlbTest, MadviseRules) {
   EXPECT_EQ(as_->VmaCount(), 1u);
 }
 
-// Since 6.9 zapping a private owner's page restores its reservation, so
-// the page can be faulted in again even when the pool is otherwise empty.
+// Zapping a private owner's page restores its reservation (as
+// __unmap_hugepage_range does), so the page can be faulted in again even
+// when the pool is otherwise empty.
 TEST_F(HugetlbTest, DontNeedRestoresTheOwnersReservation) {
   ASSERT_EQ(pool_->SetHugetlbPages(1), 1u);
   const uint64_t a = Map(kHugePageSize);
