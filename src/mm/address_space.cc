@@ -409,7 +409,6 @@ Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t 
   if (prot & ~kProtAll) return Err(Errc::kInval, "mprotect: unknown prot bits");
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
-  USVM_TRY(CheckHugetlbSplitLocked(addr, end));
   // Like Linux: VMAs are changed in order until a hole is met (ENOMEM).
   uint64_t a = addr;
   while (a < end) {
@@ -417,6 +416,10 @@ Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t 
     if (!v || v->start > a) return Err(Errc::kNoMem, "mprotect: range not fully mapped");
     const uint64_t e = std::min(end, v->end);
     if (v->prot != prot) {
+      // A hugetlb VMA cannot be split off a 2 MiB boundary (EINVAL, the
+      // VMAs before it already changed); one whose protection stays needs
+      // no split.
+      USVM_TRY(CheckHugetlbSplitLocked(a, e));
       SplitVmaLocked(a);
       SplitVmaLocked(e);
       vmas_.at(a).prot = prot;

@@ -194,6 +194,8 @@ TEST_F(HugetlbTest, MunmapAndMprotectOfUnalignedPartsAreEinval) {
   EXPECT_EQ(as_->Munmap(a, kHugePageSize + kPageSize).error(), Errc::kInval);
   EXPECT_EQ(as_->Mprotect(a, kPageSize, kProtRead).error(), Errc::kInval);
   EXPECT_EQ(as_->Mprotect(a + kHugePageSize, kPageSize, kProtRead).error(), Errc::kInval);
+  // No split is needed when the protection does not change.
+  EXPECT_TRUE(as_->Mprotect(a + kPageSize, kPageSize, kRW).has_value());
   // MAP_FIXED of another mapping over part of a huge page: EINVAL too.
   EXPECT_EQ(as_->Mmap(a + kPageSize, kPageSize, kRW, kMapPrivate | kMapAnonymous | kMapFixed).error(),
             Errc::kInval);
@@ -322,6 +324,20 @@ TEST_F(HugetlbTest, MremapShrinkThatWouldSplitAHugetlbVmaIsEinval) {
   // Ending on a boundary is fine.
   EXPECT_EQ(*as_->Mremap(base, 2 * kHugePageSize, 1 << 20, 0), base);
   EXPECT_FALSE(as_->FindVma(base + kHugePageSize)->start == base + kHugePageSize);
+}
+
+// mprotect changes VMAs in order: those before the one that cannot be
+// split keep their new protection (as Linux, which fails in the split).
+TEST_F(HugetlbTest, MprotectChangesTheVmasBeforeAHugetlbSplitThatFails) {
+  ASSERT_EQ(pool_->SetHugetlbPages(2), 2u);
+  const uint64_t r = Map(8 * kHugePageSize, kMapPrivate | kMapAnonymous);
+  const uint64_t base = HugeAlignUp(r);
+  ASSERT_TRUE(as_->Mmap(base, kHugePageSize, kRW, kMapPrivate | kMapAnonymous | kMapFixed).has_value());
+  ASSERT_TRUE(as_->Mmap(base + kHugePageSize, 2 * kHugePageSize, kRW, kHugePriv | kMapFixed).has_value());
+  EXPECT_EQ(as_->Mprotect(base, kHugePageSize + kPageSize, kProtRead).error(), Errc::kInval);
+  EXPECT_EQ(as_->FindVma(base)->prot, kProtRead);
+  EXPECT_EQ(as_->FindVma(base + kHugePageSize)->prot, kRW);
+  EXPECT_EQ(as_->FindVma(base + kHugePageSize)->end, base + 3 * kHugePageSize);
 }
 
 // ---- fork ----------------------------------------------------------------------------
