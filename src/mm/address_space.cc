@@ -770,6 +770,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   child.counters.rss_pages.store(copied, std::memory_order_relaxed);
   child.free_area_cache_ = free_area_cache_;
   if (oom) return Err(Errc::kNoMem, "fork: cannot copy a pinned page");  // the caller drops the child
+  HugetlbNoteForkLocked(child);
   if (!device_pagemaps.empty()) {
     auto child_sp = child.as_.shared_from_this();
     std::sort(device_pagemaps.begin(), device_pagemaps.end());

@@ -223,6 +223,15 @@ class AddressSpace::Impl {
   // frame is pinned), and the copy (an unreserved pool page).
   bool HugetlbEntryPinned(uint64_t h) const;
   Result<uint64_t> HugetlbCopyForFork(uint64_t h);
+  // Fork: the child maps our private hugetlb objects without owning their
+  // reservations; note it, so an owner can take pages back from it.
+  void HugetlbNoteForkLocked(Impl& child) USVM_REQUIRES(child.mmap_lock_);
+  // unmap_ref_private: unmaps the page `base` of index idx of obj from
+  // every other address space mapping obj as a non-owner, and marks them
+  // (their later faults on obj are SIGBUS). Takes their mmap locks.
+  // REQUIRES: our mmap lock; no page table lock.
+  void HugetlbUnmapRefPrivateLocked(HugetlbObject& obj, uint64_t idx, Pfn base)
+      USVM_REQUIRES_SHARED(mmap_lock_);
 
   // get_user_pages' loop (gup.cc).
   Result<void> GupLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)

@@ -81,6 +81,32 @@ Result<Pfn> HugetlbObject::GetShared(uint64_t idx) {
   return it->second;
 }
 
+void HugetlbObject::NoteMapper(const std::shared_ptr<AddressSpace>& as) {
+  MutexLock l(lock_);
+  std::erase_if(mappers_, [](const std::weak_ptr<AddressSpace>& w) { return w.expired(); });
+  for (const auto& w : mappers_)
+    if (w.lock() == as) return;
+  mappers_.push_back(as);
+}
+
+std::vector<std::shared_ptr<AddressSpace>> HugetlbObject::Mappers() {
+  MutexLock l(lock_);
+  std::vector<std::shared_ptr<AddressSpace>> out;
+  for (const auto& w : mappers_)
+    if (auto sp = w.lock()) out.push_back(std::move(sp));
+  return out;
+}
+
+void HugetlbObject::MarkUnmapped(const AddressSpace* as) {
+  MutexLock l(lock_);
+  unmapped_.insert(as);
+}
+
+bool HugetlbObject::IsUnmapped(const AddressSpace* as) {
+  MutexLock l(lock_);
+  return unmapped_.count(as) != 0;
+}
+
 // ===== mmap and the layout rules ================================================
 
 Result<uint64_t> AddressSpace::Impl::MmapHugetlb(uint64_t addr, uint64_t len, uint32_t prot,
@@ -201,6 +227,7 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
   const uint64_t read = ReadBit(vma.prot);
   HugetlbObject& obj = *vma.hugetlb;
   PmdSlot* slot = pt_.Ensure(hbase);
+  bool took_back = false;
   // The whole fault runs under the slot lock held exclusively, which also
   // serialises faults on this page (the kernel's hugetlb fault mutex).
   for (int tries = 0; tries < 1000; ++tries) {
@@ -210,6 +237,11 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
       if (slot->table) {  // cannot happen: the region was wholly unmapped before
         slot->lock.Unlock();
         return Err(Errc::kFault, "SIGBUS: hugetlb region has a page table");
+      }
+      if (!obj.shared() && !vma.hugetlb_resv_owner && obj.IsUnmapped(&as_)) {
+        // The owner took a page back from this process (hugetlb_no_page).
+        slot->lock.Unlock();
+        return Err(Errc::kFault, "SIGBUS: killed due to inadequate hugepage pool");
       }
       // hugetlb_no_page: a shared mapping finds (or makes) the page in the
       // object's cache and maps it writable if the VMA is; a private one
@@ -276,6 +308,13 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
     slot->lock.Unlock();
     NotifyEnd(hbase, hbase + kHugePageSize, NotifyEvent::kClear);
     if (!same) continue;  // changed meanwhile: look again
+    if (failed == Errc::kNoSpc && vma.hugetlb_resv_owner && !took_back) {
+      // The reservation owner must not fail: take the page back from the
+      // children that share it, then reuse it (unmap_ref_private).
+      HugetlbUnmapRefPrivateLocked(obj, idx, pte::PfnOf(h));
+      took_back = true;
+      continue;
+    }
     if (failed == Errc::kNoSpc) return Err(Errc::kFault, "SIGBUS: no free huge page for copy-on-write");
     if (failed != Errc::kOk) return Err(failed, "hugetlb copy-on-write: allocation failed");
     for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Put(pte::PfnOf(h) + i);
@@ -283,6 +322,53 @@ Result<void> AddressSpace::Impl::HugetlbFaultLocked(const Vma& vma, uint64_t add
     return {};
   }
   return Err(Errc::kIo, "hugetlb fault made no progress");
+}
+
+void AddressSpace::Impl::HugetlbUnmapRefPrivateLocked(HugetlbObject& obj, uint64_t idx, Pfn base) {
+  // Lock order: our mmap lock, then a descendant's (mappers are fork
+  // descendants of the owner, so two processes never wait on each other).
+  for (const auto& sp : obj.Mappers()) {
+    if (sp.get() == &as_) continue;
+    Impl& c = *sp->impl_;
+    ReadLock l(sp->mmap_lock());
+    c.mmap_lock_.AssertReaderHeld();  // sp->mmap_lock(), seen through Impl
+    if (c.dead_) continue;
+    bool unmapped = false;
+    for (const auto& [start, v] : c.vmas_) {
+      if (v.hugetlb.get() != &obj || v.shared() || v.hugetlb_resv_owner) continue;
+      if (idx < v.pgoff / kPagesPerHuge || idx >= v.PgoffOf(v.end) / kPagesPerHuge) continue;
+      const uint64_t addr = v.start + ((idx * kPagesPerHuge - v.pgoff) << kPageShift);
+      PmdSlot* slot = c.pt_.Lookup(addr);
+      if (!slot) continue;
+      uint64_t h;
+      {
+        ReadLock sl(slot->lock);
+        h = slot->huge.load(std::memory_order_relaxed);
+      }
+      if (!pte::HoldsFrame(h) || pte::PfnOf(h) != base) continue;
+      // The child's VMA stays; only the page goes (a zap: CLEAR).
+      c.NotifyStart(addr, addr + kHugePageSize, NotifyEvent::kClear);
+      slot->lock.Lock();
+      const bool same = slot->huge.load(std::memory_order_relaxed) == h;
+      if (same) slot->huge.store(0, std::memory_order_relaxed);
+      slot->lock.Unlock();
+      c.NotifyEnd(addr, addr + kHugePageSize, NotifyEvent::kClear);
+      if (!same) continue;
+      for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Put(base + i);
+      c.counters.rss_pages.fetch_sub(kPagesPerHuge, std::memory_order_relaxed);
+      unmapped = true;
+    }
+    if (unmapped) obj.MarkUnmapped(sp.get());
+  }
+}
+
+void AddressSpace::Impl::HugetlbNoteForkLocked(Impl& child) {
+  std::shared_ptr<AddressSpace> child_sp;
+  for (const auto& [start, v] : child.vmas_) {
+    if (!v.is_hugetlb() || v.shared()) continue;
+    if (!child_sp) child_sp = child.as_.shared_from_this();
+    v.hugetlb->NoteMapper(child_sp);
+  }
 }
 
 // ===== madvise ===================================================================

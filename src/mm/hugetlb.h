@@ -19,7 +19,10 @@
 //   zapping a page whose frames were freed restores its reservation, as
 //   __unmap_hugepage_range does. Fork children own none: their faults and
 //   every COW copy take unreserved pool pages (SIGBUS, our EFAULT, when
-//   there is none).
+//   there is none). When the owner itself cannot copy a page it shares
+//   with children (empty pool), it takes the page back from them
+//   (unmap_ref_private): their later faults on the object are SIGBUS
+//   (HPAGE_RESV_UNMAPPED), so the owner's writes always succeed.
 //
 // Thread-safety: lock_ guards the per-index state and the cache. Lock
 // order: mmap lock -> PMD slot lock -> lock_ -> the FramePool lock.
@@ -30,12 +33,15 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <vector>
 
 #include "usvm/base/mutex.h"
 #include "usvm/base/result.h"
 #include "usvm/mm/frame_pool.h"
 
 namespace usvm::mm {
+
+class AddressSpace;
 
 class HugetlbObject {
  public:
@@ -66,6 +72,14 @@ class HugetlbObject {
   // ENOSPC: not cached and no pool page for it.
   Result<Pfn> GetShared(uint64_t idx) USVM_EXCLUDES(lock_);
 
+  // Private: address spaces that map the object without owning its
+  // reservations (fork children, noted at fork), still alive.
+  void NoteMapper(const std::shared_ptr<AddressSpace>& as) USVM_EXCLUDES(lock_);
+  std::vector<std::shared_ptr<AddressSpace>> Mappers() USVM_EXCLUDES(lock_);
+  // HPAGE_RESV_UNMAPPED: the owner took a page back from `as`.
+  void MarkUnmapped(const AddressSpace* as) USVM_EXCLUDES(lock_);
+  bool IsUnmapped(const AddressSpace* as) USVM_EXCLUDES(lock_);
+
  private:
   HugetlbObject(FramePool& pool, uint64_t npages, uint64_t first, bool shared, bool reserve);
 
@@ -78,6 +92,8 @@ class HugetlbObject {
   std::set<uint64_t> reserved_ USVM_GUARDED_BY(lock_);  // indices holding an unused reservation
   std::set<uint64_t> consumed_ USVM_GUARDED_BY(lock_);  // private: indices whose reservation a fault used
   std::map<uint64_t, Pfn> cache_ USVM_GUARDED_BY(lock_);  // shared: the page cache
+  std::vector<std::weak_ptr<AddressSpace>> mappers_ USVM_GUARDED_BY(lock_);
+  std::set<const AddressSpace*> unmapped_ USVM_GUARDED_BY(lock_);  // compared, never dereferenced
 };
 
 }  // namespace usvm::mm

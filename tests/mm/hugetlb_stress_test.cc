@@ -2,8 +2,9 @@
 // incrementing counters in shared and private hugetlb pages while another
 // thread zaps private pages and forks short-lived children (whole-page
 // copy-on-write), and a mirror device reads the private mapping through
-// range fault. Checks: no shared increment is lost, nothing fails, and
-// every pool page and reservation comes back at the end.
+// range fault; and an owner taking pages back from a reading child.
+// Checks: no shared increment is lost, nothing fails, and every pool page
+// and reservation comes back at the end.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -103,6 +104,49 @@ TEST(HugetlbStress, FaultsCowZapForkAndDeviceReadsRace) {
   const auto st = pool->GetHugetlbStats();
   EXPECT_EQ(st.free, st.total);
   EXPECT_EQ(st.reserved, 0u);
+}
+
+// The owner takes pages back from a child (unmap_ref_private) while the
+// child keeps reading them: every owner write succeeds, the child sees
+// either the old bytes or SIGBUS, never the owner's new bytes.
+TEST(HugetlbStress, OwnerTakesPagesBackWhileTheChildReads) {
+  auto pool = testing::MakePool(64);
+  ASSERT_EQ(pool->SetHugetlbPages(kPages), kPages);  // no page to spare for a copy
+  auto as = testing::MakeSpace(*pool);
+  const uint64_t len = kPages * kHugePageSize;
+  const uint64_t a = *as->Mmap(0, len, kRW, kMapPrivate | kMapAnonymous | kMapHugetlb);
+  for (uint64_t p = 0; p < kPages; ++p) ASSERT_TRUE(as->AtomicStore(a + p * kHugePageSize, 1).has_value());
+  auto child = *as->Fork();
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  std::atomic<uint64_t> sigbus{0};
+  std::thread reader([&] {
+    std::mt19937 rng(5);
+    while (!stop.load()) {
+      const uint64_t p = rng() % kPages;
+      auto v = child->AtomicLoad(a + p * kHugePageSize);
+      if (!v) {
+        if (v.error() == Errc::kFault) ++sigbus; else ++bad;
+      } else if (*v != 1) {
+        ++bad;
+      }
+    }
+  });
+  for (int round = 0; round < 200; ++round)
+    for (uint64_t p = 0; p < kPages; ++p)
+      if (!as->AtomicStore(a + p * kHugePageSize, 2 + round)) ++bad;
+  stop.store(true);
+  reader.join();
+  EXPECT_EQ(bad.load(), 0);
+  for (uint64_t p = 0; p < kPages; ++p) {
+    EXPECT_EQ(*as->AtomicLoad(a + p * kHugePageSize), 201u);
+    EXPECT_EQ(child->QueryPte(a + p * kHugePageSize).kind, PteInfo::Kind::kNone);
+  }
+  EXPECT_EQ(child->AtomicLoad(a).error(), Errc::kFault);
+  child->Exit();
+  as->Exit();
+  EXPECT_EQ(pool->GetHugetlbStats().free, kPages);
+  EXPECT_EQ(pool->GetHugetlbStats().reserved, 0u);
 }
 
 }  // namespace

@@ -387,6 +387,41 @@ TEST_F(HugetlbTest, ForkChildCopyOnWriteWithoutAFreePageIsSigbus) {
   child->Exit();
 }
 
+// The reservation owner's write never fails: with the pool empty it takes
+// the page back from the child that shares it (unmap_ref_private) and
+// reuses it; the child's later faults on the mapping are SIGBUS.
+TEST_F(HugetlbTest, OwnerCopyOnWriteWithAnEmptyPoolTakesThePageBackFromTheChild) {
+  ASSERT_EQ(pool_->SetHugetlbPages(2), 2u);
+  const uint64_t a = Map(2 * kHugePageSize);
+  ASSERT_TRUE(as_->AtomicStore(a, 5).has_value());
+  ASSERT_TRUE(as_->AtomicStore(a + kHugePageSize, 6).has_value());
+  auto child = *as_->Fork();
+  testing::RecordingNotifier rec;
+  ASSERT_TRUE(child->notifiers().Register(&rec).has_value());
+  const Pfn page = as_->QueryPte(a).pfn;
+  ASSERT_EQ(Load(*child, a), 5u);
+  ASSERT_EQ(Pool().free, 0u);
+  ASSERT_TRUE(as_->AtomicStore(a, 50).has_value());
+  EXPECT_EQ(as_->QueryPte(a).pfn, page);  // reused, not copied
+  EXPECT_EQ(child->QueryPte(a).kind, PteInfo::Kind::kNone);
+  auto starts = rec.Starts();
+  ASSERT_EQ(starts.size(), 1u);
+  EXPECT_EQ(starts[0].s, a);
+  EXPECT_EQ(starts[0].e, a + kHugePageSize);
+  EXPECT_EQ(child->AtomicLoad(a).error(), Errc::kFault);
+  // The page the child still maps stays readable; refaulting a page it
+  // lost is not.
+  EXPECT_EQ(Load(*child, a + kHugePageSize), 6u);
+  ASSERT_TRUE(child->Madvise(a + kHugePageSize, kHugePageSize, kMadvDontNeed).has_value());
+  EXPECT_EQ(child->AtomicLoad(a + kHugePageSize).error(), Errc::kFault);
+  EXPECT_EQ(Load(*as_, a + kHugePageSize), 6u);
+  ASSERT_TRUE(child->notifiers().Unregister(&rec).has_value());
+  child->Exit();
+  EXPECT_EQ(Pool().free, 0u);
+  ASSERT_TRUE(as_->Munmap(a, 2 * kHugePageSize).has_value());
+  EXPECT_EQ(Pool().free, 2u);
+}
+
 TEST_F(HugetlbTest, ForkSharesSharedHugetlbMemoryUntilTheLastUserGoes) {
   ASSERT_EQ(pool_->SetHugetlbPages(2), 2u);
   const uint64_t a = Map(kHugePageSize, kHugeShared);
