@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "dmirror.h"
@@ -497,6 +498,105 @@ TEST_F(HugetlbTest, GetUserPagesTakesReferencesOnSubpages) {
   as_->PutUserPage(out[0]);
   as_->PutUserPage(out[1]);
   EXPECT_EQ(Pool().free, 1u);
+}
+
+// Random hugetlb operations, most with bad (unaligned, overlapping)
+// arguments, in a parent and its fork children: no call crashes, hugetlb
+// VMAs stay 2 MiB aligned and mapped by huge entries only, the pool's
+// counters stay consistent (reserved <= free <= total), and every page and
+// reservation comes back once all the processes are gone.
+TEST_F(HugetlbTest, RandomOperationsKeepThePoolConsistent) {
+  ASSERT_EQ(pool_->SetHugetlbPages(12), 12u);
+  std::mt19937_64 rng(12345);
+  std::vector<std::shared_ptr<AddressSpace>> spaces{as_};
+  const uint64_t base = HugeAlignUp(Map(64 * kHugePageSize, kMapPrivate | kMapAnonymous));
+  ASSERT_TRUE(as_->Munmap(base - kHugePageSize, 66 * kHugePageSize).has_value());
+  auto pick_addr = [&] {
+    return base + (rng() % 48) * kHugePageSize + ((rng() % 4 == 0) ? (rng() % 512) * kPageSize : 0);
+  };
+  auto pick_len = [&] {
+    return (rng() % 3 == 0) ? (1 + rng() % 1024) * kPageSize : (1 + rng() % 4) * kHugePageSize;
+  };
+  int ok[11] = {}, einval = 0;
+  auto count = [&](int op, bool success, bool inval) {
+    ok[op] += success;
+    einval += inval;
+  };
+  for (int step = 0; step < 3000; ++step) {
+    AddressSpace& as = *spaces[rng() % spaces.size()];
+    const uint64_t a = pick_addr(), len = pick_len();
+    switch (rng() % 11) {
+      case 0: {
+        uint32_t fl = (rng() % 2 ? kHugePriv : kHugeShared) | (rng() % 2 ? kMapFixed : 0);
+        if (rng() % 4 == 0) fl |= kMapNoReserve;
+        auto r = as.Mmap(a, len, kRW, fl);
+        count(0, r.has_value(), !r && r.error() == Errc::kInval);
+        break;
+      }
+      case 1: {
+        auto r = as.Munmap(a, len);
+        count(1, r.has_value(), !r && r.error() == Errc::kInval);
+        break;
+      }
+      case 2: {
+        auto r = as.Mprotect(a, len, rng() % 2 ? kProtRead : kRW);
+        count(2, r.has_value(), !r && r.error() == Errc::kInval);
+        break;
+      }
+      case 3: {
+        auto r = as.Madvise(a, len, rng() % 2 ? kMadvDontNeed : kMadvHugePage);
+        count(3, r.has_value(), !r && r.error() == Errc::kInval);
+        break;
+      }
+      case 4: {
+        auto r = as.Mremap(a, len, pick_len(), rng() % 2 ? kMremapMayMove : kMremapMayMove | kMremapFixed,
+                           pick_addr());
+        count(4, r.has_value(), !r && r.error() == Errc::kInval);
+        break;
+      }
+      case 5: case 6: case 7: count(5, as.AtomicStore(a & ~uint64_t{7}, step).has_value(), false); break;
+      case 8: count(8, as.AtomicLoad(a & ~uint64_t{7}).has_value(), false); break;
+      case 9:
+        if (spaces.size() < 4) {
+          if (auto c = as.Fork()) spaces.push_back(*c);
+        } else {
+          const size_t victim = 1 + rng() % (spaces.size() - 1);
+          spaces[victim]->Exit();
+          spaces.erase(spaces.begin() + static_cast<std::ptrdiff_t>(victim));
+        }
+        break;
+      case 10: {
+        Pfn out[2];
+        if (as.GetUserPages(a & kPageMask, 2, rng() % 2, out)) {
+          as.PutUserPage(out[0]);
+          as.PutUserPage(out[1]);
+        }
+        break;
+      }
+    }
+    const auto st = Pool();
+    ASSERT_LE(st.reserved, st.free) << "step " << step;
+    ASSERT_LE(st.free, st.total) << "step " << step;
+    if (step % 100 == 0) {
+      for (auto& sp : spaces)
+        for (const VmaInfo& v : sp->Vmas()) {
+          if (!(v.flags & kVmaHugetlb)) continue;
+          ASSERT_TRUE(IsHugeAligned(v.start) && IsHugeAligned(v.end)) << "step " << step;
+          for (uint64_t h = v.start; h < v.end; h += kHugePageSize) {
+            const PteInfo pte = sp->QueryPte(h + 5 * kPageSize);
+            if (pte.kind != PteInfo::Kind::kNone) ASSERT_TRUE(pte.huge && pte.hugetlb) << "step " << step;
+          }
+        }
+    }
+  }
+  // Not vacuous: every kind of call succeeded sometimes, and the alignment
+  // rules fired.
+  for (int op : {0, 1, 2, 3, 4, 5, 8}) EXPECT_GT(ok[op], 10) << "op " << op;
+  EXPECT_GT(einval, 100);
+  for (size_t i = 1; i < spaces.size(); ++i) spaces[i]->Exit();
+  as_->Exit();
+  EXPECT_EQ(Pool().free, Pool().total);
+  EXPECT_EQ(Pool().reserved, 0u);
 }
 
 // An allocation failure that is not an empty pool is ENOMEM (VM_FAULT_OOM),
