@@ -527,7 +527,7 @@ TEST_F(HugetlbTest, RandomOperationsKeepThePoolConsistent) {
     const uint64_t a = pick_addr(), len = pick_len();
     switch (rng() % 11) {
       case 0: {
-        uint32_t fl = (rng() % 2 ? kHugePriv : kHugeShared) | (rng() % 2 ? kMapFixed : 0);
+        uint32_t fl = (rng() % 2 ? kHugePriv : kHugeShared) | (rng() % 2 ? uint32_t{kMapFixed} : 0u);
         if (rng() % 4 == 0) fl |= kMapNoReserve;
         auto r = as.Mmap(a, len, kRW, fl);
         count(0, r.has_value(), !r && r.error() == Errc::kInval);
@@ -584,7 +584,9 @@ TEST_F(HugetlbTest, RandomOperationsKeepThePoolConsistent) {
           ASSERT_TRUE(IsHugeAligned(v.start) && IsHugeAligned(v.end)) << "step " << step;
           for (uint64_t h = v.start; h < v.end; h += kHugePageSize) {
             const PteInfo pte = sp->QueryPte(h + 5 * kPageSize);
-            if (pte.kind != PteInfo::Kind::kNone) ASSERT_TRUE(pte.huge && pte.hugetlb) << "step " << step;
+            if (pte.kind != PteInfo::Kind::kNone) {
+              ASSERT_TRUE(pte.huge && pte.hugetlb) << "step " << step;
+            }
           }
         }
     }
