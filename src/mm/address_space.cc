@@ -104,44 +104,47 @@ bool AddressSpace::Impl::RangeFreeLocked(uint64_t start, uint64_t end) const {
 }
 
 std::optional<uint64_t> AddressSpace::Impl::TopDownGapLocked(uint64_t limit, uint64_t len,
+                                                             uint64_t align,
                                                              uint64_t* skipped) const {
   const uint64_t lowest = as_.config_.min_addr;
   uint64_t hi = limit;
   while (hi >= lowest + len) {
     auto it = vmas_.lower_bound(hi);
-    if (it == vmas_.begin()) return hi - len;
+    const uint64_t cand = (hi - len) & ~(align - 1);  // the highest aligned start
+    if (it == vmas_.begin()) return cand >= lowest ? std::optional<uint64_t>(cand) : std::nullopt;
     const Vma& prev = std::prev(it)->second;
     if (prev.end > hi) {  // hi lies inside prev
       hi = prev.start;
       continue;
     }
     const uint64_t lo = std::max(lowest, prev.end);
-    if (hi - lo >= len) return hi - len;
+    if (cand >= lo && hi - lo >= len) return cand;
     if (skipped) *skipped = std::max(*skipped, hi - lo);
     hi = prev.start;
   }
   return std::nullopt;
 }
 
-Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len) {
+Result<uint64_t> AddressSpace::Impl::GetUnmappedAreaLocked(uint64_t len, uint64_t align) {
   const auto& c = as_.config_;
   if (len > c.task_size - c.min_addr) return Err(Errc::kNoMem, "no free address range large enough");
   // vm_unmapped_area top-down: the top of the highest gap below mmap_base
-  // that fits. The search starts at free_area_cache_ (a VMA start, or
-  // mmap_base) and finds the same gap, because every gap above the cache
-  // is at most cached_hole_size_ long; a request that could fit in one of
-  // them starts again from mmap_base (the pre-maple-tree scheme).
+  // that fits (at `align`: 2 MiB for hugetlb). The search starts at
+  // free_area_cache_ (a VMA start, or mmap_base) and finds the same gap,
+  // because every gap above the cache is at most cached_hole_size_ long; a
+  // request that could fit in one of them starts again from mmap_base (the
+  // pre-maple-tree scheme).
   if (len <= cached_hole_size_ || free_area_cache_ > c.mmap_base) {
     free_area_cache_ = c.mmap_base;
     cached_hole_size_ = 0;
   }
-  if (auto a = TopDownGapLocked(free_area_cache_, len, &cached_hole_size_)) {
+  if (auto a = TopDownGapLocked(free_area_cache_, len, align, &cached_hole_size_)) {
     free_area_cache_ = *a;
     return *a;
   }
   // Nothing below mmap_base: any gap up to the top of user space.
   if (c.mmap_base < c.task_size)
-    if (auto a = TopDownGapLocked(c.task_size, len, nullptr)) return *a;
+    if (auto a = TopDownGapLocked(c.task_size, len, align, nullptr)) return *a;
   return Err(Errc::kNoMem, "no free address range large enough");
 }
 
@@ -175,6 +178,10 @@ void AddressSpace::Impl::SplitHugeAtLocked(uint64_t addr) {
 void AddressSpace::Impl::SplitHugeLocked(uint64_t base) {
   PmdSlot* slot = pt_.Lookup(base);
   if (!slot) return;
+  {
+    ReadLock l(slot->lock);
+    if (slot->huge.load(std::memory_order_relaxed) & pte::kHugetlb) return;  // never split
+  }
   NotifyStart(base, base + kHugePageSize, NotifyEvent::kClear);
   slot->lock.Lock();
   if (slot->huge.load(std::memory_order_relaxed) != 0) {
@@ -202,8 +209,9 @@ void AddressSpace::Impl::SplitVmaLocked(uint64_t addr) {
 namespace {
 bool Mergeable(const Vma& a, const Vma& b) {
   if (a.end != b.start || a.prot != b.prot || a.flags != b.flags || a.file != b.file) return false;
-  // File-backed: the file offsets must continue. Anonymous: always.
-  return !a.file || a.PgoffOf(a.end) == b.pgoff;
+  if (a.hugetlb != b.hugetlb || a.hugetlb_resv_owner != b.hugetlb_resv_owner) return false;
+  // File-backed (and hugetlb): the offsets must continue. Anonymous: always.
+  return (!a.file && !a.hugetlb) || a.PgoffOf(a.end) == b.pgoff;
 }
 }  // namespace
 
@@ -273,7 +281,10 @@ void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
   SplitVmaLocked(end);
   NotifyStart(ns, ne, NotifyEvent::kUnmap);
   ZapLocked(ns, ne);
-  for (auto it = vmas_.lower_bound(ns); it != vmas_.end() && it->first < ne;) it = vmas_.erase(it);
+  for (auto it = vmas_.lower_bound(ns); it != vmas_.end() && it->first < ne;) {
+    HugetlbCloseVmaLocked(it->second);
+    it = vmas_.erase(it);
+  }
   NotifyEnd(ns, ne, NotifyEvent::kUnmap);
   pt_.FreeEmpty(ns, ne);
   // The next top-down search starts at the top of the gap this hole is now
@@ -290,6 +301,7 @@ void AddressSpace::Impl::UnmapLocked(uint64_t start, uint64_t end) {
 Result<uint64_t> AddressSpace::Impl::Mmap(uint64_t addr, uint64_t len, uint32_t prot,
                                           uint32_t flags, std::shared_ptr<SimFile> file,
                                           uint64_t offset) {
+  if (flags & kMapHugetlb) return MmapHugetlb(addr, len, prot, flags, file != nullptr, offset);
   const auto& c = as_.config_;
   constexpr uint32_t kKnown =
       kMapShared | kMapPrivate | kMapFixed | kMapAnonymous | kMapPopulate | kMapFixedNoReplace;
@@ -349,7 +361,10 @@ Result<uint64_t> AddressSpace::Impl::Mmap(uint64_t addr, uint64_t len, uint32_t 
       file = std::move(*shm);
       offset = 0;
     }
-    if (fixed && !(flags & kMapFixedNoReplace)) UnmapLocked(addr, addr + alen);
+    if (fixed && !(flags & kMapFixedNoReplace)) {
+      USVM_TRY(CheckHugetlbSplitLocked(addr, addr + alen));  // EINVAL: would split a hugetlb page
+      UnmapLocked(addr, addr + alen);
+    }
     Vma v;
     v.start = start;
     v.end = start + alen;
@@ -377,6 +392,7 @@ Result<void> AddressSpace::Impl::Munmap(uint64_t addr, uint64_t len) {
     return Err(Errc::kInval, "munmap: range outside user space");
   WriteLock l(mmap_lock_);
   USVM_TRY(CheckAliveLocked());
+  USVM_TRY(CheckHugetlbSplitLocked(addr, addr + alen));
   UnmapLocked(addr, addr + alen);
   return {};
 }
@@ -447,6 +463,10 @@ Result<void> AddressSpace::Impl::Mprotect(uint64_t addr, uint64_t len, uint32_t 
     if (!v || v->start > a) return Err(Errc::kNoMem, "mprotect: range not fully mapped");
     const uint64_t e = std::min(end, v->end);
     if (v->prot != prot) {
+      // A hugetlb VMA cannot be split off a 2 MiB boundary (EINVAL, the
+      // VMAs before it already changed); one whose protection stays needs
+      // no split.
+      USVM_TRY(CheckHugetlbSplitLocked(a, e));
       SplitVmaLocked(a);
       SplitVmaLocked(e);
       vmas_.at(a).prot = prot;
@@ -521,7 +541,8 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
     USVM_TRY(ForEachVmaPartLocked(addr, end, &hole, [&](const Vma& v, uint64_t a, uint64_t e) -> Result<void> {
       mmap_lock_.AssertHeld();
       const uint64_t hs = (a + kHugePageSize - 1) & kHugeMask, he = e & kHugeMask;
-      const bool eligible = as_.config_.thp && v.private_anon() && !(v.flags & kVmaNoHugePage);
+      const bool eligible =
+          as_.config_.thp && v.private_anon() && !v.is_hugetlb() && !(v.flags & kVmaNoHugePage);
       for (uint64_t b = hs; b + kHugePageSize <= he; b += kHugePageSize) {
         ++regions;
         const Errc r = eligible ? CollapseHugeLocked(v, b) : Errc::kInval;
@@ -548,6 +569,7 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
       const uint32_t set = advice == kMadvHugePage ? kVmaHugePage : kVmaNoHugePage;
       const uint32_t clear = advice == kMadvHugePage ? kVmaNoHugePage : kVmaHugePage;
       if ((v.flags & (set | clear)) != set) {
+        if (v.is_hugetlb()) USVM_TRY(CheckHugetlbSplitLocked(a, e));
         SplitVmaLocked(a);
         SplitVmaLocked(e);
         Vma& w = vmas_.at(a);
@@ -562,6 +584,7 @@ Result<void> AddressSpace::Impl::Madvise(uint64_t addr, uint64_t len, int advice
     USVM_TRY(CheckAliveLocked());
     USVM_TRY(ForEachVmaPartLocked(addr, end, &hole, [&](const Vma& v, uint64_t a, uint64_t e) -> Result<void> {
       mmap_lock_.AssertReaderHeld();
+      if (v.is_hugetlb()) return HugetlbMadviseLocked(v, a, e, advice);
       if (advice == kMadvFree && !v.private_anon())
         return Err(Errc::kInval, "madvise: MADV_FREE on a shared or file mapping");
       NotifyStart(a, e, NotifyEvent::kClear);
@@ -719,12 +742,20 @@ uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_
   // copy_vma + move_page_tables + unmap of the source. The source VMA is
   // not split here: do_munmap splits what it unmaps, and with DONTUNMAP (or
   // old_len 0) the source stays as it was.
+  const bool hugetlb = olen != 0 && VmaLookupLocked(addr)->is_hugetlb();
+  if (hugetlb) {
+    // The private reservations move with the pages to the copy: the part
+    // left behind (unmapped below) must not give them back.
+    SplitVmaLocked(addr);
+    SplitVmaLocked(addr + olen);
+  }
   const Vma& src = *VmaLookupLocked(addr);
   Vma dst = src;
   dst.start = target;
   dst.end = target + nlen;
   dst.pgoff = src.PgoffOf(addr);
   vmas_.emplace(target, std::move(dst));
+  if (hugetlb) DisownHugetlbReservationsLocked(addr);
   if (olen != 0) {
     // Huge entries cut by the range are split first (CLEAR over their
     // 2 MiB), as split_huge_pmd does in move_page_tables.
@@ -742,7 +773,8 @@ uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_
 }
 
 Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen, uint64_t nlen,
-                                                   uint32_t flags, uint64_t new_addr) {
+                                                   uint32_t flags, uint64_t new_addr,
+                                                   uint64_t align) {
   const auto& c = as_.config_;
   const bool fixed = flags & kMremapFixed;
   // mremap_to. Linux unmaps a FIXED target before the shrink's tail, whose
@@ -752,6 +784,9 @@ Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen,
   // Linux fails this in get_unmapped_area (security_mmap_addr), after the
   // target and the tail were unmapped; we fail before changing anything.
   if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
+  // Neither unmap may split a hugetlb page (EINVAL, nothing changed).
+  if (fixed) USVM_TRY(CheckHugetlbSplitLocked(new_addr, new_addr + nlen));
+  if (olen > nlen) USVM_TRY(CheckHugetlbSplitLocked(addr + nlen, addr + olen));
   if (fixed) UnmapLocked(new_addr, new_addr + nlen);
   if (olen > nlen) {
     UnmapLocked(addr + nlen, addr + olen);
@@ -762,7 +797,7 @@ Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen,
     // MREMAP_DONTUNMAP alone: new_addr is a hint (get_unmapped_area).
     if (!(new_addr >= c.min_addr && new_addr <= c.task_size - nlen &&
           RangeFreeLocked(new_addr, new_addr + nlen)))
-      target = USVM_TRY(GetUnmappedAreaLocked(nlen));
+      target = USVM_TRY(GetUnmappedAreaLocked(nlen, align));
   }
   return MoveVmaLocked(addr, olen, target, nlen, flags & kMremapDontUnmap);
 }
@@ -774,13 +809,21 @@ Result<uint64_t> AddressSpace::Impl::RemapOneLocked(uint64_t addr, uint64_t olen
   // whatever the lengths, before anything is unmapped.
   const Vma* v = VmaLookupLocked(addr);
   if (!v) return Err(Errc::kFault, "mremap: nothing mapped at old address");
+  uint64_t align = kPageSize;
+  if (v->is_hugetlb()) {
+    // Lengths in whole 2 MiB pages; no growth, no DONTUNMAP (hugetlb.cc).
+    USVM_TRY(AlignHugetlbMremapLocked(addr, new_addr, flags, &olen, &nlen));
+    align = kHugePageSize;
+  }
   USVM_TRY(CheckRemapLocked(*v, addr, olen, nlen, flags));
-  if (flags & (kMremapFixed | kMremapDontUnmap)) return RemapToLocked(addr, olen, nlen, flags, new_addr);
+  if (flags & (kMremapFixed | kMremapDontUnmap))
+    return RemapToLocked(addr, olen, nlen, flags, new_addr, align);
   // mremap_at.
   if (olen == nlen) return addr;
   if (olen > nlen) {
     // Shrink: a munmap of the tail, which may cross VMA ends.
     USVM_TRY(CheckMunmapRange(addr + nlen, olen - nlen));
+    USVM_TRY(CheckHugetlbSplitLocked(addr + nlen, addr + olen));
     UnmapLocked(addr + nlen, addr + olen);
     return addr;
   }
@@ -792,7 +835,7 @@ Result<uint64_t> AddressSpace::Impl::RemapOneLocked(uint64_t addr, uint64_t olen
     return addr;
   }
   if (!(flags & kMremapMayMove)) return Err(Errc::kNoMem, "mremap: cannot grow in place and may not move");
-  const uint64_t target = USVM_TRY(GetUnmappedAreaLocked(nlen));
+  const uint64_t target = USVM_TRY(GetUnmappedAreaLocked(nlen, align));
   return MoveVmaLocked(addr, olen, target, nlen, /*dontunmap=*/false);
 }
 
@@ -864,7 +907,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   bool oom = false;
   for (const auto& kv : vmas_) {
     const Vma& v = kv.second;
-    child.vmas_.emplace(kv.first, v);
+    child.vmas_.emplace(kv.first, v).first->second.hugetlb_resv_owner = false;  // a child owns none
     // Shared mappings refault from the page cache in the child.
     if (v.shared()) continue;
     NotifyStart(v.start, v.end, NotifyEvent::kProtectionPage);
@@ -874,8 +917,18 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
       slot.lock.Lock();
       cs->lock.Lock();
       uint64_t h = slot.huge.load(std::memory_order_relaxed);
-      if (h != 0 && pte::HoldsFrame(h)) {
-        // A pinned page under a 2 MiB entry must be copied, not shared
+      if (HugetlbEntryPinned(h)) {
+        // A pinned hugetlb page is copied whole for the child.
+        auto copy = HugetlbCopyForFork(h);
+        if (copy) {
+          cs->huge.store(*copy, std::memory_order_relaxed);
+          copied += kPagesPerHuge;
+        } else {
+          oom = true;
+        }
+        h = 0;  // done
+      } else if (h != 0 && pte::HoldsFrame(h) && !(h & pte::kHugetlb)) {
+        // A pinned page under a THP entry must be copied, not shared
         // (copy_huge_pmd gives up on a maybe-pinned folio, splits the PMD
         // and copies at the PTE level): split it here and let the 4 KiB
         // pass below copy exactly the pinned pages. The PROTECTION_PAGE
@@ -890,8 +943,9 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
         }
       }
       if (h != 0) {
-        // Shared read-only by both: a THP, or a 2 MiB device page (private
-        // or coherent), each of its 512 pages referenced once more.
+        // Shared read-only by both: a THP or hugetlb page, or a 2 MiB
+        // device page (private or coherent), each of its 512 pages
+        // referenced once more.
         const uint64_t wp = h & ~pte::kWrite;
         if (pte::HoldsFrame(h))
           for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Get(pte::PfnOf(h) + i);
@@ -955,6 +1009,7 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   child.free_area_cache_ = free_area_cache_;
   child.cached_hole_size_ = cached_hole_size_;
   if (oom) return Err(Errc::kNoMem, "fork: cannot copy a pinned page");  // the caller drops the child
+  HugetlbNoteForkLocked(child);
   if (!device_pagemaps.empty()) {
     auto child_sp = child.as_.shared_from_this();
     std::sort(device_pagemaps.begin(), device_pagemaps.end());
@@ -1029,6 +1084,7 @@ PteInfo AddressSpace::Impl::QueryPte(uint64_t addr) const {
   info.zero_page = e & pte::kZero;
   info.file = e & pte::kFile;
   info.lazy_free = e & pte::kLazyFree;
+  info.hugetlb = e & pte::kHugetlb;
   info.device_memory = pte::HoldsDevicePage(e);
   return info;
 }

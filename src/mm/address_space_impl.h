@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "hugetlb.h"
 #include "page_table.h"
 #include "usvm/base/wait_queue.h"
 #include "usvm/mm/device_pagemap.h"
@@ -31,8 +32,14 @@ struct Vma {
   uint32_t flags = 0;              // kVma* flags
   std::shared_ptr<SimFile> file;   // null for private anonymous memory
   uint64_t pgoff = 0;              // file page index of start
+  // MAP_HUGETLB: the object behind the mapping (hugetlb.h), else null.
+  std::shared_ptr<HugetlbObject> hugetlb;
+  // Private hugetlb: this VMA holds the reservations (the mmap caller's,
+  // not a fork child's, nor the old range of an mremap move).
+  bool hugetlb_resv_owner = false;
 
   bool shared() const { return flags & kVmaShared; }
+  bool is_hugetlb() const { return hugetlb != nullptr; }
   bool private_anon() const { return !file; }
   uint64_t PgoffOf(uint64_t addr) const { return pgoff + ((addr - start) >> kPageShift); }
   VmaInfo Info() const { return {start, end, prot, flags, file.get(), pgoff}; }
@@ -99,11 +106,15 @@ class AddressSpace::Impl {
   // Range checks shared by the layout calls.
   Result<void> CheckAliveLocked() const USVM_REQUIRES_SHARED(mmap_lock_);
   bool RangeFreeLocked(uint64_t start, uint64_t end) const USVM_REQUIRES_SHARED(mmap_lock_);
-  Result<uint64_t> GetUnmappedAreaLocked(uint64_t len) USVM_REQUIRES(mmap_lock_);
-  // The start of the top len bytes of the highest gap in [min_addr, limit)
-  // that fits len; *skipped (if given) grows to the largest gap passed over.
-  std::optional<uint64_t> TopDownGapLocked(uint64_t limit, uint64_t len, uint64_t* skipped) const
-      USVM_REQUIRES_SHARED(mmap_lock_);
+  // Top-down search for a free range of len bytes starting at a multiple
+  // of `align` (a power of two, at least a page).
+  Result<uint64_t> GetUnmappedAreaLocked(uint64_t len, uint64_t align = kPageSize)
+      USVM_REQUIRES(mmap_lock_);
+  // The highest start (a multiple of align) of len bytes in the highest gap
+  // in [min_addr, limit) that fits; *skipped (if given) grows to the
+  // largest gap passed over.
+  std::optional<uint64_t> TopDownGapLocked(uint64_t limit, uint64_t len, uint64_t align,
+                                           uint64_t* skipped) const USVM_REQUIRES_SHARED(mmap_lock_);
   // Splits the VMA containing addr (start < addr < end) in two.
   void SplitVmaLocked(uint64_t addr) USVM_REQUIRES(mmap_lock_);
   // Merges the VMA starting at `start` with compatible neighbours.
@@ -169,7 +180,7 @@ class AddressSpace::Impl {
                                   uint64_t new_addr) USVM_REQUIRES(mmap_lock_);
   // mremap_to: FIXED target or DONTUNMAP hint. REQUIRES: checks done.
   Result<uint64_t> RemapToLocked(uint64_t addr, uint64_t olen, uint64_t nlen, uint32_t flags,
-                                 uint64_t new_addr) USVM_REQUIRES(mmap_lock_);
+                                 uint64_t new_addr, uint64_t align) USVM_REQUIRES(mmap_lock_);
   // remap_move: a FIXED move of equal lengths over any number of VMAs.
   Result<uint64_t> RemapMoveLocked(uint64_t start, uint64_t len, uint32_t flags, uint64_t new_addr)
       USVM_REQUIRES(mmap_lock_);
@@ -221,6 +232,52 @@ class AddressSpace::Impl {
   Result<Pfn> MakeExclusiveLocked(uint64_t addr, const void* owner) USVM_REQUIRES_SHARED(mmap_lock_);
   Result<void> PinLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
       USVM_REQUIRES_SHARED(mmap_lock_);
+  // ---- hugetlb (hugetlb.cc) ----
+  // mmap with kMapHugetlb (Mmap dispatches here first).
+  Result<uint64_t> MmapHugetlb(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
+                               bool has_file, uint64_t offset) USVM_EXCLUDES(mmap_lock_);
+  // EINVAL if start or end would split a hugetlb VMA off a 2 MiB boundary
+  // (hugetlb_vm_op_split): munmap, mprotect, madvise flag changes, the
+  // target of MAP_FIXED / MREMAP_FIXED.
+  Result<void> CheckHugetlbSplitLocked(uint64_t start, uint64_t end) const
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // mremap of a hugetlb VMA (align_hugetlb): rounds the lengths up to
+  // 2 MiB; EINVAL for unaligned addresses, growth, DONTUNMAP
+  // (VM_DONTEXPAND) or a fixed target that overlaps or splits a hugetlb VMA.
+  Result<void> AlignHugetlbMremapLocked(uint64_t old_addr, uint64_t new_addr, uint32_t flags,
+                                        uint64_t* olen, uint64_t* nlen) const
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // The VMA starting at start stops owning reservations (they moved with
+  // an mremap); a no-op for other VMAs.
+  void DisownHugetlbReservationsLocked(uint64_t start) USVM_REQUIRES(mmap_lock_);
+  // The VMA v is being removed: a private owner's unused reservations of
+  // its range go back to the pool (hugetlb_vm_op_close).
+  void HugetlbCloseVmaLocked(const Vma& v) USVM_REQUIRES(mmap_lock_);
+  // Page fault on a hugetlb VMA: maps, reuses or copies the whole 2 MiB page.
+  Result<void> HugetlbFaultLocked(const Vma& vma, uint64_t addr, AccessKind kind)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // madvise on part [a, e) of hugetlb VMA v (madvise_dontneed_free_valid_vma).
+  Result<void> HugetlbMadviseLocked(const Vma& v, uint64_t a, uint64_t e, int advice)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // Fork: whether the hugetlb entry h must be copied for the child (some
+  // frame is pinned), and the copy (an unreserved pool page).
+  bool HugetlbEntryPinned(uint64_t h) const;
+  Result<uint64_t> HugetlbCopyForFork(uint64_t h);
+  // Fork: the child maps our private hugetlb objects without owning their
+  // reservations; note it, so an owner can take pages back from it.
+  void HugetlbNoteForkLocked(Impl& child) USVM_REQUIRES(child.mmap_lock_);
+  // unmap_ref_private: unmaps the page `base` of index idx of obj from
+  // every other address space mapping obj as a non-owner, and marks them
+  // (their later faults on obj are SIGBUS). Takes their mmap locks.
+  // REQUIRES: our mmap lock; no page table lock.
+  void HugetlbUnmapRefPrivateLocked(HugetlbObject& obj, uint64_t idx, Pfn base)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+
+  // get_user_pages' loop (gup.cc).
+  Result<void> GupLocked(uint64_t addr, uint64_t npages, bool write, Pfn* out)
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  // Drops a reference GupLocked took (system, zero or coherent page).
+  void PutGupPage(Pfn pfn);
   // The bytes of the frame a present entry maps (system or coherent device).
   std::byte* EntryData(uint64_t e) const;
   uint32_t DeviceRefCount(uint64_t dpfn) const;

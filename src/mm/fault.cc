@@ -94,6 +94,7 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
   if (write && !(vma->prot & kProtWrite))
     return Err(Errc::kFault, "SIGSEGV: write to a read-only mapping");
   counters.faults.fetch_add(1, std::memory_order_relaxed);
+  if (vma->is_hugetlb()) return HugetlbFaultLocked(*vma, addr, kind);
 
   PmdSlot* slot = pt_.Ensure(addr);
   const uint64_t hbase = addr & kHugeMask;
@@ -312,7 +313,8 @@ Result<Pfn> AddressSpace::Impl::MakeExclusiveLocked(uint64_t addr, const void* o
   if (!IsPageAligned(addr)) return Err(Errc::kInval, "make exclusive: address not page aligned");
   const Vma* vma = FindVmaLocked(addr);
   if (!vma || vma->start > addr) return Err(Errc::kFault, "make exclusive: no mapping");
-  if (!vma->private_anon()) return Err(Errc::kInval, "make exclusive: not private anonymous memory");
+  if (!vma->private_anon() || vma->is_hugetlb())
+    return Err(Errc::kInval, "make exclusive: not private anonymous memory");
   for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
     uint64_t e = ReadEntryLocked(addr);
     if (pte::IsExclusive(e)) return pte::PfnOf(e);  // already exclusive

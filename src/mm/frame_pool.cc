@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cassert>
 #include <cstring>
@@ -166,6 +167,23 @@ void FramePool::FreeFrame(Pfn pfn) {
   MutexLock l(lock_);
   Block* b = &blocks_[pfn / kPagesPerHuge];
   const uint64_t base = (pfn / kPagesPerHuge) * kPagesPerHuge;
+  if (b->hugetlb) {
+    // A hugetlb page goes back whole, once all its frames are free.
+    ++frees_;
+    if (++b->nfree < kPagesPerHuge) return;
+    if (hugetlb_total_ > hugetlb_target_) {
+      // The pool was shrunk while this page was in use: a surplus page.
+      b->hugetlb = 0;
+      b->free_head = 0;
+      b->next_fresh = 0;
+      --hugetlb_total_;
+      free_frames_ += kPagesPerHuge;
+      free_blocks_.push_back(b);
+    } else {
+      hugetlb_free_.push_back(b);
+    }
+    return;
+  }
   frames_[pfn].next_free = b->free_head;
   b->free_head = static_cast<uint32_t>(pfn - base + 1);
   ++b->nfree;
@@ -188,6 +206,77 @@ FramePool::Stats FramePool::GetStats() const {
   s.huge_allocs = huge_allocs_;
   s.frees = frees_;
   return s;
+}
+
+// ---- hugetlb pool ---------------------------------------------------------------
+
+uint64_t FramePool::SetHugetlbPages(uint64_t n) {
+  MutexLock l(lock_);
+  hugetlb_target_ = n;
+  while (hugetlb_total_ < n) {
+    Block* b = TakeFreeBlockLocked();
+    if (!b) break;
+    b->hugetlb = 1;
+    b->nfree = kPagesPerHuge;
+    free_frames_ -= kPagesPerHuge;
+    ++hugetlb_total_;
+    hugetlb_free_.push_back(b);
+  }
+  // Shrink: only free pages that no reservation still counts on.
+  while (hugetlb_total_ > n && hugetlb_free_.size() > hugetlb_resv_) {
+    Block* b = hugetlb_free_.pop_front();
+    b->hugetlb = 0;
+    b->free_head = 0;
+    b->next_fresh = 0;  // PrepareFrame zeroes frames that were used
+    --hugetlb_total_;
+    free_frames_ += kPagesPerHuge;
+    free_blocks_.push_back(b);
+  }
+  return hugetlb_total_;
+}
+
+FramePool::HugetlbStats FramePool::GetHugetlbStats() const {
+  MutexLock l(lock_);
+  return {hugetlb_total_, hugetlb_free_.size(), hugetlb_resv_, hugetlb_target_};
+}
+
+Result<void> FramePool::HugetlbReserve(uint64_t n) {
+  MutexLock l(lock_);
+  if (n > hugetlb_free_.size() - hugetlb_resv_)
+    return Err(Errc::kNoMem, "hugetlb: not enough free huge pages to reserve");
+  hugetlb_resv_ += n;
+  return {};
+}
+
+void FramePool::HugetlbUnreserve(uint64_t n) {
+  MutexLock l(lock_);
+  assert(n <= hugetlb_resv_);
+  hugetlb_resv_ -= std::min(n, hugetlb_resv_);
+}
+
+Result<Pfn> FramePool::HugetlbAlloc(bool reserved) {
+  if (env_.ShouldFail("frame_pool.alloc_hugetlb"))
+    return Err(Errc::kNoMem, "injected: frame_pool.alloc_hugetlb");
+  Pfn base;
+  {
+    MutexLock l(lock_);
+    if (reserved && hugetlb_resv_ == 0) reserved = false;
+    if (!reserved && hugetlb_free_.size() <= hugetlb_resv_)
+      return Err(Errc::kNoSpc, "hugetlb: no free huge page");
+    Block* b = hugetlb_free_.pop_front();
+    if (reserved) --hugetlb_resv_;
+    b->nfree = 0;
+    base = static_cast<uint64_t>(b - blocks_) * kPagesPerHuge;
+    ++huge_allocs_;
+  }
+  for (uint64_t i = 0; i < kPagesPerHuge; ++i) PrepareFrame(base + i, Zero::kYes);
+  return base;
+}
+
+bool FramePool::IsHugetlbFrame(Pfn pfn) const {
+  if (pfn >= nframes_) return false;
+  MutexLock l(lock_);
+  return blocks_[pfn / kPagesPerHuge].hugetlb != 0;
 }
 
 }  // namespace usvm::mm

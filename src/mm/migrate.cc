@@ -79,6 +79,7 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   const Vma* vma = FindVmaLocked(m.start);
   if (!vma || vma->start > m.start || m.end > vma->end)
     return Err(Errc::kInval, "migrate: range not inside one VMA");
+  if (vma->is_hugetlb()) return Err(Errc::kInval, "migrate: hugetlb mapping");
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
   const bool compound = m.flags & kMigrateSelectCompound;
@@ -188,10 +189,12 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       m.src[i] = kMigratePfnMigrate;
       if (e != 0) mig = pte::Make(pte::kMigration, 0, keep | pte::kZero);
     } else if (pte::HoldsFrame(e)) {
-      // System memory: private anonymous pages that this mapping alone
-      // uses, or shares read-only (copy-on-write after fork).
+      // System memory: anonymous pages that this mapping alone uses, or
+      // shares read-only (copy-on-write after fork). A private file
+      // mapping's own copies are anonymous pages too and are collected;
+      // page-cache pages (kFile, every page of a shared mapping) are not.
       const Pfn pfn = pte::PfnOf(e);
-      if (!(m.flags & kMigrateSelectSystem) || !anon || (e & pte::kFile)) continue;
+      if (!(m.flags & kMigrateSelectSystem) || vma->shared() || (e & pte::kFile)) continue;
       if (pool_.PinCount(pfn) > 0) continue;  // pinned: stays where the pin expects it
       if ((e & pte::kWrite) && pool_.RefCount(pfn) != 1) continue;
       pool_.Get(pfn);  // the migrator's reference

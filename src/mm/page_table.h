@@ -51,6 +51,9 @@ inline constexpr uint64_t kLazyFree = 1u << 9;  // MADV_FREE'd, discardable whil
 // The frame is a DevicePfn: set on present entries of device-coherent
 // memory and on migration entries whose source is device memory.
 inline constexpr uint64_t kDevice = 1u << 10;
+// A huge entry of a MAP_HUGETLB mapping: never split (only whole-entry
+// operations reach it), copied whole on COW.
+inline constexpr uint64_t kHugetlb = 1u << 11;
 inline constexpr unsigned kPfnShift = 12;
 inline constexpr uint64_t kFlagsMask = (uint64_t{1} << kPfnShift) - 1;
 

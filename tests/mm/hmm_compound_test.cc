@@ -207,7 +207,9 @@ TEST_P(CompoundTest, PartialUnmapSplitsTheDevicePage) {
   std::vector<uint32_t> v(kHugePageSize / 8);
   ASSERT_TRUE(as_->Read(a, v.data(), kHugePageSize / 2).has_value());
   for (uint32_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], i);
-  if (!coherent()) EXPECT_EQ(dev_->pgmap().DebugPagesInUse(), 0u);
+  if (!coherent()) {
+    EXPECT_EQ(dev_->pgmap().DebugPagesInUse(), 0u);
+  }
 }
 
 // mremap moves a 2 MiB device page whole to a 2 MiB-aligned address.

@@ -65,6 +65,7 @@ enum : uint32_t {
   kVmaAnonymous = 1u << 1,  // anonymous (private anon, or shmem)
   kVmaHugePage = 1u << 2,   // MADV_HUGEPAGE
   kVmaNoHugePage = 1u << 3, // MADV_NOHUGEPAGE
+  kVmaHugetlb = 1u << 4,    // MAP_HUGETLB (2 MiB pages from the hugetlb pool)
 };
 
 // A copy of one VMA's attributes.
@@ -95,6 +96,7 @@ struct PteInfo {
   bool zero_page = false;  // the shared zero page
   bool file = false;       // a page-cache page (not anonymous)
   bool huge = false;       // mapped by a 2 MiB entry
+  bool hugetlb = false;    // a 2 MiB page of a MAP_HUGETLB mapping
   bool lazy_free = false;  // MADV_FREE'd and not written since
   bool device_memory = false;  // pfn is a DevicePfn (device-private or coherent)
 };
@@ -131,16 +133,24 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // min_addr; EEXIST: kMapFixedNoReplace over an existing mapping;
   // EOVERFLOW: the file offset of the last page beyond MAX_LFS_FILESIZE;
   // EINVAL: not exactly one of kMapShared/kMapPrivate.
+  // kMapHugetlb (anonymous only; optional kMapHuge2MB, kMapNoReserve): 2 MiB
+  // pages from the pool's hugetlb pool (FramePool::SetHugetlbPages). The
+  // length rounds up to 2 MiB and the address is 2 MiB aligned; the pages
+  // are reserved now (ENOMEM if the pool cannot, unless kMapNoReserve).
+  // EINVAL: with a file, another huge page size, an unaligned fixed address
+  // or offset. A fault that finds no page is EFAULT (SIGBUS).
   Result<uint64_t> Mmap(uint64_t addr, uint64_t len, uint32_t prot, uint32_t flags,
                         std::shared_ptr<SimFile> file = nullptr, uint64_t offset = 0);
-  // munmap(2). EINVAL: unaligned address, zero length, or a range outside
-  // user space. Unmapping nothing succeeds.
+  // munmap(2). EINVAL: unaligned address, zero length, a range outside
+  // user space, or an end that cuts a hugetlb mapping off a 2 MiB
+  // boundary. Unmapping nothing succeeds.
   Result<void> Munmap(uint64_t addr, uint64_t len);
   // mprotect(2). EINVAL: unaligned address, unknown prot bits (kProtSem is
   // accepted and ignored), both kProtGrowsDown and kProtGrowsUp, or one of
-  // them on a VMA (none can grow). ENOMEM: the range overflows, or part of
-  // it is not mapped; as in Linux the mappings before the first hole have
-  // been changed then.
+  // them on a VMA (none can grow), or an end that cuts a hugetlb mapping
+  // off a 2 MiB boundary. ENOMEM: the range overflows, or part of it is not
+  // mapped; as in Linux the mappings before the first hole have been
+  // changed then.
   Result<void> Mprotect(uint64_t addr, uint64_t len, uint32_t prot);
   // madvise(2) with kMadvNormal, kMadvDontNeed, kMadvFree, kMadvHugePage,
   // kMadvNoHugePage, kMadvCollapse. EINVAL: unaligned address, unknown
@@ -155,6 +165,9 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // an ineligible VMA, a region with no page at all, device or migration
   // entries, or no whole 2 MiB in the range; EAGAIN for pinned pages;
   // ENOMEM when no 2 MiB block can be had (that stops the walk).
+  // Hugetlb mappings: FREE is EINVAL, DONTNEED must start on a 2 MiB
+  // boundary and rounds its end down to one, flag changes that would split
+  // off a boundary are EINVAL; COLLAPSE is EINVAL.
   Result<void> Madvise(uint64_t addr, uint64_t len, int advice);
   // mremap(2) with kMremapMayMove, kMremapFixed, kMremapDontUnmap, as in
   // Linux 6.18 (docs/mm.md). Returns the new address. EINVAL: bad flags or
@@ -164,7 +177,8 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // space; EFAULT: no VMA at old_addr, or the part that moves leaves it (a
   // FIXED move of equal lengths may span several VMAs); EPERM: a FIXED
   // address below min_addr; ENOMEM: cannot grow in place and may not move,
-  // or no room.
+  // or no room. Hugetlb mappings: lengths round up to 2 MiB; EINVAL for
+  // unaligned addresses, growth, or kMremapDontUnmap.
   Result<uint64_t> Mremap(uint64_t old_addr, uint64_t old_len, uint64_t new_len,
                           uint32_t flags, uint64_t new_addr = 0);
   // fork(2) of the memory: a new address space with copies of every VMA;
@@ -203,6 +217,14 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
   // find_vma: the first VMA ending above addr, if any.
   std::optional<VmaInfo> FindVma(uint64_t addr) const;
+  // The same lookups for callers that already hold the mmap lock (read or
+  // write), e.g. a driver's fault handler between ReadBegin and
+  // RangeFault: VmaLookupLocked is the kernel's vma_lookup (the VMA that
+  // contains addr, or nothing), FindVmaLocked is find_vma (the first VMA
+  // ending above addr). Both return copies; nothing stays referenced.
+  // REQUIRES: the mmap lock (read or write).
+  std::optional<VmaInfo> VmaLookupLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  std::optional<VmaInfo> FindVmaLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
   std::vector<VmaInfo> Vmas() const;
   size_t VmaCount() const;
   PteInfo QueryPte(uint64_t addr) const;
@@ -255,6 +277,32 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // EINVAL for an unaligned address or zero pages.
   Result<void> PinUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
   void UnpinUserPage(Pfn pfn) { pool_.Unpin(pfn); }
+
+  // get_user_pages (FOLL_GET, short term; takes the mmap read lock, as
+  // get_user_pages_unlocked): faults npages pages from addr in as a CPU
+  // access would (a write access if `write`, breaking copy-on-write) and
+  // takes one page reference on each, into out[]. All or nothing.
+  // What out[i] names:
+  //   - a system frame (Pfn) with a reference;
+  //   - FramePool::kZeroPfn for a read of never-written private anonymous
+  //     memory (the shared zero page; no reference is needed);
+  //   - a DevicePfn of device-coherent memory, returned where it is with a
+  //     reference on the device page (DevicePagemap::Lookup tells them
+  //     apart). Device-private pages are faulted home first (the owner's
+  //     MigrateToRam), as any CPU access does.
+  // Unlike PinUserPages (FOLL_PIN | FOLL_LONGTERM) a reference is not a
+  // pin: huge entries stay huge, coherent pages are not moved, fork shares
+  // the page copy-on-write (only pinned pages are copied at fork), and a
+  // later write fault on a shared copy copies (the extra reference means
+  // the page may still be in use). Migration skips writable pages with
+  // extra references. Release each with PutUserPage.
+  // EFAULT as for an access (no VMA, PROT_NONE, write to a read-only
+  // mapping, beyond end of file); ENOMEM; EINVAL for an unaligned address,
+  // zero pages, a null out or a range that wraps.
+  Result<void> GetUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
+  // put_page for a page GetUserPages returned. The zero page, kInvalidPfn,
+  // unknown device frames and frames with no reference are ignored.
+  void PutUserPage(Pfn pfn);
 
   // ---- for the layers above --------------------------------------------
 

@@ -18,10 +18,21 @@
 //
 // Frame 0 is the shared zero page: never handed out, never written.
 //
+// The hugetlb pool (the kernel's hstate for 2 MiB pages, nr_hugepages):
+// SetHugetlbPages moves wholly free 2 MiB blocks into a separate pool that
+// only MAP_HUGETLB mappings use; it starts empty, as on a fresh machine.
+// Mappings reserve pool pages at mmap time (HugetlbReserve, ENOMEM when
+// free - reserved is too small) and take them at fault time
+// (HugetlbAlloc). A pool page is 512 frames with their own counts like a
+// huge allocation; when the last frame's count drops it goes back to the
+// pool (or to the page allocator if the pool was shrunk meanwhile). The
+// pool is shared by every address space of this FramePool.
+//
 // Reference counts are atomics and may be changed without the pool lock;
 // the block lists and free stacks are guarded by lock_.
 //
-// Fault points: "frame_pool.alloc", "frame_pool.alloc_huge".
+// Fault points: "frame_pool.alloc", "frame_pool.alloc_huge",
+// "frame_pool.alloc_hugetlb".
 #ifndef USVM_MM_FRAME_POOL_H_
 #define USVM_MM_FRAME_POOL_H_
 
@@ -88,6 +99,31 @@ class FramePool {
   };
   Stats GetStats() const USVM_EXCLUDES(lock_);
 
+  // ---- hugetlb pool ----
+  // nr_hugepages: grows the pool to n pages with wholly free 2 MiB blocks,
+  // or shrinks it by giving free, unreserved pool pages back (pages in use
+  // go back to the page allocator when they are freed). Returns the pool
+  // size now, which may be short of n when memory is short (as the sysctl).
+  uint64_t SetHugetlbPages(uint64_t n) USVM_EXCLUDES(lock_);
+  struct HugetlbStats {
+    uint64_t total = 0;     // HugePages_Total: pages in the pool
+    uint64_t free = 0;      // HugePages_Free: not in use (reserved ones included)
+    uint64_t reserved = 0;  // HugePages_Rsvd: promised to mappings, not yet faulted
+    uint64_t target = 0;    // the last SetHugetlbPages request
+  };
+  HugetlbStats GetHugetlbStats() const USVM_EXCLUDES(lock_);
+  // Reserves n pool pages (hugetlb_acct_memory). ENOMEM: fewer than n free
+  // pages are unreserved. Unreserve gives unused reservations back.
+  Result<void> HugetlbReserve(uint64_t n) USVM_EXCLUDES(lock_);
+  void HugetlbUnreserve(uint64_t n) USVM_EXCLUDES(lock_);
+  // Takes a free pool page: 512 zeroed frames with refcount 1 each; returns
+  // the first. `reserved`: consumes a reservation made earlier; otherwise
+  // only an unreserved free page may be taken. ENOSPC when there is none
+  // (alloc_hugetlb_folio); ENOMEM only from fault injection.
+  Result<Pfn> HugetlbAlloc(bool reserved) USVM_EXCLUDES(lock_);
+  // Whether pfn lies in a block of the hugetlb pool.
+  bool IsHugetlbFrame(Pfn pfn) const USVM_EXCLUDES(lock_);
+
  private:
   // Metadata of one frame. Lives in zero-filled lazily committed memory, so
   // an all-zero Frame must be valid: fields are plain integers, accessed
@@ -105,7 +141,7 @@ class FramePool {
     uint32_t nfree;       // free frames in this block, lock_
     uint32_t free_head;   // 1-based index of the top of the free stack, lock_
     uint32_t next_fresh;  // frames [next_fresh, 512) were never handed out
-    uint32_t pad;
+    uint32_t hugetlb;     // 1: the block belongs to the hugetlb pool, lock_
   };
   FramePool(Env& env, std::byte* arena, Frame* frames, Block* blocks, uint64_t nframes);
   void FreeFrame(Pfn pfn) USVM_EXCLUDES(lock_);
@@ -130,6 +166,13 @@ class FramePool {
   uint64_t allocs_ USVM_GUARDED_BY(lock_) = 0;
   uint64_t huge_allocs_ USVM_GUARDED_BY(lock_) = 0;
   uint64_t frees_ USVM_GUARDED_BY(lock_) = 0;
+  // The hugetlb pool: free pool pages (whole blocks, nfree == 512) and the
+  // counters of HugetlbStats. Blocks of the pool that are in use are on no
+  // list; their nfree counts frames whose count dropped to zero.
+  IntrusiveList<Block, &Block::link> hugetlb_free_ USVM_GUARDED_BY(lock_);
+  uint64_t hugetlb_total_ USVM_GUARDED_BY(lock_) = 0;
+  uint64_t hugetlb_resv_ USVM_GUARDED_BY(lock_) = 0;
+  uint64_t hugetlb_target_ USVM_GUARDED_BY(lock_) = 0;
 };
 
 }  // namespace usvm::mm

@@ -13,11 +13,14 @@
 //
 // Setup installs migration entries over every collected page: CPU accesses
 // to them wait until Finalize. It skips (clears kMigratePfnMigrate for)
-// what cannot move: shared and file-backed pages, pages with other users
-// (forked copy-on-write, pinned), device pages of another owner, and pages
-// the select flags exclude. Empty and zero-page entries of private
-// anonymous memory are collected with no source page (src without
-// kMigratePfnValid): a destination page fills the hole.
+// what cannot move: page-cache pages (every page of a shared mapping, and
+// the not-yet-written pages of a private file mapping), pages with other
+// users (forked copy-on-write, pinned), device pages of another owner, and
+// pages the select flags exclude. A private file mapping's own copies
+// (pages it has written) are anonymous and are collected. Empty and
+// zero-page entries of private anonymous memory are collected with no
+// source page (src without kMigratePfnValid): a destination page fills
+// the hole; holes of file mappings are not.
 //
 // The notification carries NotifyEvent::kMigrate and pgmap_owner, so a
 // driver can ignore invalidations caused by its own migrations.

@@ -45,9 +45,17 @@ enum : uint32_t {
   kMapPrivate = 0x02,
   kMapFixed = 0x10,
   kMapAnonymous = 0x20,
+  kMapNoReserve = 0x4000,  // hugetlb: no reservation at mmap (faults may fail)
   kMapPopulate = 0x8000,
+  kMapHugetlb = 0x40000,   // 2 MiB pages from the hugetlb pool (FramePool)
   kMapFixedNoReplace = 0x100000,
 };
+// MAP_HUGE_SHIFT / MAP_HUGE_MASK: the log2 of the huge page size in the top
+// flag bits, with MAP_HUGETLB. 0 means the default size; only 2 MiB exists.
+inline constexpr unsigned kMapHugeShift = 26;
+inline constexpr uint32_t kMapHugeMask = 0x3fu << kMapHugeShift;
+inline constexpr uint32_t kMapHuge2MB = 21u << kMapHugeShift;
+inline constexpr uint64_t HugeAlignUp(uint64_t a) { return (a + kHugePageSize - 1) & kHugeMask; }
 
 // madvise advice (MADV_*), Linux values.
 enum : int {
