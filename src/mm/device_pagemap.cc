@@ -72,10 +72,20 @@ DevicePagemap::~DevicePagemap() {
   for (auto& w : mappers) {
     std::shared_ptr<AddressSpace> as = w.lock();
     if (!as) continue;
-    ReadLock l(as->mmap_lock());
-    for (auto [addr, dpfn] : as->FindDeviceEntriesLocked(base_, base_ + npages_)) {
-      [[maybe_unused]] auto r = ops_->MigrateToRam(*as, addr, *this, IndexOf(dpfn));
+    std::vector<std::pair<uint64_t, uint64_t>> entries;
+    {
+      ReadLock l(as->mmap_lock());
+      entries = as->FindDeviceEntriesLocked(base_, base_ + npages_);
+    }
+    // A CPU read fault brings each page home through the fault path, which
+    // rechecks the entry and locks the page around MigrateToRam.
+    // (Coherent pages are readable in place: a pin moves them home.)
+    for (auto [addr, dpfn] : entries) {
+      Pfn pinned;
+      [[maybe_unused]] auto r = coherent() ? as->PinUserPages(addr, 1, false, &pinned)
+                                           : as->Populate(addr, kPageSize, /*write=*/false);
       assert(r.has_value() && "migrate_to_ram failed during pagemap teardown");
+      if (r && coherent()) as->UnpinUserPage(pinned);
     }
   }
   Registry& reg = GetRegistry();
@@ -118,6 +128,20 @@ void DevicePagemap::Put(uint64_t index) {
 
 uint32_t DevicePagemap::RefCount(uint64_t index) const {
   return pages_[index].refcount.load(std::memory_order_acquire);
+}
+
+bool DevicePagemap::TryLockPage(uint64_t index) {
+  return !(pages_[index].flags.fetch_or(kPageLockedBit, std::memory_order_acquire) & kPageLockedBit);
+}
+
+void DevicePagemap::UnlockPage(uint64_t index) {
+  [[maybe_unused]] const uint32_t old =
+      pages_[index].flags.fetch_and(~kPageLockedBit, std::memory_order_release);
+  assert(old & kPageLockedBit);
+}
+
+bool DevicePagemap::PageLocked(uint64_t index) const {
+  return pages_[index].flags.load(std::memory_order_acquire) & kPageLockedBit;
 }
 
 void DevicePagemap::NoteMapper(const std::shared_ptr<AddressSpace>& as) {

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cassert>
 #include <cstring>
+#include <thread>
 
 #include "address_space_impl.h"
 
@@ -253,9 +254,38 @@ void AddressSpace::Impl::WaitMigrationLocked(uint64_t addr, uint64_t e) {
 }
 
 Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
+  const uint64_t page = PageAlignDown(addr);
   DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
   if (!pm) return Err(Errc::kFault, "SIGBUS: device page of an unregistered pagemap");
-  return pm->ops().MigrateToRam(as_, PageAlignDown(addr), *pm, pm->IndexOf(pte::PfnOf(e)));
+  const uint64_t index = pm->IndexOf(pte::PfnOf(e));
+  // do_swap_page's device-private branch: `e` was read with the page table
+  // lock dropped since, so the page may already be migrated, freed and
+  // reused. Recheck the entry under the lock; while it still maps the page
+  // the page is alive: take a reference and the page lock there. A thread
+  // that finds the page locked (another fault, a migrator) does not call
+  // the driver: it waits for the entry to change or the lock to go, and
+  // the caller looks at the entry again.
+  for (;;) {
+    bool locked = false;
+    {
+      PmdSlot* slot = pt_.Lookup(page);
+      if (!slot) return {};
+      ReadLock l(slot->lock);
+      if (slot->huge.load(std::memory_order_relaxed) != 0 || !slot->table ||
+          slot->table->e[PageTable::PteIndex(page)].load(std::memory_order_relaxed) != e)
+        return {};  // changed: the caller looks again
+      if (pm->TryLockPage(index)) {
+        pm->Get(index);
+        locked = true;
+      }
+    }
+    if (locked) break;
+    std::this_thread::yield();
+  }
+  auto r = pm->ops().MigrateToRam(as_, page, *pm, index);
+  pm->UnlockPage(index);
+  pm->Put(index);
+  return r;
 }
 
 void AddressSpace::Impl::RestoreExclusiveLocked(uint64_t addr, uint64_t e) {

@@ -13,6 +13,7 @@ namespace {
 struct MigrateState {
   std::vector<uint64_t> installed;  // our migration entry, or 0 (hole / skipped)
   std::vector<uint64_t> orig;       // the entry it replaced
+  std::vector<uint64_t> locked;     // device pages Setup locked (never the fault page)
 };
 
 }  // namespace
@@ -49,9 +50,17 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   const Vma* vma = FindVmaLocked(m.start);
   if (!vma || vma->start > m.start || m.end > vma->end)
     return Err(Errc::kInval, "migrate: range not inside one VMA");
+  if (m.vma && (m.vma->start != vma->start || m.vma->end != vma->end))
+    return Err(Errc::kInval, "migrate: vma is not the VMA holding the range");
+  if (m.fault_page != 0) {
+    DevicePagemap* fpm = DevicePagemap::Lookup(m.fault_page);
+    if (!fpm) return Err(Errc::kInval, "migrate: fault_page is not a device page");
+    if (!fpm->PageLocked(fpm->IndexOf(m.fault_page)))
+      return Err(Errc::kInval, "migrate: fault_page is not locked");
+  }
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
-  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0)};
+  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0), {}};
   for (uint64_t i = 0; i < n; ++i) m.src[i] = m.dst[i] = 0;
   m.cpages = 0;
 
@@ -105,8 +114,17 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       const uint32_t select =
           pte::IsPresent(e) ? kMigrateSelectDeviceCoherent : kMigrateSelectDevicePrivate;
       if (!(m.flags & select) || !pm || pm->owner() != m.pgmap_owner) continue;
-      if ((e & pte::kWrite) && pm->RefCount(pm->IndexOf(dpfn)) != 1) continue;
-      pm->Get(pm->IndexOf(dpfn));
+      const uint64_t idx = pm->IndexOf(dpfn);
+      // The fault path holds one extra reference on its page
+      // (migrate_vma_check_page's extra for fault_page).
+      const uint32_t users = pm->RefCount(idx) - (dpfn == m.fault_page ? 1 : 0);
+      if ((e & pte::kWrite) && users != 1) continue;
+      // Another thread (a CPU fault, a migrator) holds this page: skip it.
+      if (dpfn != m.fault_page) {
+        if (!pm->TryLockPage(idx)) continue;
+        st->locked.push_back(dpfn);
+      }
+      pm->Get(idx);
       m.src[i] = MigratePfn(dpfn, true) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
       mig = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
     } else {
@@ -202,6 +220,10 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
                           mapped_pagemaps.end());
     auto self = as_.shared_from_this();
     for (DevicePagemap* pm : mapped_pagemaps) pm->NoteMapper(self);
+  }
+  for (uint64_t dpfn : st->locked) {
+    DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+    pm->UnlockPage(pm->IndexOf(dpfn));
   }
   delete st;
   m.internal = nullptr;

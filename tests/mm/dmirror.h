@@ -18,9 +18,11 @@
 #define USVM_TESTS_MM_DMIRROR_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "usvm/base/mutex.h"
@@ -203,11 +205,21 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // shared copy-on-write after fork. As dmirror_devmem_fault, a page that
   // cannot get a system frame fails the CPU access (ENOMEM) and stays on
   // the device.
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
+  //
+  // The fault path must call this with the page referenced and locked (it
+  // is passed on as fault_page); a call that finds the page free or
+  // unlocked is counted in bad_migrate_to_ram() (a use-after-free in the
+  // fault path). set_migrate_to_ram_delay_us() stretches each call so that
+  // tests can make CPU faults overlap.
+  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
+                            uint64_t index) override {
     as.mmap_lock().AssertReaderHeld();
     cpu_faults_++;
+    if (pgmap.RefCount(index) == 0 || !pgmap.PageLocked(index)) bad_migrate_to_ram_++;
+    if (uint64_t us = migrate_to_ram_delay_us_.load())
+      std::this_thread::sleep_for(std::chrono::microseconds(us));
     bool alloc_failed = false;
-    auto r = MigrateBackLocked(as, addr, addr + kPageSize, &alloc_failed);
+    auto r = MigrateBackLocked(as, addr, addr + kPageSize, &alloc_failed, pgmap.PfnOf(index));
     if (!r) return Err(r.error());
     if (alloc_failed) return Err(Errc::kNoMem, "dmirror: no system frame for migrate_to_ram");
     return {};
@@ -235,6 +247,9 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   AddressSpace& as() { return *as_; }
   uint64_t device_pages_in_use() { return pgmap_->DebugPagesInUse(); }
   uint64_t cpu_faults() const { return cpu_faults_; }
+  // MigrateToRam calls for a page that was free or not locked by the caller.
+  uint64_t bad_migrate_to_ram() const { return bad_migrate_to_ram_; }
+  void set_migrate_to_ram_delay_us(uint64_t us) { migrate_to_ram_delay_us_.store(us); }
   // Pages moved by MigrateToDevice / back to system memory (any path).
   uint64_t pages_to_device() const { return to_device_; }
   uint64_t pages_to_system() const { return to_system_; }
@@ -276,7 +291,7 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // `alloc_failed`, if given, is set when a page stayed on the device for
   // want of a system frame.
   Result<uint64_t> MigrateBackLocked(AddressSpace& as, uint64_t start, uint64_t end,
-                                     bool* alloc_failed) {
+                                     bool* alloc_failed, DevicePfn fault_page = 0) {
     as.mmap_lock().AssertReaderHeld();
     const uint64_t n = (end - start) / kPageSize;
     std::vector<uint64_t> src(n), dst(n);
@@ -287,6 +302,7 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     m.dst = dst.data();
     m.pgmap_owner = this;
     m.flags = kMigrateSelectDevicePrivate;
+    m.fault_page = fault_page;
     USVM_TRY(as.MigrateVmaSetup(m));
     uint64_t moved = 0;
     for (uint64_t i = 0; i < n; ++i) {
@@ -360,6 +376,8 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   std::map<uint64_t, Pfn> exclusive_ USVM_GUARDED_BY(lock_);  // device page table: exclusive pages
   uint64_t exclusive_revoked_ USVM_GUARDED_BY(lock_) = 0;
   std::atomic<uint64_t> cpu_faults_{0};
+  std::atomic<uint64_t> bad_migrate_to_ram_{0};
+  std::atomic<uint64_t> migrate_to_ram_delay_us_{0};
   std::atomic<uint64_t> to_device_{0};
   std::atomic<uint64_t> to_system_{0};
   std::atomic<uint64_t> device_full_{0};

@@ -24,12 +24,14 @@ class CoherentDevice final : public DevicePagemapOps {
     (void)pgmap.release();
   }
   void PageFree(DevicePagemap&, uint64_t index) override { free.push_back(index); }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
+  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pm, uint64_t index) override {
     ++to_ram;
-    return Move(as, addr, addr + kPageSize, false).has_value() ? Result<void>() : Err(Errc::kFault);
+    return Move(as, addr, addr + kPageSize, false, pm.PfnOf(index)).has_value() ? Result<void>()
+                                                                                : Err(Errc::kFault);
   }
   // REQUIRES: the mmap read lock.
-  Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device) {
+  Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device,
+                        DevicePfn fault_page = 0) {
     const uint64_t n = (end - start) / kPageSize;
     std::vector<uint64_t> src(n), dst(n);
     MigrateVma m;
@@ -39,6 +41,7 @@ class CoherentDevice final : public DevicePagemapOps {
     m.dst = dst.data();
     m.pgmap_owner = this;
     m.flags = to_device ? kMigrateSelectSystem : kMigrateSelectDeviceCoherent;
+    m.fault_page = fault_page;
     as.mmap_lock().AssertReaderHeld();
     USVM_TRY(as.MigrateVmaSetup(m));
     uint64_t moved = 0;

@@ -58,8 +58,14 @@ class DevicePagemapOps {
   virtual void PageFree(DevicePagemap& pgmap, uint64_t index) {}
   // The CPU touched device-private page `index`, mapped at `addr` of `as`
   // (dev_pagemap_ops.migrate_to_ram). Called with the mmap read lock held
-  // and no page table lock. Must migrate at least that page to system
+  // and no page table lock. As do_swap_page, the fault path has rechecked
+  // the entry under its page table lock, holds a reference on the page and
+  // holds its page lock (TryLockPage) for the whole call: pass the page as
+  // MigrateVma::fault_page (PfnOf(index)), which Setup then treats as
+  // locked by the caller. Must migrate at least that page to system
   // memory; an error fails the CPU access with it (VM_FAULT_SIGBUS).
+  // (Long-term pins of device-coherent pages come here too, with the page
+  // locked the same way.)
   virtual Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
                                     uint64_t index) = 0;
 };
@@ -97,6 +103,15 @@ class DevicePagemap {
   // Drops a reference; the last one calls Ops::PageFree.
   void Put(uint64_t index);
   uint32_t RefCount(uint64_t index) const;
+  // The page lock (PG_locked): taken by the CPU fault path around
+  // MigrateToRam and by migrators for every device page they collect, so
+  // one page is migrated by one thread at a time. Never waited for: a
+  // loser skips the page (migrators) or retries (faults).
+  // REQUIRES for all three: the page is allocated and stays so (the caller
+  // holds a reference, or a page table lock of an entry mapping it).
+  bool TryLockPage(uint64_t index);
+  void UnlockPage(uint64_t index);
+  bool PageLocked(uint64_t index) const;
   void* zone_data(uint64_t index) const { return pages_[index].zone_data; }
   void set_zone_data(uint64_t index, void* d) { pages_[index].zone_data = d; }
 
@@ -114,8 +129,10 @@ class DevicePagemap {
   uint64_t DebugPagesInUse() const;
 
  private:
+  static constexpr uint32_t kPageLockedBit = 1u << 0;
   struct Page {
     std::atomic<uint32_t> refcount{0};
+    std::atomic<uint32_t> flags{0};  // kPageLockedBit
     void* zone_data = nullptr;  // written by the driver while it owns the page
   };
   DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOps* ops, DevicePfn base,
