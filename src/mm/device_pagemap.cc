@@ -34,6 +34,9 @@ Result<std::unique_ptr<DevicePagemap>> DevicePagemap::TryCreate(uint64_t npages,
                                                                 DeviceMemoryKind kind) {
   if (npages == 0) return Err(Errc::kInval, "device pagemap: zero pages");
   if (!ops) return Err(Errc::kInval, "device pagemap: null ops");
+  // memremap_pages refuses device-private and device-coherent memory
+  // without an owner: range fault and migration tell "mine" by it.
+  if (!owner) return Err(Errc::kInval, "device pagemap: null owner");
   if (npages > kDeviceSpaceEnd - kDeviceSpaceStart) return Err(Errc::kNoMem, "device pagemap too large");
   std::byte* arena = nullptr;
   if (kind == DeviceMemoryKind::kCoherent) {

@@ -93,8 +93,11 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
     uint64_t mig = 0;
     if (e == 0 || (pte::IsPresent(e) && (e & pte::kZero))) {
       // A hole (or the zero page) of anonymous memory: a destination page
-      // can fill it (migrate_vma_collect_hole).
+      // can fill it (migrate_vma_collect_hole). As in the kernel, holes
+      // are collected whatever the select flags; the zero page is a
+      // system page and needs kMigrateSelectSystem.
       if (!anon) continue;
+      if (e != 0 && !(m.flags & kMigrateSelectSystem)) continue;
       m.src[i] = kMigratePfnMigrate;
       if (e != 0) mig = pte::Make(pte::kMigration, 0, keep | pte::kZero);
     } else if (pte::HoldsFrame(e)) {

@@ -334,19 +334,40 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     r.default_flags = kPfnReqFault | (write ? kPfnReqWrite : 0);
     r.dev_private_owner = this;
     auto* b = static_cast<std::byte*>(buf);
-    return RangeFaultAndCommit(*as_, r, [&](HmmRange& rr) -> Result<bool> {
-      MutexLock l(lock_);
-      if (sub_.ReadRetry(rr.notifier_seq)) return false;
-      for (uint64_t a = addr; a < addr + len;) {
-        const uint64_t w = pfns[(PageAlignDown(a) - start) / kPageSize];
-        const uint64_t n = std::min(addr + len - a, PageAlignDown(a) + kPageSize - a);
-        std::byte* page = (w & kPfnDevice) ? DeviceData(HmmPfn(w)) : as_->pool().Data(HmmPfn(w));
-        Copy(write ? page + (a % kPageSize) : b + (a - addr), write ? b + (a - addr) : page + (a % kPageSize), n);
-        a += n;
-      }
-      if (words) *words = pfns;
-      return true;
-    }, timeout_ns_.load());
+    // Range fault reports our own device pages as they are: one shared
+    // read-only (after fork) comes without kPfnWrite even for a write.
+    // Like a driver, we then bring that page home (this process's view
+    // gets its own copy) and fault again.
+    for (;;) {
+      uint64_t read_only_device_page = 0;
+      USVM_TRY(RangeFaultAndCommit(*as_, r, [&](HmmRange& rr) -> Result<bool> {
+        MutexLock l(lock_);
+        if (sub_.ReadRetry(rr.notifier_seq)) return false;
+        if (write)
+          for (uint64_t i = 0; i < pfns.size(); ++i)
+            if ((pfns[i] & kPfnDevice) && !(pfns[i] & kPfnWrite)) {
+              read_only_device_page = start + i * kPageSize;
+              return true;
+            }
+        return CopyLocked(pfns, start, addr, b, len, write, words);
+      }, timeout_ns_.load()));
+      if (read_only_device_page == 0) return {};
+      USVM_TRY(MigrateToSystem(read_only_device_page, read_only_device_page + kPageSize));
+    }
+  }
+
+  // The copy of a device access, once its pages are known.
+  bool CopyLocked(const std::vector<uint64_t>& pfns, uint64_t start, uint64_t addr, std::byte* b,
+                  uint64_t len, bool write, std::vector<uint64_t>* words) USVM_REQUIRES(lock_) {
+    for (uint64_t a = addr; a < addr + len;) {
+      const uint64_t w = pfns[(PageAlignDown(a) - start) / kPageSize];
+      const uint64_t n = std::min(addr + len - a, PageAlignDown(a) + kPageSize - a);
+      std::byte* page = (w & kPfnDevice) ? DeviceData(HmmPfn(w)) : as_->pool().Data(HmmPfn(w));
+      Copy(write ? page + (a % kPageSize) : b + (a - addr), write ? b + (a - addr) : page + (a % kPageSize), n);
+      a += n;
+    }
+    if (words) *words = pfns;
+    return true;
   }
 
   // The device's DMA: like hardware, it races with CPU stores to the same

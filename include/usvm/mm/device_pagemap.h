@@ -74,7 +74,8 @@ class DevicePagemap {
  public:
   // `npages` device pages; `owner` is the driver cookie compared with
   // dev_private_owner / pgmap_owner; `ops` must outlive the pagemap.
-  // EINVAL: zero pages or null ops; ENOMEM: no room in the device frame
+  // EINVAL: zero pages, null ops or null owner (memremap_pages: "Missing
+  // owner"); ENOMEM: no room in the device frame
   // space, or (kCoherent) the arena cannot be reserved.
   static Result<std::unique_ptr<DevicePagemap>> TryCreate(
       uint64_t npages, const void* owner, DevicePagemapOps* ops,
