@@ -73,6 +73,24 @@ class AddressSpace::Impl {
   std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
       USVM_REQUIRES_SHARED(mmap_lock_);
 
+  // ---- device-frame migration (migrate_device.cc), without the mmap lock ----
+  // Each takes the page table's free lock (shared) and addr's page table
+  // lock itself. REQUIRES: the caller holds dpfn's page lock, so every
+  // migration entry naming dpfn is its own.
+  // Replaces the entry at addr with a migration entry if it still maps
+  // device page dpfn (try_to_migrate_one). Returns whether it did.
+  bool DeviceUnmapOne(uint64_t addr, uint64_t dpfn) USVM_EXCLUDES(mmap_lock_);
+  // Replaces the migration entry of dpfn at addr, if there is one, with a
+  // present entry of system frame `dst` (taking a reference on it, and
+  // forgetting the rmap record), or, with dst == kInvalidPfn, with the
+  // device entry it replaced (remove_migration_pte). Wakes waiters.
+  // Returns whether it replaced one.
+  bool DeviceRemapOne(uint64_t addr, DevicePagemap& pm, uint64_t dpfn, Pfn dst)
+      USVM_EXCLUDES(mmap_lock_);
+  // MIGRATE notification bracket over [start, end) with `owner`.
+  void NotifyMigrateStart(uint64_t start, uint64_t end, const void* owner);
+  void NotifyMigrateEnd(uint64_t start, uint64_t end, const void* owner);
+
   // ---- queries ----
   std::optional<VmaInfo> FindVmaInfo(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
   std::vector<VmaInfo> AllVmas() const USVM_EXCLUDES(mmap_lock_);
@@ -172,6 +190,11 @@ class AddressSpace::Impl {
     }
   };
   void Drop(const Dropped& d);
+  // Device rmap upkeep (device_pagemap.h): entry `e` at addr starts /
+  // stops naming a device page (no-op for other entries).
+  // REQUIRES: addr's page table lock, held exclusively.
+  void RmapAdd(uint64_t e, uint64_t addr);
+  void RmapRemove(uint64_t e, uint64_t addr);
   // Waits until the migration entry `e` at addr is gone (migration_entry_wait).
   void WaitMigrationLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
   // Runs the owner's migrate_to_ram for the device-private entry e at addr.

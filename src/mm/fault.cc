@@ -73,6 +73,7 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
     ent.store(pte::Make(pte::kPresent, copy,
                         ReadBit(vma.prot) | pte::kWrite | pte::kDirty | pte::kAccessed),
               std::memory_order_relaxed);
+    RmapRemove(old, page);  // a coherent device page's mapping goes
   }
   slot.lock.Unlock();
   NotifyEnd(page, page + kPageSize, NotifyEvent::kClear);

@@ -160,7 +160,6 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
   const Vma* vma = FindVmaLocked(m.start);
   const uint64_t n = (m.end - m.start) >> kPageShift;
   Dropped dropped;
-  std::vector<DevicePagemap*> mapped_pagemaps;
   uint64_t added = 0;
   auto drop_word = [&](uint64_t w) {  // a reference named by a src/dst word
     if (!(w & kMigratePfnValid)) return;
@@ -189,6 +188,7 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
       if (ours && migrated) {
         const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
         const uint64_t d = m.dst[i];
+        if (installed != 0) RmapRemove(installed, a);  // a device source page's record
         if (d & kMigratePfnDevice) {
           DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
           if (pm && pm->coherent())
@@ -198,9 +198,9 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
                        std::memory_order_relaxed);
           else
             ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
-                                 pte::kRead | (writable ? pte::kWrite : 0)),
+                                 ReadBit(vma->prot) | (writable ? pte::kWrite : 0)),
                        std::memory_order_relaxed);
-          if (pm) mapped_pagemaps.push_back(pm);
+          RmapAdd(ent->load(std::memory_order_relaxed), a);
         } else {
           ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
                                ReadBit(vma->prot) | pte::kAccessed | pte::kDirty |
@@ -217,13 +217,6 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
     if (!migrated) drop_word(m.dst[i]);
   }
   counters.rss_pages.fetch_add(added, std::memory_order_relaxed);
-  if (!mapped_pagemaps.empty()) {
-    std::sort(mapped_pagemaps.begin(), mapped_pagemaps.end());
-    mapped_pagemaps.erase(std::unique(mapped_pagemaps.begin(), mapped_pagemaps.end()),
-                          mapped_pagemaps.end());
-    auto self = as_.shared_from_this();
-    for (DevicePagemap* pm : mapped_pagemaps) pm->NoteMapper(self);
-  }
   for (uint64_t dpfn : st->locked) {
     DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
     pm->UnlockPage(pm->IndexOf(dpfn));

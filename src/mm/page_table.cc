@@ -64,6 +64,7 @@ void PageTable::InstallTableLocked(PmdSlot& slot) {
 }
 
 void PageTable::FreeEmpty(uint64_t start, uint64_t end) {
+  WriteLock fl(free_lock_);
   // PTE tables of the 2 MiB regions the range touches.
   ForEachSlot(start, end, [&](uint64_t, PmdSlot& slot) {
     slot.lock.Lock();

@@ -48,8 +48,8 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     return d;
   }
   ~DMirror() override {
-    // Deleting the pagemap migrates everything still mapped back first,
-    // through MigrateToRam, which uses pgmap_: keep it set meanwhile.
+    // Deleting the pagemap evicts everything still mapped first, through
+    // CopyToRam, and PageFree runs for every page: keep pgmap_ set meanwhile.
     delete pgmap_.get();
     (void)pgmap_.release();
     if (sub_.hub()) (void)sub_.Remove();
@@ -225,6 +225,14 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     return {};
   }
 
+  // Device-frame eviction (EvictDevicePages, pagemap teardown): the
+  // device's copy engine.
+  Result<void> CopyToRam(DevicePagemap&, uint64_t index, std::byte* to) override {
+    std::memcpy(to, vram_[index].data(), kPageSize);
+    evicted_++;
+    return {};
+  }
+
   // MmuIntervalNotifierOps: the device "page table" is range fault's
   // snapshot; dropping it means bumping the sequence.
   bool Invalidate(MmuIntervalNotifier* sub, const NotifierRange& r, uint64_t cur_seq) override {
@@ -247,6 +255,8 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   AddressSpace& as() { return *as_; }
   uint64_t device_pages_in_use() { return pgmap_->DebugPagesInUse(); }
   uint64_t cpu_faults() const { return cpu_faults_; }
+  // Pages copied home by device-frame eviction (CopyToRam).
+  uint64_t evicted() const { return evicted_; }
   // MigrateToRam calls for a page that was free or not locked by the caller.
   uint64_t bad_migrate_to_ram() const { return bad_migrate_to_ram_; }
   void set_migrate_to_ram_delay_us(uint64_t us) { migrate_to_ram_delay_us_.store(us); }
@@ -397,6 +407,7 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   std::map<uint64_t, Pfn> exclusive_ USVM_GUARDED_BY(lock_);  // device page table: exclusive pages
   uint64_t exclusive_revoked_ USVM_GUARDED_BY(lock_) = 0;
   std::atomic<uint64_t> cpu_faults_{0};
+  std::atomic<uint64_t> evicted_{0};
   std::atomic<uint64_t> bad_migrate_to_ram_{0};
   std::atomic<uint64_t> migrate_to_ram_delay_us_{0};
   std::atomic<uint64_t> to_device_{0};

@@ -20,7 +20,7 @@ class CoherentDevice final : public DevicePagemapOps {
     for (uint64_t i = 0; i < npages; ++i) free.push_back(npages - 1 - i);
   }
   ~CoherentDevice() override {
-    delete pgmap.get();  // migrates what is still mapped home, through pgmap
+    delete pgmap.get();  // evicts what is still mapped home, through pgmap
     (void)pgmap.release();
   }
   void PageFree(DevicePagemap&, uint64_t index) override { free.push_back(index); }
@@ -28,6 +28,10 @@ class CoherentDevice final : public DevicePagemapOps {
     ++to_ram;
     return Move(as, addr, addr + kPageSize, false, pm.PfnOf(index)).has_value() ? Result<void>()
                                                                                 : Err(Errc::kFault);
+  }
+  Result<void> CopyToRam(DevicePagemap& pm, uint64_t index, std::byte* to) override {
+    std::memcpy(to, pm.CoherentData(index), kPageSize);
+    return {};
   }
   // REQUIRES: the mmap read lock.
   Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device,

@@ -8,9 +8,22 @@
 
 #include "dmirror.h"
 #include "test_util.h"
+#include "usvm/mm/migrate_device.h"
 
 namespace usvm::mm {
 namespace {
+
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kTsan = true;
+#else
+constexpr bool kTsan = false;
+#endif
+#else
+constexpr bool kTsan = false;
+#endif
 
 // Bug: the CPU fault path read a device-private entry, dropped the page
 // table lock and called MigrateToRam with no recheck, no reference and no
@@ -50,6 +63,95 @@ TEST(HmmDevicePageConcurrencyTest, TwoCpuThreadsFaultingOneDevicePageMigrateItOn
   EXPECT_EQ(dev->cpu_faults(), uint64_t{kRounds});
   EXPECT_EQ(dev->bad_migrate_to_ram(), 0u);
   EXPECT_EQ(dev->device_pages_in_use(), 0u);
+}
+
+// Device-frame eviction (no mmap lock) racing CPU faults in a parent and
+// its fork child, device migrations and device reads. The parent's CPU
+// threads own interleaved words and write increasing counters; the child
+// reads its words, which must keep the values they had at fork. Every
+// word is checked at the end, and no device page may leak.
+TEST(HmmDevicePageConcurrencyTest, CpuFaultsDuringDeviceFrameEvictionKeepEveryByte) {
+  constexpr uint64_t kPagesN = 32;
+  constexpr uint64_t kLen = kPagesN * kPageSize;
+  constexpr uint64_t kWords = kLen / 8;
+  constexpr int kCpuThreads = 2;
+  const int kWrites = kTsan ? 20000 : 300000;
+  auto pool = testing::MakePool(64);
+  auto as = testing::MakeSpace(*pool);
+  auto dev = testing::DMirror::Create(as, 2 * kPagesN);
+  ASSERT_TRUE(dev);
+  const uint64_t a = *as->Mmap(0, kLen, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous);
+  ASSERT_TRUE(dev->Watch(a, kLen).has_value());
+  for (uint64_t w = 0; w < kWords; ++w) ASSERT_TRUE(as->AtomicStore(a + w * 8, w).has_value());
+  ASSERT_EQ(*dev->MigrateToDevice(a, a + kLen), kPagesN);
+  auto child = *as->Fork();  // shares the device pages copy-on-write
+
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> evicted{0};
+  std::vector<std::vector<uint64_t>> last(kCpuThreads, std::vector<uint64_t>(kWords, 0));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kCpuThreads; ++t)
+    threads.emplace_back([&, t] {
+      uint64_t x = 12345 + t;
+      for (int i = 1; i <= kWrites; ++i) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        const uint64_t w = ((x >> 33) % (kWords / kCpuThreads)) * kCpuThreads + t;
+        const uint64_t v = (uint64_t(t + 1) << 48) | uint64_t(i);
+        auto r = as->AtomicStore(a + w * 8, v);
+        if (!r) {
+          ADD_FAILURE() << "cpu store: " << r.error().ToString();
+          break;
+        }
+        last[t][w] = v;
+      }
+    });
+  threads.emplace_back([&] {  // the child reads what it had at fork
+    uint64_t x = 999;
+    while (!stop.load()) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      const uint64_t w = (x >> 33) % kWords;
+      auto v = child->AtomicLoad(a + w * 8);
+      if (!v || *v != w) {
+        ADD_FAILURE() << "child word " << w << " reads " << (v ? *v : ~0ull);
+        break;
+      }
+    }
+  });
+  threads.emplace_back([&] {  // the device: migrate to device, read, evict by frame
+    std::vector<DevicePfn> all(dev->pagemap().npages());
+    for (uint64_t i = 0; i < all.size(); ++i) all[i] = dev->pagemap().PfnOf(i);
+    std::vector<uint64_t> buf(kWords);
+    uint64_t round = 0;
+    while (!stop.load()) {
+      switch (round++ % 3) {
+        case 0:
+          if (auto r = dev->MigrateToDevice(a, a + kLen); !r) ADD_FAILURE() << r.error().ToString();
+          break;
+        case 1:
+          if (auto r = dev->Read(a, buf.data(), kLen); !r) ADD_FAILURE() << r.error().ToString();
+          break;
+        default:
+          if (auto r = EvictDevicePages(dev->pagemap(), all.data(), all.size()))
+            evicted.fetch_add(*r);
+          else
+            ADD_FAILURE() << r.error().ToString();
+      }
+    }
+  });
+  for (int t = 0; t < kCpuThreads; ++t) threads[t].join();
+  stop.store(true);
+  for (size_t t = kCpuThreads; t < threads.size(); ++t) threads[t].join();
+
+  for (uint64_t w = 0; w < kWords; ++w) {
+    const uint64_t want = last[w % kCpuThreads][w] ? last[w % kCpuThreads][w] : w;
+    ASSERT_EQ(*as->AtomicLoad(a + w * 8), want) << "parent word " << w;
+    ASSERT_EQ(*child->AtomicLoad(a + w * 8), w) << "child word " << w;
+  }
+  EXPECT_GT(evicted.load(), 0u);
+  EXPECT_EQ(dev->bad_migrate_to_ram(), 0u);
+  child->Exit();
+  ASSERT_TRUE(dev->MigrateToSystem(a, a + kLen).has_value());
+  EXPECT_EQ(dev->device_pages_in_use(), 0u) << "device pages leaked";
 }
 
 }  // namespace

@@ -15,6 +15,9 @@ class NullOps final : public DevicePagemapOps {
   Result<void> MigrateToRam(AddressSpace&, uint64_t, DevicePagemap&, uint64_t) override {
     return Err(Errc::kFault, "unused");
   }
+  Result<void> CopyToRam(DevicePagemap&, uint64_t, std::byte*) override {
+    return Err(Errc::kFault, "unused");
+  }
 };
 
 // memremap_pages: "Missing owner" -> EINVAL, for private and coherent.

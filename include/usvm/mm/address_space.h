@@ -55,6 +55,7 @@
 namespace usvm::mm {
 
 class PageTable;
+class DeviceMigration;
 struct Vma;
 struct HmmRange;
 struct MigrateVma;
@@ -245,6 +246,7 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
  private:
   class Impl;
+  friend class DeviceMigration;  // migrate_device.cc: device-frame migration
   AddressSpace(FramePool& pool, AddressSpaceConfig config, Env& env);
 
   FramePool& pool_;
