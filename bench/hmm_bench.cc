@@ -19,6 +19,14 @@
 //   BM_Memcpy/C              memcpy of 32 MiB between two warm buffers, in
 //                            C-sized pieces: the bound a migration's copy
 //                            would reach.
+//   BM_EvictDevice/1G-4AS    device-frame eviction (EvictDevicePages: no
+//                            mmap lock, every mapper found through the
+//                            device rmap) of 1 GiB of device memory whose
+//                            pages are each mapped by 4 address spaces (a
+//                            parent and 3 forked children); re-migrating to
+//                            the device and forking run untimed (bytes/s of
+//                            device memory evicted).
+//   BM_Memcpy/1G             memcpy of the same 1 GiB in 4 KiB pieces.
 // Goals (issue 4): 2 MiB migrations >= 70% of memcpy; snapshot >= 20M
 // pages/s.
 #include <benchmark/benchmark.h>
@@ -36,6 +44,7 @@
 #include "median_reporter.h"
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/frame_pool.h"
+#include "usvm/mm/migrate_device.h"
 
 namespace usvm::mm {
 namespace {
@@ -169,15 +178,73 @@ void BM_Migrate(benchmark::State& state, uint64_t chunk, bool to_device) {
   state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
 }
 
-void BM_Memcpy(benchmark::State& state, uint64_t chunk) {
-  std::vector<std::byte> src(kRegion, std::byte{1}), dst(kRegion, std::byte{0});
+void BM_Memcpy(benchmark::State& state, uint64_t chunk, uint64_t bytes) {
+  std::vector<std::byte> src(bytes, std::byte{1}), dst(bytes, std::byte{0});
   for (auto _ : state) {
-    for (uint64_t off = 0; off < kRegion; off += chunk) std::memcpy(dst.data() + off, src.data() + off, chunk);
+    for (uint64_t off = 0; off < bytes; off += chunk) std::memcpy(dst.data() + off, src.data() + off, chunk);
     benchmark::DoNotOptimize(dst.data());
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(int64_t(state.iterations() * kRegion));
-  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+  state.SetBytesProcessed(int64_t(state.iterations() * bytes));
+  state.SetItemsProcessed(int64_t(state.iterations() * (bytes / kPageSize)));
+}
+
+// ===== device-frame eviction ====================================================
+
+constexpr uint64_t kEvictBytes = uint64_t{1} << 30;
+constexpr uint64_t kEvictPages = kEvictBytes / kPageSize;
+constexpr int kEvictSpaces = 4;  // the parent and 3 forked children
+
+void BM_EvictDevice(benchmark::State& state) {
+  auto p = FramePool::TryCreate(kPoolBytes);
+  if (!Check(state, p, "FramePool")) return;
+  std::unique_ptr<FramePool> pool = std::move(*p);
+  auto a = AddressSpace::TryCreate(*pool);
+  if (!Check(state, a, "AddressSpace")) return;
+  std::shared_ptr<AddressSpace> as = *a;
+  std::unique_ptr<DMirror> dev = DMirror::Create(as, kEvictPages);
+  if (!dev) {
+    state.SkipWithError("DMirror::Create failed");
+    return;
+  }
+  auto m = as->Mmap(kBase, kEvictBytes, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous | kMapFixed);
+  if (!Check(state, m, "Mmap") || !Check(state, as->Madvise(kBase, kEvictBytes, kMadvNoHugePage), "Madvise") ||
+      !Check(state, dev->Watch(kBase, kEvictBytes), "Watch") ||
+      !Check(state, as->Populate(kBase, kEvictBytes, true), "Populate"))
+    return;
+  std::vector<DevicePfn> pfns(kEvictPages);
+  for (uint64_t i = 0; i < kEvictPages; ++i) pfns[i] = dev->pagemap().PfnOf(i);
+  for (auto _ : state) {
+    // Untimed: everything to the device, then fork so that 4 spaces map
+    // every device page.
+    for (uint64_t off = 0; off < kEvictBytes; off += kHugePageSize) {
+      auto r = dev->MigrateToDevice(kBase + off, kBase + off + kHugePageSize);
+      if (!Check(state, r, "MigrateToDevice")) return;
+      if (*r != kPagesPerHuge) {
+        state.SkipWithError("migration to the device moved fewer pages than asked");
+        return;
+      }
+    }
+    std::vector<std::shared_ptr<AddressSpace>> children;
+    for (int c = 1; c < kEvictSpaces; ++c) {
+      auto ch = as->Fork();
+      if (!Check(state, ch, "Fork")) return;
+      children.push_back(std::move(*ch));
+    }
+    const auto t0 = Clock::now();
+    auto moved = EvictDevicePages(dev->pagemap(), pfns.data(), pfns.size());
+    state.SetIterationTime(SecondsSince(t0));
+    if (!Check(state, moved, "EvictDevicePages")) return;
+    if (*moved != kEvictPages) {
+      state.SkipWithError("eviction moved fewer pages than asked");
+      return;
+    }
+    for (auto& ch : children) ch->Exit();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations() * kEvictBytes));
+  state.SetItemsProcessed(int64_t(state.iterations() * kEvictPages));
+  dev.reset();
+  as->Exit();
 }
 
 // ===== registration and the ratio table =========================================
@@ -214,12 +281,15 @@ void RegisterAll() {
     const double goal = chunk == kHugePageSize ? 0.70 : 0;
     const std::string memcpy_name = "BM_Memcpy/" + c;
     const std::string to_dev = "BM_MigrateToDevice/" + c, to_sys = "BM_MigrateToSystem/" + c;
-    RegisterBenchmark(memcpy_name.c_str(), BM_Memcpy, chunk)->Unit(benchmark::kMicrosecond);
+    RegisterBenchmark(memcpy_name.c_str(), BM_Memcpy, chunk, kRegion)->Unit(benchmark::kMicrosecond);
     RegisterBenchmark(to_dev.c_str(), BM_Migrate, chunk, true)->UseManualTime()->Unit(benchmark::kMicrosecond);
     RegisterBenchmark(to_sys.c_str(), BM_Migrate, chunk, false)->UseManualTime()->Unit(benchmark::kMicrosecond);
     Pairs().push_back({"system->device " + c + " chunks", to_dev, memcpy_name, "bytes_per_second", goal});
     Pairs().push_back({"device->system " + c + " chunks", to_sys, memcpy_name, "bytes_per_second", goal});
   }
+  RegisterBenchmark("BM_Memcpy/1G", BM_Memcpy, kPageSize, kEvictBytes)->Unit(benchmark::kMillisecond)->Iterations(2);
+  RegisterBenchmark("BM_EvictDevice/1G-4AS", BM_EvictDevice)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(2);
+  Pairs().push_back({"evict 1 GiB by frame, 4 spaces", "BM_EvictDevice/1G-4AS", "BM_Memcpy/1G", "bytes_per_second", 0});
 }
 
 class RatioReporter : public usvm::bench::MedianReporter {

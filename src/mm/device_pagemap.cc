@@ -66,7 +66,7 @@ DevicePagemap::DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOp
     : kind_(kind),
       arena_(arena),
       npages_(npages), owner_(owner), ops_(ops), base_(base), pages_(new Page[npages]),
-      rmap_(new std::vector<RmapRecord>[npages]) {}
+      rmap_(npages) {}
 
 DevicePagemap::~DevicePagemap() {
   // memunmap_pages. Drivers evict before they unregister (the kernel's

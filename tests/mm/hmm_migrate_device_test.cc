@@ -129,7 +129,9 @@ TEST_F(MigrateDeviceTest, RmapFollowsMremapAndForgetsZappedEntries) {
   for (uint64_t p = 0; p < kPages; ++p) {
     EXPECT_EQ(child->QueryPte(moved_to + p * kPageSize).kind, PteInfo::Kind::kPresent);
     EXPECT_EQ(*child->AtomicLoad(moved_to + p * kPageSize), Pattern(0, p));
-    if (p < kPages / 2) EXPECT_EQ(*as_->AtomicLoad(a_ + p * kPageSize), Pattern(0, p));
+    if (p < kPages / 2) {
+      EXPECT_EQ(*as_->AtomicLoad(a_ + p * kPageSize), Pattern(0, p));
+    }
   }
   EXPECT_EQ(dev_->device_pages_in_use(), 0u);
   child->Exit();

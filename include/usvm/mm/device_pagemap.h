@@ -188,8 +188,8 @@ class DevicePagemap {
     uint64_t addr;
   };
   mutable Mutex rmap_lock_;
-  // One list per page; the array is constant after construction.
-  const std::unique_ptr<std::vector<RmapRecord>[]> rmap_ USVM_PT_GUARDED_BY(rmap_lock_);
+  // One list per page (sized at construction).
+  std::vector<std::vector<RmapRecord>> rmap_ USVM_GUARDED_BY(rmap_lock_);
 };
 
 }  // namespace usvm::mm
