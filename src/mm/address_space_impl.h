@@ -38,6 +38,16 @@ struct Vma {
   VmaInfo Info() const { return {start, end, prot, flags, file.get(), pgoff}; }
 };
 
+// One entry for device-frame migration to change (migrate_device.cc): the
+// device page dpfn at addr; dst is the system frame to map instead
+// (remap), or kInvalidPfn to restore; done is set when the entry changed.
+struct DeviceTarget {
+  uint64_t addr;
+  uint64_t dpfn;
+  Pfn dst;
+  bool done;
+};
+
 // Whether an access needs write permission.
 enum class AccessKind { kRead, kWrite };
 
@@ -74,19 +84,19 @@ class AddressSpace::Impl {
       USVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- device-frame migration (migrate_device.cc), without the mmap lock ----
-  // Each takes the page table's free lock (shared) and addr's page table
-  // lock itself. REQUIRES: the caller holds dpfn's page lock, so every
-  // migration entry naming dpfn is its own.
-  // Replaces the entry at addr with a migration entry if it still maps
-  // device page dpfn (try_to_migrate_one). Returns whether it did.
-  bool DeviceUnmapOne(uint64_t addr, uint64_t dpfn) USVM_EXCLUDES(mmap_lock_);
-  // Replaces the migration entry of dpfn at addr, if there is one, with a
-  // present entry of system frame `dst` (taking a reference on it, and
-  // forgetting the rmap record), or, with dst == kInvalidPfn, with the
-  // device entry it replaced (remove_migration_pte). Wakes waiters.
-  // Returns whether it replaced one.
-  bool DeviceRemapOne(uint64_t addr, DevicePagemap& pm, uint64_t dpfn, Pfn dst)
-      USVM_EXCLUDES(mmap_lock_);
+  // (DeviceTarget: see above the class.)
+  // Both take the page table's free lock (shared) and the page table locks
+  // themselves, one 2 MiB region at a time; targets are in address order.
+  // REQUIRES: the caller holds every dpfn's page lock, so every migration
+  // entry naming one of them is its own.
+  // try_to_migrate_one: each entry that still maps its device page (and
+  // is not a migration entry already) becomes a migration entry.
+  void DeviceUnmap(DeviceTarget* t, size_t n) USVM_EXCLUDES(mmap_lock_);
+  // remove_migration_pte: each migration entry of its page becomes a
+  // present entry of dst (taking a reference on it, forgetting the rmap
+  // record), or, with dst == kInvalidPfn, the device entry it replaced.
+  // Wakes migration waiters.
+  void DeviceRemap(DevicePagemap& pm, DeviceTarget* t, size_t n) USVM_EXCLUDES(mmap_lock_);
   // MIGRATE notification bracket over [start, end) with `owner`.
   void NotifyMigrateStart(uint64_t start, uint64_t end, const void* owner);
   void NotifyMigrateEnd(uint64_t start, uint64_t end, const void* owner);

@@ -44,51 +44,66 @@ void AddressSpace::Impl::NotifyMigrateEnd(uint64_t start, uint64_t end, const vo
   as_.notifiers_->InvalidateRangeEnd(r);
 }
 
-bool AddressSpace::Impl::DeviceUnmapOne(uint64_t addr, uint64_t dpfn) {
-  ReadLock fl(pt_.free_lock());
-  PmdSlot* slot = pt_.Lookup(addr);
-  if (!slot) return false;
-  WriteLock l(slot->lock);
-  if (!slot->table) return false;
-  auto& ent = slot->table->e[PageTable::PteIndex(addr)];
-  const uint64_t e = ent.load(std::memory_order_relaxed);
-  if (!pte::HoldsDevicePage(e) || pte::KindOf(e) == pte::kMigration || pte::PfnOf(e) != dpfn)
-    return false;
-  // The record stays: it now names the migration entry.
-  ent.store(pte::Make(pte::kMigration, dpfn,
-                      (e & (pte::kRead | pte::kWrite | pte::kDirty)) | pte::kDevice),
-            std::memory_order_relaxed);
-  return true;
+namespace {
+// Calls fn(slot, first, last) for each group of targets in one 2 MiB
+// region whose page table exists, with the free lock held shared.
+template <typename Fn>
+void ForEachRegion(const PageTable& pt, DeviceTarget* t, size_t n, Fn fn) {
+  for (size_t j = 0; j < n;) {
+    size_t k = j + 1;
+    while (k < n && (t[k].addr & kHugeMask) == (t[j].addr & kHugeMask)) ++k;
+    ReadLock fl(pt.free_lock());
+    if (PmdSlot* slot = pt.Lookup(t[j].addr)) fn(*slot, t + j, t + k);
+    j = k;
+  }
+}
+}  // namespace
+
+void AddressSpace::Impl::DeviceUnmap(DeviceTarget* t, size_t n) {
+  ForEachRegion(pt_, t, n, [&](PmdSlot& slot, DeviceTarget* first, DeviceTarget* last) {
+    WriteLock l(slot.lock);
+    if (!slot.table) return;
+    for (DeviceTarget* x = first; x != last; ++x) {
+      auto& ent = slot.table->e[PageTable::PteIndex(x->addr)];
+      const uint64_t e = ent.load(std::memory_order_relaxed);
+      if (!pte::HoldsDevicePage(e) || pte::KindOf(e) == pte::kMigration || pte::PfnOf(e) != x->dpfn)
+        continue;
+      // The rmap record stays: it now names the migration entry.
+      ent.store(pte::Make(pte::kMigration, x->dpfn,
+                          (e & (pte::kRead | pte::kWrite | pte::kDirty)) | pte::kDevice),
+                std::memory_order_relaxed);
+      x->done = true;
+    }
+  });
 }
 
-bool AddressSpace::Impl::DeviceRemapOne(uint64_t addr, DevicePagemap& pm, uint64_t dpfn, Pfn dst) {
-  {
-    ReadLock fl(pt_.free_lock());
-    PmdSlot* slot = pt_.Lookup(addr);
-    if (!slot) return false;
-    WriteLock l(slot->lock);
-    if (!slot->table) return false;
-    auto& ent = slot->table->e[PageTable::PteIndex(addr)];
-    const uint64_t e = ent.load(std::memory_order_relaxed);
-    if (pte::KindOf(e) != pte::kMigration || !(e & pte::kDevice) || pte::PfnOf(e) != dpfn)
-      return false;
-    // The entry's own bits, not the VMA's: mprotect keeps them current
-    // (read and write) and we may not look at the VMAs here.
-    const uint64_t bits = e & (pte::kRead | pte::kWrite);
-    if (dst != kInvalidPfn) {
-      pool_.Get(dst);
-      ent.store(pte::Make(pte::kPresent, dst, bits | pte::kAccessed | pte::kDirty),
-                std::memory_order_relaxed);
-      pm.RmapRemove(pm.IndexOf(dpfn), &as_, addr);
-    } else if (pm.coherent()) {
-      ent.store(pte::Make(pte::kPresent, dpfn, bits | (e & pte::kDirty) | pte::kDevice | pte::kAccessed),
-                std::memory_order_relaxed);
-    } else {
-      ent.store(pte::Make(pte::kDevicePrivate, dpfn, bits), std::memory_order_relaxed);
+void AddressSpace::Impl::DeviceRemap(DevicePagemap& pm, DeviceTarget* t, size_t n) {
+  ForEachRegion(pt_, t, n, [&](PmdSlot& slot, DeviceTarget* first, DeviceTarget* last) {
+    WriteLock l(slot.lock);
+    if (!slot.table) return;
+    for (DeviceTarget* x = first; x != last; ++x) {
+      auto& ent = slot.table->e[PageTable::PteIndex(x->addr)];
+      const uint64_t e = ent.load(std::memory_order_relaxed);
+      if (pte::KindOf(e) != pte::kMigration || !(e & pte::kDevice) || pte::PfnOf(e) != x->dpfn) continue;
+      // The entry's own bits, not the VMA's: mprotect keeps them current
+      // on device entries, and we may not look at the VMAs here.
+      const uint64_t bits = e & (pte::kRead | pte::kWrite);
+      if (x->dst != kInvalidPfn) {
+        pool_.Get(x->dst);
+        ent.store(pte::Make(pte::kPresent, x->dst, bits | pte::kAccessed | pte::kDirty),
+                  std::memory_order_relaxed);
+        pm.RmapRemove(pm.IndexOf(x->dpfn), &as_, x->addr);
+      } else if (pm.coherent()) {
+        ent.store(pte::Make(pte::kPresent, x->dpfn,
+                            bits | (e & pte::kDirty) | pte::kDevice | pte::kAccessed),
+                  std::memory_order_relaxed);
+      } else {
+        ent.store(pte::Make(pte::kDevicePrivate, x->dpfn, bits), std::memory_order_relaxed);
+      }
+      x->done = true;
     }
-  }
+  });
   migration_wq_.WakeAll();
-  return true;
 }
 
 // ---- the public calls -------------------------------------------------------------
@@ -96,17 +111,65 @@ bool AddressSpace::Impl::DeviceRemapOne(uint64_t addr, DevicePagemap& pm, uint64
 namespace {
 
 using Mapping = std::pair<AddressSpace*, uint64_t>;
+using Target = DeviceTarget;
 
 bool InPagemap(const DevicePagemap& pgmap, DevicePfn dpfn) {
   return dpfn >= pgmap.base() && dpfn - pgmap.base() < pgmap.npages();
 }
 
-// Puts every migration entry of the (locked) page back as it was.
-void RestoreEntries(DevicePagemap& pgmap, DevicePfn dpfn) {
-  std::vector<Mapping> maps;
+// The current mappers of a set of locked device pages, grouped by address
+// space, each group in address order; `page` says which input each
+// target came from. `keep` holds the spaces alive.
+struct Groups {
+  struct Group {
+    AddressSpace* as;
+    std::vector<Target> t;
+    std::vector<uint64_t> page;
+  };
+  std::vector<Group> groups;
   std::vector<std::shared_ptr<AddressSpace>> keep;
-  pgmap.RmapSnapshot(pgmap.IndexOf(dpfn), maps, keep);
-  for (auto [as, addr] : maps) DeviceMigration::Of(*as).DeviceRemapOne(addr, pgmap, dpfn, kInvalidPfn);
+
+  // Adds the mappers of device page dpfn (input i), to be changed to dst.
+  void Add(DevicePagemap& pgmap, DevicePfn dpfn, uint64_t i, Pfn dst, std::vector<Mapping>& scratch) {
+    scratch.clear();
+    pgmap.RmapSnapshot(pgmap.IndexOf(dpfn), scratch, keep);
+    for (auto [as, addr] : scratch) {
+      Group* g = nullptr;
+      for (auto& x : groups)
+        if (x.as == as) g = &x;
+      if (!g) g = &groups.emplace_back(Group{as, {}, {}});
+      g->t.push_back({addr, dpfn, dst, false});
+      g->page.push_back(i);
+    }
+  }
+  // Pages usually come in address order already; sort the groups that do not.
+  void Sort() {
+    for (auto& g : groups) {
+      bool sorted = true;
+      for (size_t k = 1; k < g.t.size() && sorted; ++k) sorted = g.t[k - 1].addr < g.t[k].addr;
+      if (sorted) continue;
+      std::vector<size_t> order(g.t.size());
+      for (size_t k = 0; k < order.size(); ++k) order[k] = k;
+      std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return g.t[x].addr < g.t[y].addr; });
+      std::vector<Target> t;
+      std::vector<uint64_t> page;
+      for (size_t k : order) {
+        t.push_back(g.t[k]);
+        page.push_back(g.page[k]);
+      }
+      g.t.swap(t);
+      g.page.swap(page);
+    }
+  }
+};
+
+// Puts every migration entry of the (locked) pages back as it was.
+void RestoreEntries(DevicePagemap& pgmap, const std::vector<DevicePfn>& dpfns) {
+  Groups gs;
+  std::vector<Mapping> scratch;
+  for (uint64_t k = 0; k < dpfns.size(); ++k) gs.Add(pgmap, dpfns[k], k, kInvalidPfn, scratch);
+  gs.Sort();
+  for (auto& g : gs.groups) DeviceMigration::Of(*g.as).DeviceRemap(pgmap, g.t.data(), g.t.size());
 }
 
 }  // namespace
@@ -129,54 +192,50 @@ Result<void> MigrateDevicePfns(DevicePagemap& pgmap, const DevicePfn* pfns, uint
     src[i] = MigratePfn(pfns[i], true) | kMigratePfnMigrate;
   }
 
-  // 2. try_to_migrate: every mapping becomes a migration entry. Batched by
-  // address space and run of consecutive addresses, one MIGRATE bracket
-  // per run.
-  struct Target {
-    AddressSpace* as;
-    uint64_t addr;
-    uint64_t i;
-  };
-  std::vector<Target> targets;
-  std::vector<std::shared_ptr<AddressSpace>> keep;
+  // 2. try_to_migrate: every mapping becomes a migration entry, address
+  // space by address space, one MIGRATE bracket per run of consecutive
+  // addresses.
+  Groups gs;
   {
-    std::vector<Mapping> maps;
-    for (uint64_t i = 0; i < n; ++i) {
-      if (!(src[i] & kMigratePfnMigrate)) continue;
-      maps.clear();
-      pgmap.RmapSnapshot(pgmap.IndexOf(pfns[i]), maps, keep);
-      for (auto [as, addr] : maps) targets.push_back({as, addr, i});
-    }
+    std::vector<Mapping> scratch;
+    for (uint64_t i = 0; i < n; ++i)
+      if (src[i] & kMigratePfnMigrate) gs.Add(pgmap, pfns[i], i, kInvalidPfn, scratch);
   }
-  std::sort(targets.begin(), targets.end(), [](const Target& x, const Target& y) {
-    return x.as != y.as ? std::less<AddressSpace*>()(x.as, y.as) : x.addr < y.addr;
-  });
+  gs.Sort();
   std::vector<uint32_t> unmapped(n, 0);
-  for (size_t b = 0; b < targets.size();) {
-    size_t e = b + 1;
-    while (e < targets.size() && targets[e].as == targets[b].as &&
-           targets[e].addr <= targets[e - 1].addr + kPageSize)
-      ++e;
-    auto& impl = DeviceMigration::Of(*targets[b].as);
-    const uint64_t start = targets[b].addr, end = targets[e - 1].addr + kPageSize;
-    impl.NotifyMigrateStart(start, end, pgmap.owner());
-    for (size_t k = b; k < e; ++k)
-      if (impl.DeviceUnmapOne(targets[k].addr, pfns[targets[k].i])) ++unmapped[targets[k].i];
-    impl.NotifyMigrateEnd(start, end, pgmap.owner());
-    b = e;
+  for (auto& g : gs.groups) {
+    auto& impl = DeviceMigration::Of(*g.as);
+    for (size_t b = 0; b < g.t.size();) {
+      size_t e = b + 1;
+      while (e < g.t.size() && g.t[e].addr == g.t[e - 1].addr + kPageSize) ++e;
+      const uint64_t start = g.t[b].addr, end = g.t[e - 1].addr + kPageSize;
+      impl.NotifyMigrateStart(start, end, pgmap.owner());
+      impl.DeviceUnmap(g.t.data() + b, e - b);
+      impl.NotifyMigrateEnd(start, end, pgmap.owner());
+      b = e;
+    }
+    for (size_t k = 0; k < g.t.size(); ++k)
+      if (g.t[k].done) ++unmapped[g.page[k]];
   }
 
   // 3. migrate_vma_check_page: every reference but ours must be one of the
   // migration entries just installed; otherwise (a CPU fault holding the
   // page, a mapping made meanwhile, a driver's own reference) restore.
-  for (uint64_t i = 0; i < n; ++i) {
-    if (!(src[i] & kMigratePfnMigrate)) continue;
-    const uint64_t idx = pgmap.IndexOf(pfns[i]);
-    if (pgmap.RefCount(idx) <= 1 + unmapped[i]) continue;
-    RestoreEntries(pgmap, pfns[i]);
-    src[i] = 0;
-    pgmap.UnlockPage(idx);
-    pgmap.Put(idx);
+  std::vector<DevicePfn> busy;
+  for (uint64_t i = 0; i < n; ++i)
+    if ((src[i] & kMigratePfnMigrate) && pgmap.RefCount(pgmap.IndexOf(pfns[i])) > 1 + unmapped[i])
+      busy.push_back(pfns[i]);
+  if (!busy.empty()) {
+    RestoreEntries(pgmap, busy);
+    std::sort(busy.begin(), busy.end());
+    for (uint64_t i = 0; i < n; ++i) {
+      if (!(src[i] & kMigratePfnMigrate) || !std::binary_search(busy.begin(), busy.end(), pfns[i]))
+        continue;
+      src[i] = 0;
+      const uint64_t idx = pgmap.IndexOf(pfns[i]);
+      pgmap.UnlockPage(idx);
+      pgmap.Put(idx);
+    }
   }
   return {};
 }
@@ -198,31 +257,36 @@ void MigrateDevicePages(DevicePagemap&, uint64_t* src, const uint64_t* dst, uint
 
 void MigrateDeviceFinalize(DevicePagemap& pgmap, FramePool* pool, const uint64_t* src,
                            const uint64_t* dst, uint64_t n) {
-  std::vector<Mapping> maps;
-  std::vector<std::shared_ptr<AddressSpace>> keep;
+  auto has_dst = [&](uint64_t i) { return (dst[i] & kMigratePfnValid) && !(dst[i] & kMigratePfnDevice); };
+  // remove_migration_ptes for every collected page, space by space.
+  Groups gs;
+  {
+    std::vector<Mapping> scratch;
+    for (uint64_t i = 0; i < n; ++i) {
+      if (!(src[i] & kMigratePfnValid)) continue;
+      const bool migrated = (src[i] & kMigratePfnMigrate) && has_dst(i);
+      gs.Add(pgmap, MigratePfnOf(src[i]), i, migrated ? MigratePfnOf(dst[i]) : kInvalidPfn, scratch);
+    }
+  }
+  gs.Sort();
+  std::vector<uint32_t> remapped(n, 0);
+  for (auto& g : gs.groups) {
+    assert((!pool || &g.as->pool() == pool) && "dst frames from another pool");
+    DeviceMigration::Of(*g.as).DeviceRemap(pgmap, g.t.data(), g.t.size());
+    for (size_t k = 0; k < g.t.size(); ++k)
+      if (g.t[k].done && g.t[k].dst != kInvalidPfn) ++remapped[g.page[k]];
+  }
   for (uint64_t i = 0; i < n; ++i) {
-    const bool have_dst = (dst[i] & kMigratePfnValid) && !(dst[i] & kMigratePfnDevice);
-    assert((!have_dst || pool) && "migrate device finalize: dst frames need their pool");
+    assert((!has_dst(i) || pool) && "migrate device finalize: dst frames need their pool");
     if (src[i] & kMigratePfnValid) {
-      const DevicePfn dpfn = MigratePfnOf(src[i]);
-      const uint64_t idx = pgmap.IndexOf(dpfn);
-      const bool migrated = (src[i] & kMigratePfnMigrate) && have_dst;
-      const Pfn to = migrated ? MigratePfnOf(dst[i]) : kInvalidPfn;
-      maps.clear();
-      pgmap.RmapSnapshot(idx, maps, keep);
-      uint32_t remapped = 0;
-      for (auto [as, addr] : maps) {
-        assert((!migrated || &as->pool() == pool) && "dst frame from another pool");
-        if (DeviceMigration::Of(*as).DeviceRemapOne(addr, pgmap, dpfn, to)) ++remapped;
-      }
+      const uint64_t idx = pgmap.IndexOf(MigratePfnOf(src[i]));
       pgmap.UnlockPage(idx);
       // The references of the entries now mapping the system page, then
       // the migrator's own; the last one calls PageFree.
-      if (migrated)
-        for (uint32_t k = 0; k < remapped; ++k) pgmap.Put(idx);
+      for (uint32_t k = 0; k < remapped[i]; ++k) pgmap.Put(idx);
       pgmap.Put(idx);
     }
-    if (have_dst && pool) pool->Put(MigratePfnOf(dst[i]));  // the caller's allocation reference
+    if (has_dst(i) && pool) pool->Put(MigratePfnOf(dst[i]));  // the caller's allocation reference
   }
 }
 
