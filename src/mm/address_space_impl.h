@@ -80,8 +80,6 @@ class AddressSpace::Impl {
   Result<void> MigrateSetupLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigratePagesLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigrateFinalizeLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
-  std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
-      USVM_REQUIRES_SHARED(mmap_lock_);
 
   // ---- device-frame migration (migrate_device.cc), without the mmap lock ----
   // (DeviceTarget: see above the class.)

@@ -2,6 +2,7 @@
 // paths (Read, Write, atomics, Populate), plus lazy-free reclaim.
 #include <atomic>
 #include <cassert>
+#include <chrono>
 #include <cstring>
 #include <thread>
 
@@ -266,7 +267,7 @@ Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
   // that finds the page locked (another fault, a migrator) does not call
   // the driver: it waits for the entry to change or the lock to go, and
   // the caller looks at the entry again.
-  for (;;) {
+  for (int spins = 0;; ++spins) {
     bool locked = false;
     {
       PmdSlot* slot = pt_.Lookup(page);
@@ -281,7 +282,12 @@ Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
       }
     }
     if (locked) break;
-    std::this_thread::yield();
+    // The holder changes the entry soon (a migrator installs migration
+    // entries right after locking; a fault's migration replaces it).
+    if (spins < 64)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
   auto r = pm->ops().MigrateToRam(as_, page, *pm, index);
   pm->UnlockPage(index);

@@ -1,5 +1,5 @@
-// migrate_vma_setup / _pages / _finalize (mm/migrate_device.c) and the
-// device-entry scan used by pagemap teardown.
+// migrate_vma_setup / _pages / _finalize (mm/migrate_device.c). Migration
+// by device frame is in migrate_device.cc.
 #include <cassert>
 
 #include "address_space_impl.h"
@@ -31,11 +31,6 @@ void AddressSpace::MigrateVmaPages(MigrateVma& m) {
 void AddressSpace::MigrateVmaFinalize(MigrateVma& m) {
   impl_->mmap_lock_.AssertReaderHeld();
   impl_->MigrateFinalizeLocked(m);
-}
-std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::FindDeviceEntriesLocked(uint64_t lo,
-                                                                                 uint64_t hi) const {
-  impl_->mmap_lock_.AssertReaderHeld();
-  return impl_->FindDeviceEntriesLocked(lo, hi);
 }
 
 Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
@@ -225,25 +220,6 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
   m.internal = nullptr;
   migration_wq_.WakeAll();
   Drop(dropped);
-}
-
-std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::Impl::FindDeviceEntriesLocked(
-    uint64_t lo, uint64_t hi) const {
-  std::vector<std::pair<uint64_t, uint64_t>> out;
-  for (const auto& kv : vmas_) {
-    const Vma& v = kv.second;
-    pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
-      ReadLock l(slot.lock);
-      if (!slot.table) return;
-      const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
-      for (uint64_t a = s; a < e; a += kPageSize) {
-        const uint64_t ent = slot.table->e[PageTable::PteIndex(a)].load(std::memory_order_relaxed);
-        if (pte::HoldsDevicePage(ent) && pte::PfnOf(ent) >= lo && pte::PfnOf(ent) < hi)
-          out.emplace_back(a, pte::PfnOf(ent));
-      }
-    });
-  }
-  return out;
 }
 
 }  // namespace usvm::mm
