@@ -62,6 +62,9 @@ Result<void> MigrateDevicePfns(DevicePagemap& pgmap, const DevicePfn* pfns, uint
 // EINVAL as above, or a range outside the pagemap.
 Result<void> MigrateDeviceRange(DevicePagemap& pgmap, uint64_t first, uint64_t n, uint64_t* src,
                                 uint64_t* dst);
+// Pages and Finalize take src exactly as MigrateDevicePfns (or Range) of
+// the same pgmap wrote it (not checked, as in the kernel), once.
+//
 // migrate_device_pages: clears kMigratePfnMigrate where dst is missing or
 // not a system frame.
 void MigrateDevicePages(DevicePagemap& pgmap, uint64_t* src, const uint64_t* dst, uint64_t n);
