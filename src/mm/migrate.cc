@@ -13,7 +13,10 @@ namespace {
 struct MigrateState {
   std::vector<uint64_t> installed;  // our migration entry, or 0 (hole / skipped)
   std::vector<uint64_t> orig;       // the entry it replaced
-  std::vector<uint64_t> locked;     // device pages Setup locked (never the fault page)
+  // Device source pages: their pagemap (null for other pages), and the
+  // (pagemap, index) pairs Setup locked (never the fault page).
+  std::vector<DevicePagemap*> src_pm;
+  std::vector<std::pair<DevicePagemap*, uint64_t>> locked;
 };
 
 }  // namespace
@@ -55,7 +58,8 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   }
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
-  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0), {}};
+  auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0),
+                              std::vector<DevicePagemap*>(n, nullptr), {}};
   for (uint64_t i = 0; i < n; ++i) m.src[i] = m.dst[i] = 0;
   m.cpages = 0;
 
@@ -120,8 +124,9 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       // Another thread (a CPU fault, a migrator) holds this page: skip it.
       if (dpfn != m.fault_page) {
         if (!pm->TryLockPage(idx)) continue;
-        st->locked.push_back(dpfn);
+        st->locked.emplace_back(pm, idx);
       }
+      st->src_pm[i] = pm;
       pm->Get(idx);
       m.src[i] = MigratePfn(dpfn, true) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
       mig = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
@@ -183,7 +188,8 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
       if (ours && migrated) {
         const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
         const uint64_t d = m.dst[i];
-        if (installed != 0) RmapRemove(installed, a);  // a device source page's record
+        if (DevicePagemap* spm = st->src_pm[i])  // a device source page's record
+          spm->RmapRemove(spm->IndexOf(pte::PfnOf(installed)), &as_, a);
         if (d & kMigratePfnDevice) {
           DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
           if (pm && pm->coherent())
@@ -195,7 +201,7 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
             ent->store(pte::Make(pte::kDevicePrivate, MigratePfnOf(d),
                                  ReadBit(vma->prot) | (writable ? pte::kWrite : 0)),
                        std::memory_order_relaxed);
-          RmapAdd(ent->load(std::memory_order_relaxed), a);
+          if (pm) pm->RmapAdd(pm->IndexOf(MigratePfnOf(d)), &as_, a);
         } else {
           ent->store(pte::Make(pte::kPresent, MigratePfnOf(d),
                                ReadBit(vma->prot) | pte::kAccessed | pte::kDirty |
@@ -212,10 +218,7 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
     if (!migrated) drop_word(m.dst[i]);
   }
   counters.rss_pages.fetch_add(added, std::memory_order_relaxed);
-  for (uint64_t dpfn : st->locked) {
-    DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
-    pm->UnlockPage(pm->IndexOf(dpfn));
-  }
+  for (auto [pm, idx] : st->locked) pm->UnlockPage(idx);
   delete st;
   m.internal = nullptr;
   migration_wq_.WakeAll();
