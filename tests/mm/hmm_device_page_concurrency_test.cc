@@ -65,6 +65,55 @@ TEST(HmmDevicePageConcurrencyTest, TwoCpuThreadsFaultingOneDevicePageMigrateItOn
   EXPECT_EQ(dev->device_pages_in_use(), 0u);
 }
 
+// The same bug through the range-fault and pin paths: a CPU read, another
+// device's range fault (which faults someone else's device page) and a
+// long-term pin touch one device page at once; its owner migrates it once.
+TEST(HmmDevicePageConcurrencyTest, CpuRangeFaultAndPinOnOneDevicePageMigrateItOnce) {
+  constexpr int kRounds = 10;
+  auto pool = testing::MakePool(64);
+  auto as = testing::MakeSpace(*pool);
+  auto owner = testing::DMirror::Create(as, 8);
+  auto other = testing::DMirror::Create(as, 8);
+  ASSERT_TRUE(owner && other);
+  const uint64_t a = *as->Mmap(0, kPageSize, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous);
+  ASSERT_TRUE(owner->Watch(a, kPageSize).has_value());
+  ASSERT_TRUE(other->Watch(a, kPageSize).has_value());
+  owner->set_migrate_to_ram_delay_us(5000);
+  for (int round = 0; round < kRounds; ++round) {
+    ASSERT_TRUE(as->AtomicStore(a, 500 + round).has_value());
+    ASSERT_EQ(*owner->MigrateToDevice(a, a + kPageSize), 1u);
+    std::atomic<int> ready{0};
+    auto go = [&] {
+      ready.fetch_add(1);
+      while (ready.load() < 3) std::this_thread::yield();
+    };
+    std::thread cpu([&] {
+      go();
+      auto v = as->AtomicLoad(a);
+      EXPECT_TRUE(v && *v == uint64_t(500 + round));
+    });
+    std::thread dev([&] {
+      go();
+      uint64_t v = 0;
+      EXPECT_TRUE(other->Read(a, &v, 8).has_value());
+      EXPECT_EQ(v, uint64_t(500 + round));
+    });
+    std::thread pin([&] {
+      go();
+      Pfn p;
+      auto r = as->PinUserPages(a, 1, false, &p);
+      EXPECT_TRUE(r.has_value());
+      if (r) as->UnpinUserPage(p);
+    });
+    cpu.join();
+    dev.join();
+    pin.join();
+  }
+  EXPECT_EQ(owner->cpu_faults(), uint64_t{kRounds});
+  EXPECT_EQ(owner->bad_migrate_to_ram(), 0u);
+  EXPECT_EQ(other->cpu_faults(), 0u);
+}
+
 // Device-frame eviction (no mmap lock) racing CPU faults in a parent and
 // its fork child, device migrations and device reads. The parent's CPU
 // threads own interleaved words and write increasing counters; the child
