@@ -141,6 +141,48 @@ TEST(HmmKernelRulesTest, ZeroPageIsCollectedOnlyWithSelectSystem) {
   EXPECT_EQ(as->QueryPte(a + kPageSize).kind, PteInfo::Kind::kNone);
 }
 
+// migrate_vma_setup: EINVAL for a vma that is not the one holding the
+// range, and for a fault_page that is not a device page or not locked;
+// nothing is collected then.
+TEST(HmmKernelRulesTest, MigrateSetupChecksVmaAndFaultPage) {
+  auto pool = testing::MakePool(16);
+  auto as = testing::MakeSpace(*pool);
+  auto dev = testing::DMirror::Create(as, 4);
+  const uint64_t a = *as->Mmap(0, 2 * kPageSize, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous);
+  const uint64_t b = *as->Mmap(0, kPageSize, kProtRead, kMapPrivate | kMapAnonymous);
+  ASSERT_TRUE(as->AtomicStore(a, 9).has_value());
+  ASSERT_EQ(*dev->MigrateToDevice(a, a + kPageSize), 1u);
+  const DevicePfn dpfn = as->QueryPte(a).pfn;
+  const VmaInfo right = *as->FindVma(a), wrong = *as->FindVma(b);
+  auto setup = [&](const VmaInfo* vma, uint64_t fault_page) {
+    uint64_t src[1], dst[1];
+    MigrateVma m;
+    m.start = a;
+    m.end = a + kPageSize;
+    m.src = src;
+    m.dst = dst;
+    m.pgmap_owner = dev.get();
+    m.flags = kMigrateSelectDevicePrivate;
+    m.vma = vma;
+    m.fault_page = fault_page;
+    ReadLock l(as->mmap_lock());
+    auto r = as->MigrateVmaSetup(m);
+    if (r) {
+      as->MigrateVmaPages(m);
+      as->MigrateVmaFinalize(m);
+    }
+    return r;
+  };
+  EXPECT_EQ(setup(&wrong, 0).error(), Errc::kInval);
+  EXPECT_EQ(setup(nullptr, dpfn).error(), Errc::kInval) << "fault_page not locked";
+  EXPECT_EQ(setup(nullptr, 12345).error(), Errc::kInval) << "fault_page not a device page";
+  EXPECT_EQ(as->QueryPte(a).kind, PteInfo::Kind::kDevicePrivate);
+  EXPECT_FALSE(dev->pagemap().PageLocked(dev->pagemap().IndexOf(dpfn)));
+  EXPECT_TRUE(setup(&right, 0).has_value());
+  EXPECT_EQ(as->QueryPte(a).kind, PteInfo::Kind::kDevicePrivate) << "nothing copied: restored";
+  EXPECT_EQ(*as->AtomicLoad(a), 9u);
+}
+
 // hmm_vma_handle_pte: the caller's own device-private page is reported as
 // it is. Shared read-only after fork, a write request gets it without
 // kPfnWrite and nothing is migrated (the driver decides; dmirror then
