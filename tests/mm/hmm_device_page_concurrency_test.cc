@@ -203,5 +203,50 @@ TEST(HmmDevicePageConcurrencyTest, CpuFaultsDuringDeviceFrameEvictionKeepEveryBy
   EXPECT_EQ(dev->device_pages_in_use(), 0u) << "device pages leaked";
 }
 
+// Address spaces torn down while device-frame eviction walks them: fork
+// children that share the device pages are exited (and destroyed) at
+// random moments while another thread evicts by frame and the parent
+// migrates back to the device. The rmap hands the evictor strong
+// references, so nothing is used after free; no page leaks, and the
+// parent's bytes survive.
+TEST(HmmDevicePageConcurrencyTest, SpacesExitingDuringDeviceFrameEvictionLeakNothing) {
+  constexpr uint64_t kPagesN = 16;
+  constexpr uint64_t kLen = kPagesN * kPageSize;
+  const int kRounds = kTsan ? 30 : 200;
+  auto pool = testing::MakePool(64);
+  auto as = testing::MakeSpace(*pool);
+  auto dev = testing::DMirror::Create(as, 4 * kPagesN);
+  ASSERT_TRUE(dev);
+  const uint64_t a = *as->Mmap(0, kLen, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous);
+  ASSERT_TRUE(dev->Watch(a, kLen).has_value());
+  for (uint64_t p = 0; p < kPagesN; ++p) ASSERT_TRUE(as->AtomicStore(a + p * kPageSize, 77 + p).has_value());
+  std::atomic<bool> stop{false};
+  std::thread evictor([&] {
+    std::vector<DevicePfn> all(dev->pagemap().npages());
+    for (uint64_t i = 0; i < all.size(); ++i) all[i] = dev->pagemap().PfnOf(i);
+    while (!stop.load())
+      if (auto r = EvictDevicePages(dev->pagemap(), all.data(), all.size()); !r) ADD_FAILURE() << r.error().ToString();
+  });
+  for (int round = 0; round < kRounds; ++round) {
+    auto moved = dev->MigrateToDevice(a, a + kLen);
+    ASSERT_TRUE(moved.has_value());
+    auto child = as->Fork();
+    ASSERT_TRUE(child.has_value());
+    if (round % 2) {
+      const uint64_t p = round % kPagesN;
+      auto v = (*child)->AtomicLoad(a + p * kPageSize);
+      EXPECT_TRUE(v && *v == 77 + p);
+    }
+    (*child)->Exit();
+    child->reset();  // destroyed here, or by the evictor's last reference
+  }
+  stop.store(true);
+  evictor.join();
+  for (uint64_t p = 0; p < kPagesN; ++p) EXPECT_EQ(*as->AtomicLoad(a + p * kPageSize), 77 + p);
+  ASSERT_TRUE(dev->MigrateToSystem(a, a + kLen).has_value());
+  EXPECT_EQ(dev->device_pages_in_use(), 0u) << "device pages leaked";
+  for (uint64_t p = 0; p < dev->pagemap().npages(); ++p) EXPECT_EQ(dev->pagemap().DebugRmapCount(p), 0u);
+}
+
 }  // namespace
 }  // namespace usvm::mm
