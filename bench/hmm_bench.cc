@@ -25,6 +25,17 @@
 //                            (tests/mm/huge_device.h): each 2 MiB as one
 //                            compound page (kMigrateSelectCompound), or split
 //                            into 512 4 KiB pages.
+//   BM_EvictDevice/1G-4AS    device-frame eviction (EvictDevicePages: no
+//                            mmap lock, every mapper found through the
+//                            device rmap) of 1 GiB of device memory whose
+//                            pages are each mapped by 4 address spaces (a
+//                            parent and 3 forked children); re-migrating to
+//                            the device and forking run untimed (bytes/s of
+//                            device memory evicted; unmap_ms, copy_ms and
+//                            remap_ms split each iteration into
+//                            MigrateDevicePfns, the copy into fresh system
+//                            frames, and MigrateDevicePages + Finalize).
+//   BM_Memcpy/1G             memcpy of the same 1 GiB in 4 KiB pieces.
 // Goals (issue 4): 2 MiB migrations >= 70% of memcpy; snapshot >= 20M
 // pages/s. Issue 8: compound migration >= 0.8x memcpy and >= 2x the 4 KiB
 // path.
@@ -44,6 +55,7 @@
 #include "median_reporter.h"
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/frame_pool.h"
+#include "usvm/mm/migrate_device.h"
 
 namespace usvm::mm {
 namespace {
@@ -235,15 +247,113 @@ void BM_Migrate2M(benchmark::State& state, bool compound, bool to_device) {
   state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
 }
 
-void BM_Memcpy(benchmark::State& state, uint64_t chunk) {
-  std::vector<std::byte> src(kRegion, std::byte{1}), dst(kRegion, std::byte{0});
+void BM_Memcpy(benchmark::State& state, uint64_t chunk, uint64_t bytes) {
+  std::vector<std::byte> src(bytes, std::byte{1}), dst(bytes, std::byte{0});
   for (auto _ : state) {
-    for (uint64_t off = 0; off < kRegion; off += chunk) std::memcpy(dst.data() + off, src.data() + off, chunk);
+    for (uint64_t off = 0; off < bytes; off += chunk) std::memcpy(dst.data() + off, src.data() + off, chunk);
     benchmark::DoNotOptimize(dst.data());
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(int64_t(state.iterations() * kRegion));
-  state.SetItemsProcessed(int64_t(state.iterations() * kRegionPages));
+  state.SetBytesProcessed(int64_t(state.iterations() * bytes));
+  state.SetItemsProcessed(int64_t(state.iterations() * (bytes / kPageSize)));
+}
+
+// ===== device-frame eviction ====================================================
+
+constexpr uint64_t kEvictBytes = uint64_t{1} << 30;
+constexpr uint64_t kEvictPages = kEvictBytes / kPageSize;
+constexpr int kEvictSpaces = 4;  // the parent and 3 forked children
+
+void BM_EvictDevice(benchmark::State& state) {
+  auto p = FramePool::TryCreate(kPoolBytes);
+  if (!Check(state, p, "FramePool")) return;
+  std::unique_ptr<FramePool> pool = std::move(*p);
+  auto a = AddressSpace::TryCreate(*pool);
+  if (!Check(state, a, "AddressSpace")) return;
+  std::shared_ptr<AddressSpace> as = *a;
+  std::unique_ptr<DMirror> dev = DMirror::Create(as, kEvictPages);
+  if (!dev) {
+    state.SkipWithError("DMirror::Create failed");
+    return;
+  }
+  auto m = as->Mmap(kBase, kEvictBytes, kProtRead | kProtWrite, kMapPrivate | kMapAnonymous | kMapFixed);
+  if (!Check(state, m, "Mmap") || !Check(state, as->Madvise(kBase, kEvictBytes, kMadvNoHugePage), "Madvise") ||
+      !Check(state, dev->Watch(kBase, kEvictBytes), "Watch"))
+    return;
+  // Real bytes, so every frame is committed before the timed runs (a
+  // populated but never written frame would be committed by the copy).
+  {
+    std::vector<uint8_t> data(kHugePageSize);
+    for (uint64_t i = 0; i < data.size(); i += 64) data[i] = static_cast<uint8_t>(i >> 6);
+    for (uint64_t off = 0; off < kEvictBytes; off += kHugePageSize)
+      if (!Check(state, as->Write(kBase + off, data.data(), data.size()), "Write")) return;
+  }
+  std::vector<DevicePfn> pfns(kEvictPages);
+  for (uint64_t i = 0; i < kEvictPages; ++i) pfns[i] = dev->pagemap().PfnOf(i);
+  std::vector<uint64_t> src(kEvictPages), dst(kEvictPages);
+  double unmap_s = 0, copy_s = 0, remap_s = 0;
+  // One untimed round trip commits the frames the timed rounds reuse.
+  for (uint64_t off = 0; off < kEvictBytes; off += kHugePageSize)
+    if (!Check(state, dev->MigrateToDevice(kBase + off, kBase + off + kHugePageSize), "MigrateToDevice")) return;
+  if (!Check(state, EvictDevicePages(dev->pagemap(), pfns.data(), kEvictPages), "EvictDevicePages")) return;
+  for (auto _ : state) {
+    // Untimed: everything to the device, then fork so that 4 spaces map
+    // every device page.
+    for (uint64_t off = 0; off < kEvictBytes; off += kHugePageSize) {
+      auto r = dev->MigrateToDevice(kBase + off, kBase + off + kHugePageSize);
+      if (!Check(state, r, "MigrateToDevice")) return;
+      if (*r != kPagesPerHuge) {
+        state.SkipWithError("migration to the device moved fewer pages than asked");
+        return;
+      }
+    }
+    std::vector<std::shared_ptr<AddressSpace>> children;
+    for (int c = 1; c < kEvictSpaces; ++c) {
+      auto ch = as->Fork();
+      if (!Check(state, ch, "Fork")) return;
+      children.push_back(std::move(*ch));
+    }
+    // Timed: what EvictDevicePages does, phase by phase.
+    DevicePagemap& pm = dev->pagemap();
+    const auto t0 = Clock::now();
+    if (!Check(state, MigrateDevicePfns(pm, pfns.data(), kEvictPages, src.data(), dst.data()),
+               "MigrateDevicePfns"))
+      return;
+    const auto t1 = Clock::now();
+    uint64_t moved = 0;
+    for (uint64_t i = 0; i < kEvictPages; ++i) {
+      if (!(src[i] & kMigratePfnMigrate)) continue;
+      auto f = pool->AllocPage(FramePool::Zero::kNo);
+      if (!f) break;
+      if (!dev->CopyToRam(pm, i, pool->Data(*f))) {
+        pool->Put(*f);
+        continue;
+      }
+      dst[i] = MigratePfn(*f, false);
+      ++moved;
+    }
+    const auto t2 = Clock::now();
+    MigrateDevicePages(pm, src.data(), dst.data(), kEvictPages);
+    MigrateDeviceFinalize(pm, pool.get(), src.data(), dst.data(), kEvictPages);
+    const auto t3 = Clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t3 - t0).count());
+    unmap_s += std::chrono::duration<double>(t1 - t0).count();
+    copy_s += std::chrono::duration<double>(t2 - t1).count();
+    remap_s += std::chrono::duration<double>(t3 - t2).count();
+    if (moved != kEvictPages || dev->device_pages_in_use() != 0) {
+      state.SkipWithError("eviction moved fewer pages than asked");
+      return;
+    }
+    for (auto& ch : children) ch->Exit();
+  }
+  const double it = double(state.iterations());
+  state.counters["unmap_ms"] = 1e3 * unmap_s / it;
+  state.counters["copy_ms"] = 1e3 * copy_s / it;
+  state.counters["remap_ms"] = 1e3 * remap_s / it;
+  state.SetBytesProcessed(int64_t(state.iterations() * kEvictBytes));
+  state.SetItemsProcessed(int64_t(state.iterations() * kEvictPages));
+  dev.reset();
+  as->Exit();
 }
 
 // ===== registration and the ratio table =========================================
@@ -280,12 +390,15 @@ void RegisterAll() {
     const double goal = chunk == kHugePageSize ? 0.70 : 0;
     const std::string memcpy_name = "BM_Memcpy/" + c;
     const std::string to_dev = "BM_MigrateToDevice/" + c, to_sys = "BM_MigrateToSystem/" + c;
-    RegisterBenchmark(memcpy_name.c_str(), BM_Memcpy, chunk)->Unit(benchmark::kMicrosecond);
+    RegisterBenchmark(memcpy_name.c_str(), BM_Memcpy, chunk, kRegion)->Unit(benchmark::kMicrosecond);
     RegisterBenchmark(to_dev.c_str(), BM_Migrate, chunk, true)->UseManualTime()->Unit(benchmark::kMicrosecond);
     RegisterBenchmark(to_sys.c_str(), BM_Migrate, chunk, false)->UseManualTime()->Unit(benchmark::kMicrosecond);
     Pairs().push_back({"system->device " + c + " chunks", to_dev, memcpy_name, "bytes_per_second", goal});
     Pairs().push_back({"device->system " + c + " chunks", to_sys, memcpy_name, "bytes_per_second", goal});
   }
+  RegisterBenchmark("BM_Memcpy/1G", BM_Memcpy, kPageSize, kEvictBytes)->Unit(benchmark::kMillisecond)->Iterations(2);
+  RegisterBenchmark("BM_EvictDevice/1G-4AS", BM_EvictDevice)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(2);
+  Pairs().push_back({"evict 1 GiB by frame, 4 spaces", "BM_EvictDevice/1G-4AS", "BM_Memcpy/1G", "bytes_per_second", 0});
 }
 
 void RegisterCompound() {

@@ -242,6 +242,7 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
     if (h != 0) {
       if (s == base && e == base + kHugePageSize) {
         slot.huge.store(0, std::memory_order_relaxed);
+        RmapRemoveHuge(h, base);
         unmapped += dropped.AddHuge(h);
       } else {
         // Callers split the edges first; a racing THP fault (madvise runs
@@ -254,6 +255,7 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
     if (slot.table) {
       for (uint64_t a = s; a < e; a += kPageSize) {
         const uint64_t old = slot.table->e[PageTable::PteIndex(a)].exchange(0, std::memory_order_relaxed);
+        RmapRemove(old, a);
         if (dropped.Add(old)) ++unmapped;
       }
     }
@@ -404,7 +406,12 @@ void AddressSpace::Impl::ChangeProtectionLocked(uint64_t start, uint64_t end, ui
   const bool keep_write = prot & kProtWrite;
   auto fix = [&](uint64_t e) -> uint64_t {
     if (pte::KindOf(e) == pte::kNone) return e;
-    if (!pte::IsPresent(e)) return keep_write ? e : e & ~pte::kWrite;
+    if (!pte::IsPresent(e)) {
+      // Device entries keep the read bit of the VMA too: device-frame
+      // migration remaps them without the mmap lock, from the entry alone.
+      if (pte::HoldsDevicePage(e)) e = (e & ~pte::kRead) | read;
+      return keep_write ? e : e & ~pte::kWrite;
+    }
     e = (e & ~pte::kRead) | read;
     if (!keep_write) e &= ~pte::kWrite;
     return e;
@@ -631,6 +638,9 @@ Errc AddressSpace::Impl::CollapseHugeLocked(const Vma& vma, uint64_t base) {
   Dropped dropped;
   uint64_t mapped = 0;
   {
+    // The PTE table is freed: the free lock keeps device-frame migration
+    // (which walks without the mmap lock) off it, as FreeEmpty does.
+    WriteLock fl(pt_.free_lock());
     WriteLock l(slot->lock);
     // The mmap write lock keeps faults out; the entries are as scanned.
     for (unsigned i = 0; i < kPagesPerHuge; ++i) {
@@ -677,6 +687,8 @@ void AddressSpace::Impl::MovePageTablesLocked(uint64_t old_start, uint64_t new_s
         } else {
           dst->huge.store(h, std::memory_order_relaxed);
           src.huge.store(0, std::memory_order_relaxed);
+          RmapRemoveHuge(h, base);  // both locks held, as for 4 KiB moves
+          RmapAddHuge(h, dst_addr);
           dst->lock.Unlock();
           src.lock.Unlock();
           return;
@@ -695,11 +707,17 @@ void AddressSpace::Impl::MovePageTablesLocked(uint64_t old_start, uint64_t new_s
         if (d == &src) {
           // Source and target share this 2 MiB region: its lock is held.
           src.table->e[PageTable::PteIndex(na)].store(ent, std::memory_order_relaxed);
+          RmapRemove(ent, a);
+          RmapAdd(ent, na);
           continue;
         }
         WriteLock dl(d->lock);
         if (!d->table) pt_.InstallTableLocked(*d);
         d->table->e[PageTable::PteIndex(na)].store(ent, std::memory_order_relaxed);
+        // Both page table locks are held: device-frame migration sees the
+        // entry at one address or the other, and its record with it.
+        RmapRemove(ent, a);
+        RmapAdd(ent, na);
       }
     }
     src.lock.Unlock();
@@ -903,7 +921,6 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   USVM_TRY(CheckAliveLocked());
   WriteLock lc(child.mmap_lock_);  // nobody can see the child yet
   uint64_t copied = 0;
-  std::vector<DevicePagemap*> device_pagemaps;  // pagemaps the child now maps
   bool oom = false;
   for (const auto& kv : vmas_) {
     const Vma& v = kv.second;
@@ -952,10 +969,10 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
         if (pte::HoldsDevicePage(h)) {
           DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(h));
           for (uint64_t i = 0; i < kPagesPerHuge; ++i) pm->Get(pm->IndexOf(pte::PfnOf(h)) + i);
-          device_pagemaps.push_back(pm);
         }
         slot.huge.store(wp, std::memory_order_relaxed);
         cs->huge.store(wp, std::memory_order_relaxed);
+        child.RmapAddHuge(wp, base);
         copied += kPagesPerHuge;
       }
       if (slot.table) {
@@ -987,16 +1004,19 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
           if (pte::HoldsDevicePage(old)) {
             // Shared read-only by both, like a COW page (copy_nonpresent_pte
             // for device-private entries; coherent pages are plain pages).
+            // A migration entry of a device page (device-frame migration
+            // runs without the mmap lock) is copied the same way: its
+            // migrator remaps the child's copy too, found by the rmap.
             DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(old));
             pm->Get(pm->IndexOf(pte::PfnOf(old)));
-            device_pagemaps.push_back(pm);
           } else if (!pte::IsPresent(old)) {
-            continue;  // migration entries cannot exist here: fork holds the write lock
+            continue;  // system-page migration entries cannot exist: fork holds the write lock
           }
           if (pte::HoldsFrame(old)) pool_.Get(pte::PfnOf(old));
           const uint64_t wp = old & ~pte::kWrite;
           ent.store(wp, std::memory_order_relaxed);
           cs->table->e[PageTable::PteIndex(a)].store(wp, std::memory_order_relaxed);
+          child.RmapAdd(wp, a);
           ++copied;
         }
       }
@@ -1010,13 +1030,6 @@ Result<void> AddressSpace::Impl::ForkInto(Impl& child) {
   child.cached_hole_size_ = cached_hole_size_;
   if (oom) return Err(Errc::kNoMem, "fork: cannot copy a pinned page");  // the caller drops the child
   HugetlbNoteForkLocked(child);
-  if (!device_pagemaps.empty()) {
-    auto child_sp = child.as_.shared_from_this();
-    std::sort(device_pagemaps.begin(), device_pagemaps.end());
-    device_pagemaps.erase(std::unique(device_pagemaps.begin(), device_pagemaps.end()),
-                          device_pagemaps.end());
-    for (DevicePagemap* pm : device_pagemaps) pm->NoteMapper(child_sp);
-  }
   return {};
 }
 

@@ -45,6 +45,16 @@ struct Vma {
   VmaInfo Info() const { return {start, end, prot, flags, file.get(), pgoff}; }
 };
 
+// One entry for device-frame migration to change (migrate_device.cc): the
+// device page dpfn at addr; dst is the system frame to map instead
+// (remap), or kInvalidPfn to restore; done is set when the entry changed.
+struct DeviceTarget {
+  uint64_t addr;
+  uint64_t dpfn;
+  Pfn dst;
+  bool done;
+};
+
 // Whether an access needs write permission.
 enum class AccessKind { kRead, kWrite };
 
@@ -77,8 +87,24 @@ class AddressSpace::Impl {
   Result<void> MigrateSetupLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigratePagesLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigrateFinalizeLocked(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
-  std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
-      USVM_REQUIRES_SHARED(mmap_lock_);
+
+  // ---- device-frame migration (migrate_device.cc), without the mmap lock ----
+  // (DeviceTarget: see above the class.)
+  // Both take the page table's free lock (shared) and the page table locks
+  // themselves, one 2 MiB region at a time; targets are in address order.
+  // REQUIRES: the caller holds every dpfn's page lock, so every migration
+  // entry naming one of them is its own.
+  // try_to_migrate_one: each entry that still maps its device page (and
+  // is not a migration entry already) becomes a migration entry.
+  void DeviceUnmap(DeviceTarget* t, size_t n) USVM_EXCLUDES(mmap_lock_);
+  // remove_migration_pte: each migration entry of its page becomes a
+  // present entry of dst (taking a reference on it, forgetting the rmap
+  // record), or, with dst == kInvalidPfn, the device entry it replaced.
+  // Wakes migration waiters.
+  void DeviceRemap(DevicePagemap& pm, DeviceTarget* t, size_t n) USVM_EXCLUDES(mmap_lock_);
+  // MIGRATE notification bracket over [start, end) with `owner`.
+  void NotifyMigrateStart(uint64_t start, uint64_t end, const void* owner);
+  void NotifyMigrateEnd(uint64_t start, uint64_t end, const void* owner);
 
   // ---- queries ----
   std::optional<VmaInfo> FindVmaInfo(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
@@ -222,6 +248,14 @@ class AddressSpace::Impl {
     }
   };
   void Drop(const Dropped& d);
+  // Device rmap upkeep (device_pagemap.h): entry `e` at addr starts /
+  // stops naming a device page (no-op for other entries).
+  // REQUIRES: addr's page table lock, held exclusively.
+  void RmapAdd(uint64_t e, uint64_t addr);
+  void RmapRemove(uint64_t e, uint64_t addr);
+  // The same for a 2 MiB entry h at base: one record per 4 KiB page.
+  void RmapAddHuge(uint64_t h, uint64_t base);
+  void RmapRemoveHuge(uint64_t h, uint64_t base);
   // Waits until the migration entry `e` at addr is gone (migration_entry_wait).
   void WaitMigrationLocked(uint64_t addr, uint64_t e) USVM_REQUIRES_SHARED(mmap_lock_);
   // Runs the owner's migrate_to_ram for the device-private entry e at addr.

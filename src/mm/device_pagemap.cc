@@ -3,9 +3,12 @@
 #include <sys/mman.h>
 
 #include <cassert>
+#include <chrono>
 #include <map>
+#include <thread>
 
 #include "usvm/mm/address_space.h"
+#include "usvm/mm/migrate_device.h"
 
 namespace usvm::mm {
 
@@ -34,6 +37,9 @@ Result<std::unique_ptr<DevicePagemap>> DevicePagemap::TryCreate(uint64_t npages,
                                                                 DeviceMemoryKind kind) {
   if (npages == 0) return Err(Errc::kInval, "device pagemap: zero pages");
   if (!ops) return Err(Errc::kInval, "device pagemap: null ops");
+  // memremap_pages refuses device-private and device-coherent memory
+  // without an owner: range fault and migration tell "mine" by it.
+  if (!owner) return Err(Errc::kInval, "device pagemap: null owner");
   if (npages > kDeviceSpaceEnd - kDeviceSpaceStart) return Err(Errc::kNoMem, "device pagemap too large");
   std::byte* arena = nullptr;
   if (kind == DeviceMemoryKind::kCoherent) {
@@ -59,24 +65,32 @@ DevicePagemap::DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOp
                              DevicePfn base, DeviceMemoryKind kind, std::byte* arena)
     : kind_(kind),
       arena_(arena),
-      npages_(npages), owner_(owner), ops_(ops), base_(base), pages_(new Page[npages]) {}
+      npages_(npages), owner_(owner), ops_(ops), base_(base), pages_(new Page[npages]),
+      rmap_(npages) {}
 
 DevicePagemap::~DevicePagemap() {
-  // memunmap_pages: nothing may stay mapped. Ask the driver to bring every
-  // mapped page home, address space by address space.
-  std::vector<std::weak_ptr<AddressSpace>> mappers;
-  {
-    MutexLock l(lock_);
-    mappers.swap(mappers_);
-  }
-  for (auto& w : mappers) {
-    std::shared_ptr<AddressSpace> as = w.lock();
-    if (!as) continue;
-    ReadLock l(as->mmap_lock());
-    for (auto [addr, dpfn] : as->FindDeviceEntriesLocked(base_, base_ + npages_)) {
-      [[maybe_unused]] auto r = ops_->MigrateToRam(*as, addr, *this, IndexOf(dpfn));
-      assert(r.has_value() && "migrate_to_ram failed during pagemap teardown");
+  // memunmap_pages. Drivers evict before they unregister (the kernel's
+  // drivers call migrate_device_range first); we do it here so that no
+  // CPU entry can outlive the pagemap: every mapped page goes to system
+  // memory in every address space that maps it. Pages the eviction skips
+  // (locked by a concurrent fault or migration, or with an extra
+  // reference) are tried again; then wait for the last references (the
+  // driver's own, a migrator's) to go.
+  std::vector<DevicePfn> busy;
+  for (int pass = 0;; ++pass) {
+    busy.clear();
+    bool mapped = false;
+    for (uint64_t i = 0; i < npages_; ++i) {
+      if (RefCount(i) == 0) continue;
+      busy.push_back(PfnOf(i));
+      mapped = mapped || DebugRmapCount(i) != 0;
     }
+    if (busy.empty()) break;
+    if (mapped) {
+      [[maybe_unused]] auto r = EvictDevicePages(*this, busy.data(), busy.size());
+      assert(r.has_value() && "device-frame eviction failed during pagemap teardown");
+    }
+    if (pass > 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
   Registry& reg = GetRegistry();
   {
@@ -110,6 +124,13 @@ void DevicePagemap::Get(uint64_t index) {
   assert(old > 0);
 }
 
+bool DevicePagemap::TryGet(uint64_t index) {
+  uint32_t c = pages_[index].refcount.load(std::memory_order_relaxed);
+  while (c != 0)
+    if (pages_[index].refcount.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) return true;
+  return false;
+}
+
 void DevicePagemap::Put(uint64_t index) {
   const uint32_t old = pages_[index].refcount.fetch_sub(1, std::memory_order_acq_rel);
   assert(old > 0);
@@ -120,14 +141,65 @@ uint32_t DevicePagemap::RefCount(uint64_t index) const {
   return pages_[index].refcount.load(std::memory_order_acquire);
 }
 
-void DevicePagemap::NoteMapper(const std::shared_ptr<AddressSpace>& as) {
-  MutexLock l(lock_);
-  for (auto it = mappers_.begin(); it != mappers_.end();) {
-    auto p = it->lock();
-    if (p == as) return;
-    it = p ? std::next(it) : mappers_.erase(it);
+bool DevicePagemap::TryLockPage(uint64_t index) {
+  return !(pages_[index].flags.fetch_or(kPageLockedBit, std::memory_order_acquire) & kPageLockedBit);
+}
+
+void DevicePagemap::UnlockPage(uint64_t index) {
+  [[maybe_unused]] const uint32_t old =
+      pages_[index].flags.fetch_and(~kPageLockedBit, std::memory_order_release);
+  assert(old & kPageLockedBit);
+}
+
+bool DevicePagemap::PageLocked(uint64_t index) const {
+  return pages_[index].flags.load(std::memory_order_acquire) & kPageLockedBit;
+}
+
+void DevicePagemap::RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr) {
+  MutexLock l(rmap_lock_);
+  rmap_[index].push_back({as, addr});
+}
+
+void DevicePagemap::RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr) {
+  MutexLock l(rmap_lock_);
+  auto& v = rmap_[index];
+  for (size_t k = 0; k < v.size(); ++k)
+    if (v[k].as == as && v[k].addr == addr) {
+      v[k] = v.back();
+      v.pop_back();
+      return;
+    }
+}
+
+void DevicePagemap::RmapMove(uint64_t index, AddressSpace* as, uint64_t from, uint64_t to) {
+  MutexLock l(rmap_lock_);
+  for (auto& r : rmap_[index])
+    if (r.as == as && r.addr == from) {
+      r.addr = to;
+      return;
+    }
+}
+
+void DevicePagemap::RmapSnapshot(uint64_t index, std::vector<std::pair<AddressSpace*, uint64_t>>& out,
+                                 std::vector<std::shared_ptr<AddressSpace>>& keep) const {
+  MutexLock l(rmap_lock_);
+  for (const auto& r : rmap_[index]) {
+    bool kept = false;
+    for (const auto& k : keep) kept = kept || k.get() == r.as;
+    if (!kept) {
+      // The record keeps the space's memory alive (its zap needs
+      // rmap_lock_ to remove it); lock() fails once its destructor began.
+      auto sp = r.as->weak_from_this().lock();
+      if (!sp) continue;
+      keep.push_back(std::move(sp));
+    }
+    out.emplace_back(r.as, r.addr);
   }
-  mappers_.push_back(as);
+}
+
+size_t DevicePagemap::DebugRmapCount(uint64_t index) const {
+  MutexLock l(rmap_lock_);
+  return rmap_[index].size();
 }
 
 uint64_t DevicePagemap::DebugPagesInUse() const {

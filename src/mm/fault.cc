@@ -2,7 +2,9 @@
 // paths (Read, Write, atomics, Populate), plus lazy-free reclaim.
 #include <atomic>
 #include <cassert>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "address_space_impl.h"
 
@@ -72,6 +74,7 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
     ent.store(pte::Make(pte::kPresent, copy,
                         ReadBit(vma.prot) | pte::kWrite | pte::kDirty | pte::kAccessed),
               std::memory_order_relaxed);
+    RmapRemove(old, page);  // a coherent device page's mapping goes
   }
   slot.lock.Unlock();
   NotifyEnd(page, page + kPageSize, NotifyEvent::kClear);
@@ -281,9 +284,47 @@ void AddressSpace::Impl::WaitMigrationLocked(uint64_t addr, uint64_t e) {
 }
 
 Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
+  const uint64_t page = PageAlignDown(addr);
   DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
   if (!pm) return Err(Errc::kFault, "SIGBUS: device page of an unregistered pagemap");
-  return pm->ops().MigrateToRam(as_, PageAlignDown(addr), *pm, pm->IndexOf(pte::PfnOf(e)));
+  const uint64_t index = pm->IndexOf(pte::PfnOf(e));
+  // do_swap_page's device-private branch: `e` was read with the page table
+  // lock dropped since, so the page may already be migrated, freed and
+  // reused. Recheck the entry under the lock; while it still maps the page
+  // the page is alive: take a reference and the page lock there. A thread
+  // that finds the page locked (another fault, a migrator) does not call
+  // the driver: it waits for the entry to change or the lock to go, and
+  // the caller looks at the entry again.
+  for (int spins = 0;; ++spins) {
+    bool locked = false;
+    {
+      PmdSlot* slot = pt_.Lookup(page);
+      if (!slot) return {};
+      ReadLock l(slot->lock);
+      // A 2 MiB device entry is compared as this page's 4 KiB view.
+      const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+      const uint64_t cur = h != 0 ? pte::SubEntry(h, page)
+                                  : (slot->table ? slot->table->e[PageTable::PteIndex(page)].load(
+                                                       std::memory_order_relaxed)
+                                                 : 0);
+      if (cur != e) return {};  // changed: the caller looks again
+      if (pm->TryLockPage(index)) {
+        pm->Get(index);
+        locked = true;
+      }
+    }
+    if (locked) break;
+    // The holder changes the entry soon (a migrator installs migration
+    // entries right after locking; a fault's migration replaces it).
+    if (spins < 64)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  auto r = pm->ops().MigrateToRam(as_, page, *pm, index);
+  pm->UnlockPage(index);
+  pm->Put(index);
+  return r;
 }
 
 void AddressSpace::Impl::RestoreExclusiveLocked(uint64_t addr, uint64_t e) {

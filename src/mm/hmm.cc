@@ -14,6 +14,10 @@ Result<void> AddressSpace::RangeFault(HmmRange& r) {
     return Err(Errc::kInval, "range fault: bad range");
   if (r.start < r.notifier->start() || r.end > r.notifier->end())
     return Err(Errc::kInval, "range fault: range outside the notifier");
+  // hmm_range_fault works on range->notifier->mm: a notifier of another
+  // address space (or none) cannot describe this one.
+  if (r.notifier->mm() != this)
+    return Err(Errc::kInval, "range fault: notifier belongs to another address space");
   impl_->mmap_lock_.AssertReaderHeld();  // the caller's mmap_lock_, seen through Impl
   return impl_->RangeFaultLocked(r);
 }
@@ -29,8 +33,10 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
     while (addr < r.end && !faulted) {
       uint64_t& word = r.hmm_pfns[(addr - r.start) >> kPageShift];
       const uint64_t req = (r.default_flags | (word & r.pfn_flags_mask)) & (kPfnReqFault | kPfnReqWrite);
+      // hmm_pte_need_fault: nothing is faulted without kPfnReqFault;
+      // kPfnReqWrite alone asks for nothing.
       const bool want_fault = req & kPfnReqFault;
-      const bool want_write = req & kPfnReqWrite;
+      const bool want_write = want_fault && (req & kPfnReqWrite);
       const Vma* vma = FindVmaLocked(addr);
       if (!vma || vma->start > addr) {
         // A hole: up to the next VMA (or the end of the range).
@@ -68,15 +74,17 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(e));
         const bool mine = pm && r.dev_private_owner && pm->owner() == r.dev_private_owner;
         const bool dev_writable = e & pte::kWrite;
-        if (mine && !(want_write && !dev_writable)) {
+        if (mine) {
+          // hmm_vma_handle_pte: the caller's own device page is reported
+          // as it is, even read-only under a write request; the driver
+          // sees no kPfnWrite and decides (nothing is migrated home).
           word = kPfnValid | kPfnDevice | (dev_writable ? kPfnWrite : 0) |
                  (uint64_t{order} << kPfnOrderShift) | pfn;
           addr += kPageSize;
           continue;
         }
-        if (want_fault || want_write) {
-          // Someone else's device memory (or a write to a read-only
-          // device page): its owner migrates it to RAM.
+        if (want_fault) {
+          // Someone else's device memory: its owner migrates it to RAM.
           USVM_TRY(DeviceFaultLocked(addr, e));
           faulted = true;
           continue;
@@ -86,7 +94,7 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         continue;
       }
       if (pte::IsExclusive(e)) {
-        if (want_fault || want_write) {
+        if (want_fault) {
           RestoreExclusiveLocked(addr, e);
           faulted = true;
           continue;
@@ -96,7 +104,7 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
         continue;
       }
       if (pte::KindOf(e) == pte::kMigration) {
-        if (want_fault || want_write) {
+        if (want_fault) {
           WaitMigrationLocked(addr, e);
           faulted = true;
           continue;

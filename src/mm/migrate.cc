@@ -1,5 +1,5 @@
-// migrate_vma_setup / _pages / _finalize (mm/migrate_device.c) and the
-// device-entry scan used by pagemap teardown.
+// migrate_vma_setup / _pages / _finalize (mm/migrate_device.c). Migration
+// by device frame is in migrate_device.cc.
 #include <cassert>
 
 #include "address_space_impl.h"
@@ -17,6 +17,11 @@ struct MigrateState {
   std::vector<uint64_t> installed;  // our migration entry, or 0 (hole / skipped)
   std::vector<uint64_t> orig;       // the entry it replaced
   std::vector<bool> compound;       // first index of a 2 MiB unit
+  // Device source pages: the pagemap of each (null for other pages; set
+  // at a 2 MiB unit's first index for the unit), and the (pagemap, index)
+  // pairs Setup locked (never the fault page).
+  std::vector<DevicePagemap*> src_pm;
+  std::vector<std::pair<DevicePagemap*, uint64_t>> locked;
 };
 
 constexpr uint64_t kUnitPages = kPagesPerHuge;
@@ -40,6 +45,7 @@ void ExpandUnit(const MigrateVma& m, MigrateState& st, uint64_t* src, uint64_t* 
     st.orig[i + k] = orig ? pte::SubEntry(orig, a) : 0;
     src[i + k] = SubWord(sw, k);
     if (dw & kMigratePfnCompound) dst[i + k] = SubWord(dw, k);
+    st.src_pm[i + k] = st.src_pm[i];
   }
   st.compound[i] = false;
 }
@@ -60,11 +66,6 @@ void AddressSpace::MigrateVmaFinalize(MigrateVma& m) {
   impl_->mmap_lock_.AssertReaderHeld();
   impl_->MigrateFinalizeLocked(m);
 }
-std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::FindDeviceEntriesLocked(uint64_t lo,
-                                                                                 uint64_t hi) const {
-  impl_->mmap_lock_.AssertReaderHeld();
-  return impl_->FindDeviceEntriesLocked(lo, hi);
-}
 
 Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   USVM_TRY(CheckAliveLocked());
@@ -80,11 +81,20 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   if (!vma || vma->start > m.start || m.end > vma->end)
     return Err(Errc::kInval, "migrate: range not inside one VMA");
   if (vma->is_hugetlb()) return Err(Errc::kInval, "migrate: hugetlb mapping");
+  if (m.vma && (m.vma->start != vma->start || m.vma->end != vma->end))
+    return Err(Errc::kInval, "migrate: vma is not the VMA holding the range");
+  if (m.fault_page != 0) {
+    DevicePagemap* fpm = DevicePagemap::Lookup(m.fault_page);
+    if (!fpm) return Err(Errc::kInval, "migrate: fault_page is not a device page");
+    if (!fpm->PageLocked(fpm->IndexOf(m.fault_page)))
+      return Err(Errc::kInval, "migrate: fault_page is not locked");
+  }
   const uint64_t n = (m.end - m.start) >> kPageShift;
   const bool anon = vma->private_anon();
   const bool compound = m.flags & kMigrateSelectCompound;
   auto* st = new MigrateState{std::vector<uint64_t>(n, 0), std::vector<uint64_t>(n, 0),
-                              std::vector<bool>(n, false)};
+                              std::vector<bool>(n, false), std::vector<DevicePagemap*>(n, nullptr),
+                              {}};
   for (uint64_t i = 0; i < n; ++i) m.src[i] = m.dst[i] = 0;
   m.cpages = 0;
   // A 2 MiB unit that may be collected whole: aligned and inside the range.
@@ -131,9 +141,25 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
           pte::IsPresent(h) ? kMigrateSelectDeviceCoherent : kMigrateSelectDevicePrivate;
       if (!(m.flags & select) || !pm || pm->owner() != m.pgmap_owner) return false;
       const uint64_t idx = pm->IndexOf(dpfn);
-      for (uint64_t k = 0; k < kUnitPages; ++k)
-        if (writable && pm->RefCount(idx + k) != 1) return false;
+      for (uint64_t k = 0; k < kUnitPages; ++k) {
+        // The fault path holds one extra reference on its page.
+        const uint32_t users = pm->RefCount(idx + k) - (dpfn + k == m.fault_page ? 1 : 0);
+        if (writable && users != 1) return false;
+      }
+      // Every page of the unit locked (the fault page is already), or the
+      // unit is left to the 4 KiB pass, which skips the busy pages.
+      const size_t first_locked = st->locked.size();
+      for (uint64_t k = 0; k < kUnitPages; ++k) {
+        if (dpfn + k == m.fault_page) continue;
+        if (!pm->TryLockPage(idx + k)) {
+          for (size_t q = first_locked; q < st->locked.size(); ++q) pm->UnlockPage(st->locked[q].second);
+          st->locked.resize(first_locked);
+          return false;
+        }
+        st->locked.emplace_back(pm, idx + k);
+      }
       for (uint64_t k = 0; k < kUnitPages; ++k) pm->Get(idx + k);
+      st->src_pm[i] = pm;
       word = MigratePfn(dpfn, true);
       st->installed[i] = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
     } else {
@@ -184,8 +210,11 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
     uint64_t mig = 0;
     if (e == 0 || (pte::IsPresent(e) && (e & pte::kZero))) {
       // A hole (or the zero page) of anonymous memory: a destination page
-      // can fill it (migrate_vma_collect_hole).
+      // can fill it (migrate_vma_collect_hole). As in the kernel, holes
+      // are collected whatever the select flags; the zero page is a
+      // system page and needs kMigrateSelectSystem.
       if (!anon) continue;
+      if (e != 0 && !(m.flags & kMigrateSelectSystem)) continue;
       m.src[i] = kMigratePfnMigrate;
       if (e != 0) mig = pte::Make(pte::kMigration, 0, keep | pte::kZero);
     } else if (pte::HoldsFrame(e)) {
@@ -207,8 +236,18 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
       const uint32_t select =
           pte::IsPresent(e) ? kMigrateSelectDeviceCoherent : kMigrateSelectDevicePrivate;
       if (!(m.flags & select) || !pm || pm->owner() != m.pgmap_owner) continue;
-      if ((e & pte::kWrite) && pm->RefCount(pm->IndexOf(dpfn)) != 1) continue;
-      pm->Get(pm->IndexOf(dpfn));
+      const uint64_t idx = pm->IndexOf(dpfn);
+      // The fault path holds one extra reference on its page
+      // (migrate_vma_check_page's extra for fault_page).
+      const uint32_t users = pm->RefCount(idx) - (dpfn == m.fault_page ? 1 : 0);
+      if ((e & pte::kWrite) && users != 1) continue;
+      // Another thread (a CPU fault, a migrator) holds this page: skip it.
+      if (dpfn != m.fault_page) {
+        if (!pm->TryLockPage(idx)) continue;
+        st->locked.emplace_back(pm, idx);
+      }
+      st->src_pm[i] = pm;
+      pm->Get(idx);
       m.src[i] = MigratePfn(dpfn, true) | kMigratePfnMigrate | ((e & pte::kWrite) ? kMigratePfnWrite : 0);
       mig = pte::Make(pte::kMigration, dpfn, keep | pte::kDevice);
     } else {
@@ -271,7 +310,6 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
   // Work on copies: the caller's words stay as Pages left them.
   std::vector<uint64_t> src(m.src, m.src + n), dst(m.dst, m.dst + n);
   Dropped dropped;
-  std::vector<DevicePagemap*> mapped_pagemaps;
   uint64_t added = 0;
   auto drop_word = [&](uint64_t w) {  // the reference(s) a src/dst word names
     if (!(w & kMigratePfnValid)) return;
@@ -291,11 +329,12 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
       return pte::Make(pte::kPresent, MigratePfnOf(d),
                        ReadBit(vma->prot) | pte::kAccessed | pte::kDirty | w);
     DevicePagemap* pm = DevicePagemap::Lookup(MigratePfnOf(d));
-    if (pm) mapped_pagemaps.push_back(pm);
     if (pm && pm->coherent())
       return pte::Make(pte::kPresent, MigratePfnOf(d),
                        ReadBit(vma->prot) | pte::kDevice | pte::kAccessed | pte::kDirty | w);
-    return pte::Make(pte::kDevicePrivate, MigratePfnOf(d), pte::kRead | w);
+    // Device entries carry the VMA's read bit too: device-frame migration
+    // remaps them from the entry alone.
+    return pte::Make(pte::kDevicePrivate, MigratePfnOf(d), ReadBit(vma->prot) | w);
   };
 
   // 2 MiB units first: finalized whole if their 2 MiB entry (or empty
@@ -318,7 +357,9 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
                           (dst[i] & kMigratePfnCompound);
     if (migrated) {
       const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
+      if (st->src_pm[i]) RmapRemoveHuge(installed, a);  // the device source's records
       slot->huge.store(new_entry(dst[i], writable), std::memory_order_relaxed);
+      RmapAddHuge(slot->huge.load(std::memory_order_relaxed), a);
       if (installed == 0) added += kUnitPages;
     } else if (installed != 0) {
       slot->huge.store(st->orig[i], std::memory_order_relaxed);  // restore
@@ -355,7 +396,10 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
       if (!ours) migrated = false;  // zapped (or refaulted) meanwhile
       if (ours && migrated) {
         const bool writable = installed != 0 ? (installed & pte::kWrite) : (vma->prot & kProtWrite);
+        if (DevicePagemap* spm = st->src_pm[i])  // a device source page's record
+          spm->RmapRemove(spm->IndexOf(pte::PfnOf(installed)), &as_, a);
         ent->store(new_entry(dst[i], writable), std::memory_order_relaxed);
+        RmapAdd(ent->load(std::memory_order_relaxed), a);
         if (installed == 0) ++added;
       } else if (ours && installed != 0) {
         ent->store(st->orig[i], std::memory_order_relaxed);  // restore
@@ -366,42 +410,11 @@ void AddressSpace::Impl::MigrateFinalizeLocked(MigrateVma& m) {
     if (!migrated) drop_word(dst[i]);
   }
   counters.rss_pages.fetch_add(added, std::memory_order_relaxed);
-  if (!mapped_pagemaps.empty()) {
-    std::sort(mapped_pagemaps.begin(), mapped_pagemaps.end());
-    mapped_pagemaps.erase(std::unique(mapped_pagemaps.begin(), mapped_pagemaps.end()),
-                          mapped_pagemaps.end());
-    auto self = as_.shared_from_this();
-    for (DevicePagemap* pm : mapped_pagemaps) pm->NoteMapper(self);
-  }
+  for (auto [pm, idx] : st->locked) pm->UnlockPage(idx);
   delete st;
   m.internal = nullptr;
   migration_wq_.WakeAll();
   Drop(dropped);
-}
-
-std::vector<std::pair<uint64_t, uint64_t>> AddressSpace::Impl::FindDeviceEntriesLocked(
-    uint64_t lo, uint64_t hi) const {
-  std::vector<std::pair<uint64_t, uint64_t>> out;
-  for (const auto& kv : vmas_) {
-    const Vma& v = kv.second;
-    pt_.ForEachSlot(v.start, v.end, [&](uint64_t base, PmdSlot& slot) {
-      ReadLock l(slot.lock);
-      const uint64_t h = slot.huge.load(std::memory_order_relaxed);
-      if (h != 0) {
-        if (pte::HoldsDevicePage(h) && pte::PfnOf(h) + kPagesPerHuge > lo && pte::PfnOf(h) < hi)
-          out.emplace_back(base, pte::PfnOf(h));  // a 2 MiB device page: its head
-        return;
-      }
-      if (!slot.table) return;
-      const uint64_t s = std::max(v.start, base), e = std::min(v.end, base + kHugePageSize);
-      for (uint64_t a = s; a < e; a += kPageSize) {
-        const uint64_t ent = slot.table->e[PageTable::PteIndex(a)].load(std::memory_order_relaxed);
-        if (pte::HoldsDevicePage(ent) && pte::PfnOf(ent) >= lo && pte::PfnOf(ent) < hi)
-          out.emplace_back(a, pte::PfnOf(ent));
-      }
-    });
-  }
-  return out;
 }
 
 }  // namespace usvm::mm

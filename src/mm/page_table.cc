@@ -71,6 +71,7 @@ void PageTable::ReplaceTableLocked(PmdSlot& slot, uint64_t huge) {
 }
 
 void PageTable::FreeEmpty(uint64_t start, uint64_t end) {
+  WriteLock fl(free_lock_);
   // PTE tables of the 2 MiB regions the range touches.
   ForEachSlot(start, end, [&](uint64_t, PmdSlot& slot) {
     slot.lock.Lock();

@@ -158,9 +158,17 @@ class PageTable {
   }
 
   // Frees PTE tables whose entries are all none, then empty PMD and PUD
-  // tables, for regions overlapping [start, end).
-  // REQUIRES: the mmap write lock (no walker can hold a slot pointer).
-  void FreeEmpty(uint64_t start, uint64_t end);
+  // tables, for regions overlapping [start, end). Takes free_lock()
+  // exclusively.
+  // REQUIRES: the mmap write lock (no walker under the mmap lock can hold
+  // a slot pointer).
+  void FreeEmpty(uint64_t start, uint64_t end) USVM_EXCLUDES(free_lock_);
+
+  // Walkers that hold no mmap lock (device-frame migration, which finds
+  // entries through the device rmap) hold this shared while they use slot
+  // pointers, so FreeEmpty cannot free tables under them.
+  // Order: mmap lock -> free lock -> slot locks.
+  RwSemaphore& free_lock() const USVM_RETURN_CAPABILITY(free_lock_) { return free_lock_; }
 
   // Page-table pages currently allocated (PUD + PMD + PTE tables).
   uint64_t table_pages() const { return tables_.load(std::memory_order_relaxed); }
@@ -176,6 +184,7 @@ class PageTable {
  private:
   std::atomic<PudTable*> pgd_[kPgdEntries] = {};
   std::atomic<uint64_t> tables_{0};
+  mutable RwSemaphore free_lock_;
 };
 
 }  // namespace usvm::mm

@@ -18,9 +18,11 @@
 #define USVM_TESTS_MM_DMIRROR_H_
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "usvm/base/mutex.h"
@@ -46,8 +48,8 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     return d;
   }
   ~DMirror() override {
-    // Deleting the pagemap migrates everything still mapped back first,
-    // through MigrateToRam, which uses pgmap_: keep it set meanwhile.
+    // Deleting the pagemap evicts everything still mapped first, through
+    // CopyToRam, and PageFree runs for every page: keep pgmap_ set meanwhile.
     delete pgmap_.get();
     (void)pgmap_.release();
     if (sub_.hub()) (void)sub_.Remove();
@@ -203,13 +205,31 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // shared copy-on-write after fork. As dmirror_devmem_fault, a page that
   // cannot get a system frame fails the CPU access (ENOMEM) and stays on
   // the device.
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
+  //
+  // The fault path must call this with the page referenced and locked (it
+  // is passed on as fault_page); a call that finds the page free or
+  // unlocked is counted in bad_migrate_to_ram() (a use-after-free in the
+  // fault path). set_migrate_to_ram_delay_us() stretches each call so that
+  // tests can make CPU faults overlap.
+  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
+                            uint64_t index) override {
     as.mmap_lock().AssertReaderHeld();
     cpu_faults_++;
+    if (pgmap.RefCount(index) == 0 || !pgmap.PageLocked(index)) bad_migrate_to_ram_++;
+    if (uint64_t us = migrate_to_ram_delay_us_.load())
+      std::this_thread::sleep_for(std::chrono::microseconds(us));
     bool alloc_failed = false;
-    auto r = MigrateBackLocked(as, addr, addr + kPageSize, &alloc_failed);
+    auto r = MigrateBackLocked(as, addr, addr + kPageSize, &alloc_failed, pgmap.PfnOf(index));
     if (!r) return Err(r.error());
     if (alloc_failed) return Err(Errc::kNoMem, "dmirror: no system frame for migrate_to_ram");
+    return {};
+  }
+
+  // Device-frame eviction (EvictDevicePages, pagemap teardown): the
+  // device's copy engine.
+  Result<void> CopyToRam(DevicePagemap&, uint64_t index, std::byte* to) override {
+    std::memcpy(to, vram_[index].data(), kPageSize);
+    evicted_++;
     return {};
   }
 
@@ -235,6 +255,11 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   AddressSpace& as() { return *as_; }
   uint64_t device_pages_in_use() { return pgmap_->DebugPagesInUse(); }
   uint64_t cpu_faults() const { return cpu_faults_; }
+  // Pages copied home by device-frame eviction (CopyToRam).
+  uint64_t evicted() const { return evicted_; }
+  // MigrateToRam calls for a page that was free or not locked by the caller.
+  uint64_t bad_migrate_to_ram() const { return bad_migrate_to_ram_; }
+  void set_migrate_to_ram_delay_us(uint64_t us) { migrate_to_ram_delay_us_.store(us); }
   // Pages moved by MigrateToDevice / back to system memory (any path).
   uint64_t pages_to_device() const { return to_device_; }
   uint64_t pages_to_system() const { return to_system_; }
@@ -276,7 +301,7 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // `alloc_failed`, if given, is set when a page stayed on the device for
   // want of a system frame.
   Result<uint64_t> MigrateBackLocked(AddressSpace& as, uint64_t start, uint64_t end,
-                                     bool* alloc_failed) {
+                                     bool* alloc_failed, DevicePfn fault_page = 0) {
     as.mmap_lock().AssertReaderHeld();
     const uint64_t n = (end - start) / kPageSize;
     std::vector<uint64_t> src(n), dst(n);
@@ -287,6 +312,7 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     m.dst = dst.data();
     m.pgmap_owner = this;
     m.flags = kMigrateSelectDevicePrivate;
+    m.fault_page = fault_page;
     USVM_TRY(as.MigrateVmaSetup(m));
     uint64_t moved = 0;
     for (uint64_t i = 0; i < n; ++i) {
@@ -318,19 +344,40 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
     r.default_flags = kPfnReqFault | (write ? kPfnReqWrite : 0);
     r.dev_private_owner = this;
     auto* b = static_cast<std::byte*>(buf);
-    return RangeFaultAndCommit(*as_, r, [&](HmmRange& rr) -> Result<bool> {
-      MutexLock l(lock_);
-      if (sub_.ReadRetry(rr.notifier_seq)) return false;
-      for (uint64_t a = addr; a < addr + len;) {
-        const uint64_t w = pfns[(PageAlignDown(a) - start) / kPageSize];
-        const uint64_t n = std::min(addr + len - a, PageAlignDown(a) + kPageSize - a);
-        std::byte* page = (w & kPfnDevice) ? DeviceData(HmmPfn(w)) : as_->pool().Data(HmmPfn(w));
-        Copy(write ? page + (a % kPageSize) : b + (a - addr), write ? b + (a - addr) : page + (a % kPageSize), n);
-        a += n;
-      }
-      if (words) *words = pfns;
-      return true;
-    }, timeout_ns_.load());
+    // Range fault reports our own device pages as they are: one shared
+    // read-only (after fork) comes without kPfnWrite even for a write.
+    // Like a driver, we then bring that page home (this process's view
+    // gets its own copy) and fault again.
+    for (;;) {
+      uint64_t read_only_device_page = 0;
+      USVM_TRY(RangeFaultAndCommit(*as_, r, [&](HmmRange& rr) -> Result<bool> {
+        MutexLock l(lock_);
+        if (sub_.ReadRetry(rr.notifier_seq)) return false;
+        if (write)
+          for (uint64_t i = 0; i < pfns.size(); ++i)
+            if ((pfns[i] & kPfnDevice) && !(pfns[i] & kPfnWrite)) {
+              read_only_device_page = start + i * kPageSize;
+              return true;
+            }
+        return CopyLocked(pfns, start, addr, b, len, write, words);
+      }, timeout_ns_.load()));
+      if (read_only_device_page == 0) return {};
+      USVM_TRY(MigrateToSystem(read_only_device_page, read_only_device_page + kPageSize));
+    }
+  }
+
+  // The copy of a device access, once its pages are known.
+  bool CopyLocked(const std::vector<uint64_t>& pfns, uint64_t start, uint64_t addr, std::byte* b,
+                  uint64_t len, bool write, std::vector<uint64_t>* words) USVM_REQUIRES(lock_) {
+    for (uint64_t a = addr; a < addr + len;) {
+      const uint64_t w = pfns[(PageAlignDown(a) - start) / kPageSize];
+      const uint64_t n = std::min(addr + len - a, PageAlignDown(a) + kPageSize - a);
+      std::byte* page = (w & kPfnDevice) ? DeviceData(HmmPfn(w)) : as_->pool().Data(HmmPfn(w));
+      Copy(write ? page + (a % kPageSize) : b + (a - addr), write ? b + (a - addr) : page + (a % kPageSize), n);
+      a += n;
+    }
+    if (words) *words = pfns;
+    return true;
   }
 
   // The device's DMA: like hardware, it races with CPU stores to the same
@@ -360,6 +407,9 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   std::map<uint64_t, Pfn> exclusive_ USVM_GUARDED_BY(lock_);  // device page table: exclusive pages
   uint64_t exclusive_revoked_ USVM_GUARDED_BY(lock_) = 0;
   std::atomic<uint64_t> cpu_faults_{0};
+  std::atomic<uint64_t> evicted_{0};
+  std::atomic<uint64_t> bad_migrate_to_ram_{0};
+  std::atomic<uint64_t> migrate_to_ram_delay_us_{0};
   std::atomic<uint64_t> to_device_{0};
   std::atomic<uint64_t> to_system_{0};
   std::atomic<uint64_t> device_full_{0};

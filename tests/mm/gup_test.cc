@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dmirror.h"
+#include "coherent_device.h"
 #include "test_util.h"
 #include "usvm/mm/device_pagemap.h"
 #include "usvm/mm/migrate.h"
@@ -266,71 +267,13 @@ TEST_F(GupTest, GetUserPagesMigratesDevicePrivatePagesHome) {
   dev.reset();
 }
 
-// A device whose memory the CPU can reach (MEMORY_DEVICE_COHERENT).
-class CoherentDev final : public DevicePagemapOps {
- public:
-  explicit CoherentDev(uint64_t npages) {
-    pgmap = std::move(*DevicePagemap::TryCreate(npages, this, this, DeviceMemoryKind::kCoherent));
-    for (uint64_t i = 0; i < npages; ++i) free.push_back(npages - 1 - i);
-  }
-  ~CoherentDev() override {
-    delete pgmap.get();  // migrates what is still mapped home, through pgmap
-    (void)pgmap.release();
-  }
-  void PageFree(DevicePagemap&, uint64_t index) override { free.push_back(index); }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
-    ++to_ram;
-    return Move(as, addr, addr + kPageSize, false);
-  }
-  // REQUIRES: the mmap read lock.
-  Result<void> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device) {
-    const uint64_t n = (end - start) / kPageSize;
-    std::vector<uint64_t> src(n), dst(n);
-    MigrateVma m;
-    m.start = start;
-    m.end = end;
-    m.src = src.data();
-    m.dst = dst.data();
-    m.pgmap_owner = this;
-    m.flags = to_device ? kMigrateSelectSystem : kMigrateSelectDeviceCoherent;
-    as.mmap_lock().AssertReaderHeld();
-    USVM_TRY(as.MigrateVmaSetup(m));
-    for (uint64_t i = 0; i < n; ++i) {
-      if (!(src[i] & kMigratePfnMigrate) || !(src[i] & kMigratePfnValid)) continue;
-      std::byte* from = (src[i] & kMigratePfnDevice)
-                            ? pgmap->CoherentData(pgmap->IndexOf(MigratePfnOf(src[i])))
-                            : as.pool().Data(MigratePfnOf(src[i]));
-      std::byte* to;
-      if (to_device) {
-        const uint64_t idx = free.back();
-        free.pop_back();
-        if (!pgmap->InitPage(idx).has_value()) continue;
-        to = pgmap->CoherentData(idx);
-        dst[i] = MigratePfn(pgmap->PfnOf(idx), true);
-      } else {
-        auto pfn = as.pool().AllocPage();
-        if (!pfn) continue;
-        to = as.pool().Data(*pfn);
-        dst[i] = MigratePfn(*pfn, false);
-      }
-      std::memcpy(to, from, kPageSize);
-    }
-    as.MigrateVmaPages(m);
-    as.MigrateVmaFinalize(m);
-    return {};
-  }
-  std::unique_ptr<DevicePagemap> pgmap;
-  std::vector<uint64_t> free;
-  int to_ram = 0;
-};
-
 // hmm_gup_test on device-coherent memory: the short-term reference leaves
 // the page where it is; only the long-term pin moves it home.
 TEST_F(GupTest, GetUserPagesReturnsCoherentPagesInPlaceButPinsMoveThemHome) {
   const uint64_t a = MapAnon(2 * kPageSize);
   ASSERT_TRUE(as_->AtomicStore(a, 5).has_value());
   ASSERT_TRUE(as_->AtomicStore(a + kPageSize, 6).has_value());
-  CoherentDev dev(8);
+  testing::CoherentDevice dev(8);
   {
     ReadLock l(as_->mmap_lock());
     ASSERT_TRUE(dev.Move(*as_, a, a + 2 * kPageSize, true).has_value());

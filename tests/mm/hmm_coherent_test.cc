@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "coherent_device.h"
 #include "test_util.h"
 #include "usvm/mm/device_pagemap.h"
 #include "usvm/mm/hmm.h"
@@ -12,68 +13,7 @@
 namespace usvm::mm {
 namespace {
 
-// A device whose memory the CPU can reach (MEMORY_DEVICE_COHERENT).
-class CoherentDevice final : public DevicePagemapOps {
- public:
-  explicit CoherentDevice(uint64_t npages) {
-    pgmap = std::move(*DevicePagemap::TryCreate(npages, this, this, DeviceMemoryKind::kCoherent));
-    for (uint64_t i = 0; i < npages; ++i) free.push_back(npages - 1 - i);
-  }
-  ~CoherentDevice() override {
-    delete pgmap.get();  // migrates what is still mapped home, through pgmap
-    (void)pgmap.release();
-  }
-  void PageFree(DevicePagemap&, uint64_t index) override { free.push_back(index); }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
-    ++to_ram;
-    return Move(as, addr, addr + kPageSize, false).has_value() ? Result<void>() : Err(Errc::kFault);
-  }
-  // REQUIRES: the mmap read lock.
-  Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device) {
-    const uint64_t n = (end - start) / kPageSize;
-    std::vector<uint64_t> src(n), dst(n);
-    MigrateVma m;
-    m.start = start;
-    m.end = end;
-    m.src = src.data();
-    m.dst = dst.data();
-    m.pgmap_owner = this;
-    m.flags = to_device ? kMigrateSelectSystem : kMigrateSelectDeviceCoherent;
-    as.mmap_lock().AssertReaderHeld();
-    USVM_TRY(as.MigrateVmaSetup(m));
-    uint64_t moved = 0;
-    for (uint64_t i = 0; i < n; ++i) {
-      if (!(src[i] & kMigratePfnMigrate)) continue;
-      std::byte* from = nullptr;
-      if (src[i] & kMigratePfnValid)
-        from = (src[i] & kMigratePfnDevice)
-                   ? pgmap->CoherentData(pgmap->IndexOf(MigratePfnOf(src[i])))
-                   : as.pool().Data(MigratePfnOf(src[i]));
-      std::byte* to;
-      if (to_device) {
-        if (free.empty()) continue;
-        const uint64_t idx = free.back();
-        free.pop_back();
-        if (!pgmap->InitPage(idx).has_value()) continue;
-        to = pgmap->CoherentData(idx);
-        dst[i] = MigratePfn(pgmap->PfnOf(idx), true);
-      } else {
-        auto pfn = as.pool().AllocPage();
-        if (!pfn) continue;
-        to = as.pool().Data(*pfn);
-        dst[i] = MigratePfn(*pfn, false);
-      }
-      if (from) std::memcpy(to, from, kPageSize); else std::memset(to, 0, kPageSize);
-      ++moved;
-    }
-    as.MigrateVmaPages(m);
-    as.MigrateVmaFinalize(m);
-    return moved;
-  }
-  std::unique_ptr<DevicePagemap> pgmap;
-  std::vector<uint64_t> free;
-  int to_ram = 0;
-};
+using testing::CoherentDevice;
 
 class CoherentTest : public ::testing::Test {
  protected:

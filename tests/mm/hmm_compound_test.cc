@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "huge_device.h"
+#include "usvm/mm/migrate_device.h"
 #include "test_util.h"
 #include "usvm/mm/hmm.h"
 #include "usvm/mm/mmu_interval_notifier.h"
@@ -294,6 +295,58 @@ TEST_P(CompoundTest, RangeFaultReportsOrder9) {
     EXPECT_EQ(HmmPfn(words[k]), p.pfn + k);
   }
   ASSERT_TRUE(sub.Remove());
+}
+
+// The device rmap holds one record per 4 KiB page of a 2 MiB device entry,
+// through fork, mremap and munmap; eviction by device frame (no mmap lock)
+// splits the entry and brings every mapper's pages home.
+TEST_P(CompoundTest, EvictionByFrameReachesEveryMapperOfA2MiBDevicePage) {
+  const uint64_t a = MapHugeRegion();
+  FillPattern(a);
+  EXPECT_EQ(*ToDevice(a), kPagesPerHuge);
+  ExpectHugeDevicePage(a);
+  DevicePagemap& pm = dev_->pgmap();
+  const DevicePfn head = as_->QueryPte(a).pfn;
+  const uint64_t idx = pm.IndexOf(head);
+  for (uint64_t k : {uint64_t{0}, uint64_t{311}, kPagesPerHuge - 1}) EXPECT_EQ(pm.DebugRmapCount(idx + k), 1u);
+  auto child = *as_->Fork();
+  for (uint64_t k : {uint64_t{0}, uint64_t{311}, kPagesPerHuge - 1}) EXPECT_EQ(pm.DebugRmapCount(idx + k), 2u);
+  // The parent's copy moves whole to another aligned address.
+  const uint64_t raw = *as_->Mmap(0, 2 * kHugePageSize, kProtNone, kMapPrivate | kMapAnonymous);
+  const uint64_t to = (raw + kHugePageSize - 1) & kHugeMask;
+  ASSERT_EQ(*as_->Mremap(a, kHugePageSize, kHugePageSize, kMremapMayMove | kMremapFixed, to), to);
+  ExpectHugeDevicePage(to);
+  std::vector<DevicePfn> pfns(kPagesPerHuge);
+  for (uint64_t k = 0; k < kPagesPerHuge; ++k) pfns[k] = head + k;
+  auto moved = EvictDevicePages(pm, pfns.data(), pfns.size());
+  ASSERT_TRUE(moved.has_value()) << moved.error().ToString();
+  EXPECT_EQ(*moved, kPagesPerHuge);
+  EXPECT_EQ(pm.DebugPagesInUse(), 0u);
+  for (uint64_t k : {uint64_t{0}, uint64_t{311}, kPagesPerHuge - 1}) EXPECT_EQ(pm.DebugRmapCount(idx + k), 0u);
+  EXPECT_FALSE(as_->QueryPte(to).device_memory);
+  EXPECT_FALSE(child->QueryPte(a).device_memory);
+  ExpectCpu(to, true);
+  std::vector<uint32_t> v(kHugePageSize / 4);
+  ASSERT_TRUE(child->Read(a, v.data(), kHugePageSize).has_value());
+  for (uint32_t i = 0; i < v.size(); ++i) ASSERT_EQ(v[i], i);
+  child->Exit();
+}
+
+// munmap of one mapper of a shared 2 MiB device page forgets its records.
+TEST_P(CompoundTest, UnmapForgetsTheRecordsOfA2MiBDevicePage) {
+  const uint64_t a = MapHugeRegion();
+  FillPattern(a);
+  EXPECT_EQ(*ToDevice(a), kPagesPerHuge);
+  DevicePagemap& pm = dev_->pgmap();
+  const uint64_t idx = pm.IndexOf(as_->QueryPte(a).pfn);
+  auto child = *as_->Fork();
+  ASSERT_TRUE(child->Munmap(a, kHugePageSize).has_value());
+  EXPECT_EQ(pm.DebugRmapCount(idx + 7), 1u);
+  EXPECT_EQ(pm.DebugPagesInUse(), kPagesPerHuge);
+  child->Exit();
+  ASSERT_TRUE(as_->Munmap(raw_, 2 * kHugePageSize).has_value());
+  EXPECT_EQ(pm.DebugRmapCount(idx + 7), 0u);
+  EXPECT_EQ(pm.DebugPagesInUse(), 0u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, CompoundTest,

@@ -70,17 +70,25 @@ class HugeDevice final : public DevicePagemapOps {
     used_[index] = false;
     whole_[index / kPagesPerHuge] = false;
   }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t index) override {
+  // The fault path holds the page locked and referenced: it is passed as
+  // fault_page.
+  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap, uint64_t index) override {
     ++stats_.cpu_faults;
+    const DevicePfn fault_page = pgmap.PfnOf(index);
     if (whole_[index / kPagesPerHuge]) {
       // A 2 MiB device page: bring all of it home as one page, if the
       // whole 2 MiB is still one mapping (else the 4 KiB path below).
       const uint64_t base = addr & kHugeMask;
-      auto r = Move(as, base, base + kHugePageSize, false, true);
+      auto r = Move(as, base, base + kHugePageSize, false, true, fault_page);
       if (r) return {};
       if (r.error() != Errc::kInval) return Err(r.error());
     }
-    USVM_TRY(Move(as, addr, addr + kPageSize, false, false));
+    USVM_TRY(Move(as, addr, addr + kPageSize, false, false, fault_page));
+    return {};
+  }
+  // Device-frame eviction: the page's 4 KiB to a system page.
+  Result<void> CopyToRam(DevicePagemap&, uint64_t index, std::byte* to) override {
+    std::memcpy(to, Data(index), kPageSize);
     return {};
   }
 
@@ -144,7 +152,8 @@ class HugeDevice final : public DevicePagemapOps {
     return MigratePfn(*pfn, false);
   }
 
-  Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device, bool compound) {
+  Result<uint64_t> Move(AddressSpace& as, uint64_t start, uint64_t end, bool to_device, bool compound,
+                        DevicePfn fault_page = 0) {
     as.mmap_lock().AssertReaderHeld();
     const uint64_t n = (end - start) >> kPageShift;
     std::vector<uint64_t> src(n), dst(n);
@@ -158,6 +167,7 @@ class HugeDevice final : public DevicePagemapOps {
                          : (pgmap_->coherent() ? kMigrateSelectDeviceCoherent
                                                : kMigrateSelectDevicePrivate)) |
               (compound ? kMigrateSelectCompound : 0);
+    m.fault_page = fault_page;
     USVM_TRY(as.MigrateVmaSetup(m));
     uint64_t moved = 0;
     for (uint64_t i = 0; i < n; ++i) {

@@ -55,6 +55,7 @@
 namespace usvm::mm {
 
 class PageTable;
+class DeviceMigration;
 struct Vma;
 struct HmmRange;
 struct MigrateVma;
@@ -256,10 +257,6 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   Result<void> MigrateVmaSetup(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigrateVmaPages(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
   void MigrateVmaFinalize(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
-  // Device-private entries of frames [lo, hi): (address, frame) pairs, in
-  // address order. REQUIRES: the mmap lock (read). For pagemap teardown.
-  std::vector<std::pair<uint64_t, uint64_t>> FindDeviceEntriesLocked(uint64_t lo, uint64_t hi) const
-      USVM_REQUIRES_SHARED(mmap_lock_);
 
   // make_device_exclusive: faults the page at addr in for writing and
   // replaces its CPU entry with a device-exclusive entry, so the device
@@ -314,6 +311,7 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
  private:
   class Impl;
+  friend class DeviceMigration;  // migrate_device.cc: device-frame migration
   AddressSpace(FramePool& pool, AddressSpaceConfig config, Env& env);
 
   FramePool& pool_;

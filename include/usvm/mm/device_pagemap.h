@@ -23,11 +23,24 @@
 // Lifecycle: a driver hands out a free page with InitPage (refcount 1,
 // as zone_device_page_init), maps it through MigrateVma, and gets
 // Ops::PageFree when the last reference goes. Destroying the pagemap
-// (Unregister / destructor) first migrates every page still mapped by a
-// live address space back to RAM through MigrateToRam.
+// (memunmap_pages) evicts every mapped page to system memory by device
+// frame (migrate_device.h, with Ops::CopyToRam), in every address space
+// that maps it, and waits until every reference is gone, so PageFree runs
+// for every page that was in use.
 //
-// Thread-safety: reference counts are atomics; the set of address spaces
-// that may map pages is guarded by lock_.
+// Reverse map: the mm records every CPU page-table entry that names one of
+// our pages (a device-private entry, a present entry of coherent memory,
+// or a migration entry whose source is the page) as (address space,
+// address), so device-frame migration finds every mapper, forked children
+// included, without the mmap lock. The mm changes an entry and its record
+// under the entry's page table lock; rmap_lock_ nests inside it:
+//   mmap lock -> page table lock -> rmap_lock_.
+// Records hold raw AddressSpace pointers: an address space drops its
+// records (zap) before it is destroyed, and RmapSnapshot turns them into
+// strong references under rmap_lock_ (skipping spaces being destroyed).
+//
+// Thread-safety: reference counts and page flags are atomics; the rmap is
+// guarded by rmap_lock_.
 #ifndef USVM_MM_DEVICE_PAGEMAP_H_
 #define USVM_MM_DEVICE_PAGEMAP_H_
 
@@ -58,22 +71,38 @@ class DevicePagemapOps {
   virtual void PageFree(DevicePagemap& pgmap, uint64_t index) {}
   // The CPU touched device-private page `index`, mapped at `addr` of `as`
   // (dev_pagemap_ops.migrate_to_ram). Called with the mmap read lock held
-  // and no page table lock. Must migrate at least that page to system
+  // and no page table lock. As do_swap_page, the fault path has rechecked
+  // the entry under its page table lock, holds a reference on the page and
+  // holds its page lock (TryLockPage) for the whole call: pass the page as
+  // MigrateVma::fault_page (PfnOf(index)), which Setup then treats as
+  // locked by the caller. Must migrate at least that page to system
   // memory; an error fails the CPU access with it (VM_FAULT_SIGBUS).
+  // (Long-term pins of device-coherent pages come here too, with the page
+  // locked the same way.)
   virtual Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
                                     uint64_t index) = 0;
+  // Device-frame eviction (EvictDevicePages, pagemap teardown): copy the
+  // 4 KiB of device page `index` to `to`, a system page (drm_pagemap's
+  // copy_to_ram). Called with no mm lock held, the page locked and
+  // unmapped (migration entries). An error leaves the page on the device.
+  virtual Result<void> CopyToRam(DevicePagemap& pgmap, uint64_t index, std::byte* to) = 0;
 };
 
 class DevicePagemap {
  public:
   // `npages` device pages; `owner` is the driver cookie compared with
   // dev_private_owner / pgmap_owner; `ops` must outlive the pagemap.
-  // EINVAL: zero pages or null ops; ENOMEM: no room in the device frame
+  // EINVAL: zero pages, null ops or null owner (memremap_pages: "Missing
+  // owner"); ENOMEM: no room in the device frame
   // space, or (kCoherent) the arena cannot be reserved.
   static Result<std::unique_ptr<DevicePagemap>> TryCreate(
       uint64_t npages, const void* owner, DevicePagemapOps* ops,
       DeviceMemoryKind kind = DeviceMemoryKind::kPrivate);
-  // Migrates every page still mapped back to RAM, then unregisters.
+  // memunmap_pages: evicts every mapped page to system memory (by device
+  // frame, in every address space), then waits until every page's last
+  // reference is gone (each calls Ops::PageFree), then unregisters.
+  // A driver that keeps a reference forever makes this wait forever, as
+  // in the kernel.
   ~DevicePagemap();
   DevicePagemap(const DevicePagemap&) = delete;
   DevicePagemap& operator=(const DevicePagemap&) = delete;
@@ -94,9 +123,21 @@ class DevicePagemap {
   // EINVAL: index out of range; EBUSY: the page is in use.
   Result<void> InitPage(uint64_t index, void* zone_data = nullptr);
   void Get(uint64_t index);
+  // get_page_unless_zero: a reference on an allocated page; false if the
+  // page is free.
+  bool TryGet(uint64_t index);
   // Drops a reference; the last one calls Ops::PageFree.
   void Put(uint64_t index);
   uint32_t RefCount(uint64_t index) const;
+  // The page lock (PG_locked): taken by the CPU fault path around
+  // MigrateToRam and by migrators for every device page they collect, so
+  // one page is migrated by one thread at a time. Never waited for: a
+  // loser skips the page (migrators) or retries (faults).
+  // REQUIRES for all three: the page is allocated and stays so (the caller
+  // holds a reference, or a page table lock of an entry mapping it).
+  bool TryLockPage(uint64_t index);
+  void UnlockPage(uint64_t index);
+  bool PageLocked(uint64_t index) const;
   void* zone_data(uint64_t index) const { return pages_[index].zone_data; }
   void set_zone_data(uint64_t index, void* d) { pages_[index].zone_data = d; }
 
@@ -106,16 +147,30 @@ class DevicePagemap {
     return arena_ ? arena_ + (index << kPageShift) : nullptr;
   }
 
-  // The mm records every address space it maps one of our pages into, so
-  // destruction can find them. (Called by the mm.)
-  void NoteMapper(const std::shared_ptr<AddressSpace>& as) USVM_EXCLUDES(lock_);
+  // ---- reverse map (maintained by the mm; see the top of this file) ----
+  // REQUIRES for Add/Remove/Move: the page table lock of the entry, held
+  // exclusively. Remove of a record that is not there is a no-op.
+  void RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr) USVM_EXCLUDES(rmap_lock_);
+  void RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr) USVM_EXCLUDES(rmap_lock_);
+  void RmapMove(uint64_t index, AddressSpace* as, uint64_t from, uint64_t to)
+      USVM_EXCLUDES(rmap_lock_);
+  // Appends the mappers of page `index` to `out` as (space, address), and
+  // a strong reference to `keep` for each space not already there; spaces
+  // being destroyed are left out. The raw pointers in `out` stay valid
+  // while `keep` holds them.
+  void RmapSnapshot(uint64_t index, std::vector<std::pair<AddressSpace*, uint64_t>>& out,
+                    std::vector<std::shared_ptr<AddressSpace>>& keep) const USVM_EXCLUDES(rmap_lock_);
+  // Number of records of page `index` (racy, for tests).
+  size_t DebugRmapCount(uint64_t index) const USVM_EXCLUDES(rmap_lock_);
 
   // Pages currently allocated (refcount > 0); racy, for tests.
   uint64_t DebugPagesInUse() const;
 
  private:
+  static constexpr uint32_t kPageLockedBit = 1u << 0;
   struct Page {
     std::atomic<uint32_t> refcount{0};
+    std::atomic<uint32_t> flags{0};  // kPageLockedBit
     void* zone_data = nullptr;  // written by the driver while it owns the page
   };
   DevicePagemap(uint64_t npages, const void* owner, DevicePagemapOps* ops, DevicePfn base,
@@ -128,8 +183,13 @@ class DevicePagemap {
   DevicePagemapOps* const ops_;
   const DevicePfn base_;
   std::unique_ptr<Page[]> pages_;
-  mutable Mutex lock_;
-  std::vector<std::weak_ptr<AddressSpace>> mappers_ USVM_GUARDED_BY(lock_);
+  struct RmapRecord {
+    AddressSpace* as;  // non-owning: the space removes its records first
+    uint64_t addr;
+  };
+  mutable Mutex rmap_lock_;
+  // One list per page (sized at construction).
+  std::vector<std::vector<RmapRecord>> rmap_ USVM_GUARDED_BY(rmap_lock_);
 };
 
 }  // namespace usvm::mm

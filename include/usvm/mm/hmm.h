@@ -9,12 +9,14 @@
 //   device-coherent memory),
 //   bits 0..54 the frame number.
 // On input the words say what the caller needs: kPfnReqFault (fault the
-// page in if absent) and kPfnReqWrite (it must be writable), computed per
-// page as `default_flags | (word & pfn_flags_mask)`. With neither requested
-// the call is a snapshot: absent pages read as 0, pages that can never be
+// page in if absent) and kPfnReqWrite (with kPfnReqFault: it must be
+// writable), computed per page as `default_flags | (word & pfn_flags_mask)`.
+// Without kPfnReqFault the call is a snapshot, whatever kPfnReqWrite says
+// (hmm_pte_need_fault): absent pages read as 0, pages that can never be
 // mapped (holes, PROT_NONE) as kPfnError.
 //
-// Errors: EFAULT if a fault was requested on a hole, a PROT_NONE mapping or
+// Errors: EINVAL if the notifier is not inserted in this address space;
+// EFAULT if a fault was requested on a hole, a PROT_NONE mapping or
 // a page beyond the end of a file; EPERM if a write was requested on a
 // read-only mapping; EBUSY if the notifier sequence moved (an invalidation
 // ran): the caller starts again from ReadBegin. ENOMEM when faulting could
@@ -61,8 +63,10 @@ struct HmmRange {
   uint64_t default_flags = 0;
   uint64_t pfn_flags_mask = 0;
   // Device-private pages of this owner are reported (kPfnDevice) rather
-  // than faulted; any other device-private page is faulted (migrated to
-  // RAM by its owner) when a fault is requested, and reads as 0 otherwise.
+  // than faulted, as they are: a read-only one (e.g. shared after fork)
+  // comes without kPfnWrite even under kPfnReqWrite, and the driver
+  // decides. Any other device-private page is faulted (migrated to RAM by
+  // its owner) when a fault is requested, and reads as 0 otherwise.
   const void* dev_private_owner = nullptr;
 };
 

@@ -25,6 +25,13 @@
 // The notification carries NotifyEvent::kMigrate and pgmap_owner, so a
 // driver can ignore invalidations caused by its own migrations.
 //
+// Device pages are locked (DevicePagemap::TryLockPage) while collected:
+// Setup skips a device page another thread holds locked (a CPU fault, or
+// another migrator), except `fault_page`, which the caller (MigrateToRam,
+// called by the CPU fault path) already holds locked and referenced, as
+// the kernel's migrate_vma_collect does. Finalize unlocks what Setup
+// locked, never the fault page.
+//
 // 2 MiB pages (kMigrateSelectCompound): a 2 MiB-aligned 2 MiB part of the
 // range that one 2 MiB entry maps (a THP, or a 2 MiB device page), or that
 // has no page table at all (an empty PMD of anonymous memory), is
@@ -48,6 +55,8 @@
 #include "usvm/mm/types.h"
 
 namespace usvm::mm {
+
+struct VmaInfo;
 
 // src/dst words: flags in the low bits, the frame number above.
 inline constexpr uint64_t kMigratePfnValid = 1u << 0;
@@ -79,6 +88,15 @@ struct MigrateVma {
   uint64_t* dst = nullptr;  // filled by the caller before Pages
   const void* pgmap_owner = nullptr;
   uint32_t flags = 0;
+  // The VMA the caller looked the range up in (struct migrate_vma.vma).
+  // Optional here (the lookup needs the mmap lock the caller already
+  // holds); if set, Setup checks that it is the VMA holding [start, end):
+  // EINVAL otherwise.
+  const VmaInfo* vma = nullptr;
+  // The DevicePfn whose CPU fault led here (migrate_to_ram's
+  // vmf->page), or 0: locked and referenced by the fault path. Setup:
+  // EINVAL if it is not a page of a registered pagemap or not locked.
+  uint64_t fault_page = 0;
   // Written by Setup: pages collected (kMigratePfnMigrate set).
   uint64_t cpages = 0;
   // Internal: the address space, set by Setup.
