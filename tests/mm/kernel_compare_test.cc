@@ -405,6 +405,14 @@ class Comparison {
     return {a, n * kPageSize};
   }
 
+  // Exactly one of our VMAs (a random range if there is none).
+  std::pair<uint64_t, uint64_t> WholeVma() {
+    auto vmas = as_->Vmas();
+    if (vmas.empty()) return RandRange(1, 24);
+    const VmaInfo& v = vmas[Pick(vmas.size())];
+    return {v.start, v.end - v.start};
+  }
+
   Op Generate() {
     Op op;
     const uint64_t k = Pick(100);
@@ -427,10 +435,10 @@ class Comparison {
       }
     } else if (k < 42) {
       op.kind = OpKind::kMunmap;
-      std::tie(op.addr, op.len) = RandRange(1, 24);
+      std::tie(op.addr, op.len) = Pick(3) == 0 ? WholeVma() : RandRange(1, 24);
     } else if (k < 54) {
       op.kind = OpKind::kMprotect;
-      std::tie(op.addr, op.len) = RandRange(1, 24);
+      std::tie(op.addr, op.len) = Pick(3) == 0 ? WholeVma() : RandRange(1, 24);
       op.prot = RandProt();
     } else if (k < 60) {
       op.kind = OpKind::kMadvise;
