@@ -640,7 +640,9 @@ uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_
   // copy_vma + move_page_tables + unmap of the source. The source VMA is
   // not split here: do_munmap splits what it unmaps, and with DONTUNMAP (or
   // old_len 0) the source stays as it was.
-  const Vma& src = *VmaLookupLocked(addr);
+  const Vma* found = VmaLookupLocked(addr);
+  assert(found && "MoveVmaLocked without a VMA at addr");
+  const Vma& src = *found;
   Vma dst = src;
   dst.start = target;
   dst.end = target + nlen;
@@ -673,6 +675,10 @@ Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen,
   // Linux fails this in get_unmapped_area (security_mmap_addr), after the
   // target and the tail were unmapped; we fail before changing anything.
   if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
+  // With old_len 0 the target may start at old_addr (the empty old range
+  // does not overlap it): Linux unmaps it, finds no VMA at old_addr any
+  // more and fails with EFAULT; we fail first.
+  if (fixed && new_addr == addr) return Err(Errc::kFault, "mremap: the new range starts at old_addr");
   if (fixed) UnmapLocked(new_addr, new_addr + nlen);
   if (olen > nlen) {
     UnmapLocked(addr + nlen, addr + olen);
