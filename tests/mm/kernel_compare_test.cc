@@ -28,8 +28,11 @@
 //
 // Deliberate differences, excluded here on purpose (docs/mm.md lists them):
 //   - VMA merging: Linux keeps adjacent private anonymous VMAs apart when
-//     their anon_vmas differ; ours merge. Both layouts are compared with
-//     adjacent compatible VMAs coalesced.
+//     their anon_vmas (or vm_pgoffs) do not fit; ours merge. Both layouts
+//     are compared with adjacent compatible VMAs coalesced, and an mremap
+//     (other than a FIXED move of equal lengths) is not run when the VMA
+//     at old_addr ends at different addresses on the two sides, since its
+//     outcome depends on that end.
 //   - PROT_WRITE without PROT_READ is never generated: process_vm_readv
 //     (GUP) refuses to read such a VMA, a CPU (and ours) can.
 //   - A non-fixed mapping that does not fit in the window: Linux may place
