@@ -48,7 +48,8 @@
 // Short by default (8 seeds x 300 operations). Longer:
 //   USVM_KERNEL_COMPARE_SEEDS=200 USVM_KERNEL_COMPARE_OPS=3000
 //   ./build/release/tests/mm/mm_kernel_compare_test
-// (USVM_KERNEL_COMPARE_FIRST_SEED picks where the seeds start.)
+// (USVM_KERNEL_COMPARE_FIRST_SEED picks where the seeds start,
+// USVM_KERNEL_COMPARE_WINDOW_PAGES the window's size, default 512.)
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -77,8 +78,7 @@
 namespace usvm::mm {
 namespace {
 
-constexpr uint64_t kWindowPages = 512;
-constexpr uint64_t kWindowBytes = kWindowPages * kPageSize;
+constexpr uint64_t kDefaultWindowPages = 512;
 constexpr uint64_t kUserTop = 0x7ffffffff000ull;  // x86-64 TASK_SIZE (4-level)
 
 uint64_t EnvOr(const char* name, uint64_t def) {
@@ -357,8 +357,8 @@ KernelVersion RunningKernel() {
 
 class Comparison {
  public:
-  Comparison(uint64_t seed, uint64_t win, KernelVersion kernel)
-      : rng_(seed), seed_(seed), win_(win), win_end_(win + kWindowBytes), kernel_(kernel) {}
+  Comparison(uint64_t seed, uint64_t win, uint64_t pages, KernelVersion kernel)
+      : rng_(seed), seed_(seed), win_(win), win_end_(win + pages * kPageSize), pages_(pages), kernel_(kernel) {}
   ~Comparison() { StopChild(); }
 
   // Returns "" if all operations agreed, else the first difference.
@@ -396,7 +396,7 @@ class Comparison {
 
  private:
   uint64_t Pick(uint64_t n) { return std::uniform_int_distribution<uint64_t>(0, n - 1)(rng_); }
-  uint64_t RandPage() { return win_ + Pick(kWindowPages) * kPageSize; }
+  uint64_t RandPage() { return win_ + Pick(pages_) * kPageSize; }
   uint32_t RandProt() {
     static constexpr uint32_t kProts[] = {kProtNone, kProtRead, kProtRead | kProtWrite, kProtRead | kProtWrite,
                                           kProtRead | kProtExec, kProtAll};
@@ -512,7 +512,7 @@ class Comparison {
         op.addr = kWrap;
         op.len = op.new_len = 2 * kPageSize;
         op.flags = kMremapMayMove | kMremapFixed;
-        op.new_addr = win_ + Pick(kWindowPages - 1) * kPageSize;  // a valid target (in the window)
+        op.new_addr = win_ + Pick(pages_ - 1) * kPageSize;  // a valid target (in the window)
         break;
       case 10: op.kind = OpKind::kMremap; op.new_len = kTop; op.flags = kMremapMayMove; break;
       case 11: op.kind = OpKind::kMremap; op.new_len = op.len; op.flags = kMremapFixed; op.new_addr = RandPage(); break;
@@ -746,7 +746,7 @@ class Comparison {
 
   std::mt19937_64 rng_;
   const uint64_t seed_;
-  const uint64_t win_, win_end_;
+  const uint64_t win_, win_end_, pages_;
   const KernelVersion kernel_;
   std::unique_ptr<FramePool> pool_;
   std::shared_ptr<AddressSpace> as_;
@@ -762,8 +762,11 @@ class Comparison {
 TEST(KernelCompareTest, RandomOperationsMatchTheRunningKernel) {
   const KernelVersion k = RunningKernel();
   if (!k.AtLeast(5, 16)) GTEST_SKIP() << "kernel " << k.major << "." << k.minor << " predates 5.16 mremap semantics";
-  // The window: reserved here, released in each child.
-  void* w = mmap(nullptr, kWindowBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // The window: reserved here, released in each child. A small one
+  // (USVM_KERNEL_COMPARE_WINDOW_PAGES=48) exercises "no room" more.
+  const uint64_t window_pages = std::max<uint64_t>(32, EnvOr("USVM_KERNEL_COMPARE_WINDOW_PAGES", kDefaultWindowPages));
+  const uint64_t window_bytes = window_pages * kPageSize;
+  void* w = mmap(nullptr, window_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   ASSERT_NE(w, MAP_FAILED);
   const uint64_t win = reinterpret_cast<uint64_t>(w);
   // process_vm_readv on a child needs ptrace rights (Yama scope <= 1).
@@ -780,7 +783,7 @@ TEST(KernelCompareTest, RandomOperationsMatchTheRunningKernel) {
     kill(pid, SIGKILL);
     waitpid(pid, nullptr, 0);
     if (!ok) {
-      munmap(w, kWindowBytes);
+      munmap(w, window_bytes);
       GTEST_SKIP() << "process_vm_readv on a child is not permitted here: " << std::strerror(errno);
     }
   }
@@ -789,7 +792,7 @@ TEST(KernelCompareTest, RandomOperationsMatchTheRunningKernel) {
   const uint64_t first = EnvOr("USVM_KERNEL_COMPARE_FIRST_SEED", 1);
   uint64_t pages = 0, ok = 0, failed = 0, excluded = 0;
   for (uint64_t seed = first; seed < first + seeds; ++seed) {
-    Comparison c(seed, win, k);
+    Comparison c(seed, win, window_pages, k);
     const std::string problem = c.Run(ops);
     EXPECT_EQ(problem, "");
     pages += c.compared_pages();
@@ -798,7 +801,7 @@ TEST(KernelCompareTest, RandomOperationsMatchTheRunningKernel) {
     excluded += c.excluded();
     if (!problem.empty()) break;
   }
-  munmap(w, kWindowBytes);
+  munmap(w, window_bytes);
   std::printf("kernel %d.%d: %" PRIu64 " seeds x %" PRIu64 " ops, %" PRIu64 " succeeded, %" PRIu64
               " failed (on both), %" PRIu64 " excluded (see Excluded), %" PRIu64
               " page comparisons\n",
