@@ -29,7 +29,8 @@
 // Deliberate differences, excluded here on purpose (docs/mm.md lists them):
 //   - VMA merging: Linux keeps adjacent private anonymous VMAs apart when
 //     their anon_vmas (or vm_pgoffs) do not fit; ours merge. Both layouts
-//     are compared with adjacent compatible VMAs coalesced, and an mremap
+//     are compared with adjacent private VMAs of the same protection
+//     coalesced (shared ones must match exactly), and an mremap
 //     (other than a FIXED move of equal lengths) is not run when the VMA
 //     at old_addr ends at different addresses on the two sides, since its
 //     outcome depends on that end.
@@ -258,15 +259,15 @@ struct Entry {
   uint64_t off = 0;  // byte offset of start in obj (shared only)
 };
 
-// Coalesces adjacent entries that Linux could have kept apart for reasons
-// we do not model (anon_vma compatibility).
+// Coalesces adjacent private entries that Linux could have kept apart for
+// reasons we do not model (anon_vma compatibility, vm_pgoff). Shared
+// (shmem) VMAs have no anon_vma: their boundaries must match exactly.
 std::vector<Entry> Coalesce(std::vector<Entry> v) {
   std::vector<Entry> out;
   for (const Entry& e : v) {
     if (!out.empty()) {
       Entry& l = out.back();
-      if (l.end == e.start && l.prot == e.prot && l.shared == e.shared && l.obj == e.obj &&
-          (!l.obj || l.off + (l.end - l.start) == e.off)) {
+      if (l.end == e.start && l.prot == e.prot && !l.shared && !e.shared) {
         l.end = e.end;
         continue;
       }
