@@ -760,7 +760,9 @@ uint64_t AddressSpace::Impl::MoveVmaLocked(uint64_t addr, uint64_t olen, uint64_
   // copy_vma + move_page_tables + unmap of the source. The source VMA is
   // not split here: do_munmap splits what it unmaps, and with DONTUNMAP (or
   // old_len 0) the source stays as it was.
-  const bool hugetlb = olen != 0 && VmaLookupLocked(addr)->is_hugetlb();
+  const Vma* found = VmaLookupLocked(addr);
+  assert(found && "MoveVmaLocked without a VMA at addr");
+  const bool hugetlb = olen != 0 && found->is_hugetlb();
   if (hugetlb) {
     // The private reservations move with the pages to the copy: the part
     // left behind (unmapped below) must not give them back.
@@ -802,6 +804,10 @@ Result<uint64_t> AddressSpace::Impl::RemapToLocked(uint64_t addr, uint64_t olen,
   // Linux fails this in get_unmapped_area (security_mmap_addr), after the
   // target and the tail were unmapped; we fail before changing anything.
   if (fixed && new_addr < c.min_addr) return Err(Errc::kPerm, "mremap: new address below mmap_min_addr");
+  // With old_len 0 the target may start at old_addr (the empty old range
+  // does not overlap it): Linux unmaps it, finds no VMA at old_addr any
+  // more and fails with EFAULT; we fail first.
+  if (fixed && new_addr == addr) return Err(Errc::kFault, "mremap: the new range starts at old_addr");
   // Neither unmap may split a hugetlb page (EINVAL, nothing changed).
   if (fixed) USVM_TRY(CheckHugetlbSplitLocked(new_addr, new_addr + nlen));
   if (olen > nlen) USVM_TRY(CheckHugetlbSplitLocked(addr + nlen, addr + olen));

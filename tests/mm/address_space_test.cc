@@ -365,6 +365,26 @@ TEST_F(AddressSpaceTest, MremapZeroOldLengthLeavesTheSourceVmaWhole) {
   EXPECT_EQ(ReadByte(*as_, *s + kPageSize), 5);
 }
 
+// Bug: mremap(old_addr, 0, n, FIXED, new_addr == old_addr) of a shared
+// mapping (the ranges do not overlap: the old one is empty)
+// unmapped the target, and with it the VMA at old_addr, then dereferenced
+// the missing VMA (segfault). Linux finds no VMA after the unmap: EFAULT.
+TEST_F(AddressSpaceTest, MremapDuplicateOntoItsOwnAddressFailsWithEfault) {
+  auto s = as_->Mmap(0x50000000, 4 * kPageSize, kProtRead | kProtWrite,
+                     kMapShared | kMapAnonymous | kMapFixed);
+  ASSERT_TRUE(s.has_value());
+  constexpr uint32_t kFlags = kMremapMayMove | kMremapFixed;
+  EXPECT_EQ(as_->Mremap(*s + kPageSize, 0, 2 * kPageSize, kFlags, *s + kPageSize).error(), Errc::kFault);
+  // Starting below old_addr, the target overlaps the (empty) old range.
+  EXPECT_EQ(as_->Mremap(*s + kPageSize, 0, 2 * kPageSize, kFlags, *s).error(), Errc::kInval);
+  EXPECT_EQ(as_->FindVma(*s)->end, *s + 4 * kPageSize);  // nothing changed
+  // A target after old_addr cuts the source VMA, and the copy follows.
+  auto r = as_->Mremap(*s + kPageSize, 0, kPageSize, kFlags, *s + 2 * kPageSize);
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(*r, *s + 2 * kPageSize);
+  EXPECT_EQ(as_->FindVma(*r)->pgoff, 1u);  // the shmem page of old_addr
+}
+
 // MREMAP_DONTUNMAP without MREMAP_FIXED: new_addr is validated (aligned,
 // not overlapping the old range: EINVAL) and used as a placement hint.
 TEST_F(AddressSpaceTest, MremapDontUnmapValidatesNewAddrAndUsesItAsAHint) {

@@ -393,6 +393,8 @@ std::vector<Case> Cases() {
       {"mremap FIXED below mmap_min_addr", Errc::kPerm, [](World& w) { return ErrOf(w.as->Mremap(kPriv, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kPageSize)); }},
       {"mremap FIXED of a hole below mmap_min_addr (EFAULT first)", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kPageSize)); }, Stage::kSeeded,
        "Mremap checked a FIXED new address against mmap_min_addr (EPERM) before looking the old VMA up; Linux: EFAULT first"},
+      {"mremap FIXED duplicate onto old_addr", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kShm + kPageSize, 0, 2 * kPageSize, kMremapMayMove | kMremapFixed, kShm + kPageSize)); }, Stage::kSeeded,
+       "Mremap with old_len 0 and a FIXED target covering old_addr unmapped the VMA at old_addr with the target and then dereferenced it (segfault); Linux: EFAULT"},
       {"mremap nothing mapped at old address", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, 2 * kPageSize, kMremapMayMove)); }},
       {"mremap FIXED nothing mapped at old address", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kHole, kPageSize, kPageSize, kMremapMayMove | kMremapFixed, kHole + kHugePageSize)); }},
       {"mremap old range runs into a hole", Errc::kFault, [](World& w) { return ErrOf(w.as->Mremap(kPriv, kPrivLen + kPageSize, kPrivLen + 2 * kPageSize, kMremapMayMove)); }},
