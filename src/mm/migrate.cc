@@ -120,8 +120,9 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   assert(res.has_value());
 
   // Collects the 2 MiB entry h of the unit at index i if it can move
-  // whole; false leaves it to the 4 KiB pass. REQUIRES: its slot lock.
-  auto collect_unit = [&](uint64_t i, PmdSlot& slot, uint64_t h) -> bool {
+  // whole (the caller then installs st->installed[i]); false leaves it to
+  // the 4 KiB pass. REQUIRES: its slot lock, held by the caller.
+  auto collect_unit = [&](uint64_t i, uint64_t h) -> bool {
     const uint64_t keep = h & (pte::kRead | pte::kWrite | pte::kDirty);
     const bool writable = h & pte::kWrite;
     uint64_t word;
@@ -168,7 +169,6 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
     m.src[i] = word | kMigratePfnMigrate | kMigratePfnCompound | (writable ? kMigratePfnWrite : 0);
     st->orig[i] = h;
     st->compound[i] = true;
-    slot.huge.store(st->installed[i], std::memory_order_relaxed);
     m.cpages += kUnitPages;
     return true;
   };
@@ -190,8 +190,13 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
         continue;
       }
       if (h != 0) {
-        if (pte::KindOf(h) == pte::kMigration || collect_unit(i, *slot, h)) {
-          i += kUnitPages - 1;  // collected whole, or someone else migrates it
+        if (pte::KindOf(h) == pte::kMigration) {
+          i += kUnitPages - 1;  // someone else migrates it
+          continue;
+        }
+        if (collect_unit(i, h)) {
+          slot->huge.store(st->installed[i], std::memory_order_relaxed);  // one 2 MiB migration entry
+          i += kUnitPages - 1;
           continue;
         }
         // Cannot move whole: its pages are collected one by one. The
