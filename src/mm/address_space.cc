@@ -267,8 +267,9 @@ void AddressSpace::Impl::ZapLocked(uint64_t start, uint64_t end) {
 
 void AddressSpace::Impl::Drop(const Dropped& d) {
   Drop(d.frames);
+  DevicePagemap* pm = nullptr;  // runs of pages of one pagemap look it up once
   for (uint64_t dpfn : d.device) {
-    DevicePagemap* pm = DevicePagemap::Lookup(dpfn);
+    if (!pm || dpfn < pm->base() || dpfn - pm->base() >= pm->npages()) pm = DevicePagemap::Lookup(dpfn);
     assert(pm && "device entry of an unregistered pagemap");
     if (pm) pm->Put(pm->IndexOf(dpfn));
   }

@@ -155,20 +155,23 @@ bool DevicePagemap::PageLocked(uint64_t index) const {
   return pages_[index].flags.load(std::memory_order_acquire) & kPageLockedBit;
 }
 
-void DevicePagemap::RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr) {
+void DevicePagemap::RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr, uint64_t n) {
   MutexLock l(rmap_lock_);
-  rmap_[index].push_back({as, addr});
+  for (uint64_t p = 0; p < n; ++p) rmap_[index + p].push_back({as, addr + (p << kPageShift)});
 }
 
-void DevicePagemap::RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr) {
+void DevicePagemap::RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr, uint64_t n) {
   MutexLock l(rmap_lock_);
-  auto& v = rmap_[index];
-  for (size_t k = 0; k < v.size(); ++k)
-    if (v[k].as == as && v[k].addr == addr) {
-      v[k] = v.back();
-      v.pop_back();
-      return;
-    }
+  for (uint64_t p = 0; p < n; ++p) {
+    auto& v = rmap_[index + p];
+    const uint64_t a = addr + (p << kPageShift);
+    for (size_t k = 0; k < v.size(); ++k)
+      if (v[k].as == as && v[k].addr == a) {
+        v[k] = v.back();
+        v.pop_back();
+        break;
+      }
+  }
 }
 
 void DevicePagemap::RmapMove(uint64_t index, AddressSpace* as, uint64_t from, uint64_t to) {

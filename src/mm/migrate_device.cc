@@ -30,16 +30,14 @@ void AddressSpace::Impl::RmapAddHuge(uint64_t h, uint64_t base) {
   DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(h));
   assert(pm && "device entry of an unregistered pagemap");
   if (!pm) return;
-  const uint64_t idx = pm->IndexOf(pte::PfnOf(h));
-  for (uint64_t k = 0; k < kPagesPerHuge; ++k) pm->RmapAdd(idx + k, &as_, base + (k << kPageShift));
+  pm->RmapAdd(pm->IndexOf(pte::PfnOf(h)), &as_, base, kPagesPerHuge);
 }
 
 void AddressSpace::Impl::RmapRemoveHuge(uint64_t h, uint64_t base) {
   if (!pte::HoldsDevicePage(h)) return;
   DevicePagemap* pm = DevicePagemap::Lookup(pte::PfnOf(h));
   if (!pm) return;
-  const uint64_t idx = pm->IndexOf(pte::PfnOf(h));
-  for (uint64_t k = 0; k < kPagesPerHuge; ++k) pm->RmapRemove(idx + k, &as_, base + (k << kPageShift));
+  pm->RmapRemove(pm->IndexOf(pte::PfnOf(h)), &as_, base, kPagesPerHuge);
 }
 
 void AddressSpace::Impl::RmapRemove(uint64_t e, uint64_t addr) {

@@ -150,8 +150,12 @@ class DevicePagemap {
   // ---- reverse map (maintained by the mm; see the top of this file) ----
   // REQUIRES for Add/Remove/Move: the page table lock of the entry, held
   // exclusively. Remove of a record that is not there is a no-op.
-  void RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr) USVM_EXCLUDES(rmap_lock_);
-  void RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr) USVM_EXCLUDES(rmap_lock_);
+  // n > 1: pages index..index+n-1 mapped at addr, addr + 4 KiB, ... (a
+  // 2 MiB entry), under one acquisition of the lock.
+  void RmapAdd(uint64_t index, AddressSpace* as, uint64_t addr, uint64_t n = 1)
+      USVM_EXCLUDES(rmap_lock_);
+  void RmapRemove(uint64_t index, AddressSpace* as, uint64_t addr, uint64_t n = 1)
+      USVM_EXCLUDES(rmap_lock_);
   void RmapMove(uint64_t index, AddressSpace* as, uint64_t from, uint64_t to)
       USVM_EXCLUDES(rmap_lock_);
   // Appends the mappers of page `index` to `out` as (space, address), and
