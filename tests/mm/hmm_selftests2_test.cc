@@ -5,9 +5,11 @@
 // that work with 4 KiB device pages (`migrate_anon_huge_*`).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "coherent_device.h"
 #include "dmirror.h"
 #include "test_util.h"
 #include "usvm/mm/sim_file.h"
@@ -257,6 +259,64 @@ TEST_F(HmmSelftest2, HmmGupTest) {
     EXPECT_EQ(HmmPfn((*words)[i]), p[i]) << i;
   }
   EXPECT_EQ(CpuRead(a, len), data);
+}
+
+// ---- the device-coherent variants ------------------------------------------------
+
+// hmm-tests runs every case on device-coherent memory too. migrate_file_private
+// there: the written pages (private copies) move to coherent memory, which the
+// CPU then reads in place; page-cache pages and holes stay.
+TEST(HmmSelftest2Coherent, MigrateCollectsPrivateCopiesOfFilePages) {
+  auto pool = testing::MakePool(64);
+  auto as = testing::MakeSpace(*pool);
+  {
+    testing::CoherentDevice dev(64);
+    const uint64_t n = 8, len = n * kPageSize;
+    auto f = *SimFile::TryCreate(*pool, len);
+    const uint64_t a = *as->Mmap(0, len, kRW, kMapPrivate, f, 0);
+    auto data = Pattern(len, 5);
+    ASSERT_TRUE(as->Write(a, data.data(), 6 * kPageSize).has_value());  // pages 6, 7 untouched
+    {
+      ReadLock l(as->mmap_lock());
+      auto moved = dev.Move(*as, a, a + len, true);
+      ASSERT_TRUE(moved.has_value()) << moved.error().ToString();
+      EXPECT_EQ(*moved, 6u);
+    }
+    for (uint64_t p = 0; p < 6; ++p) {
+      const PteInfo e = as->QueryPte(a + p * kPageSize);
+      EXPECT_EQ(e.kind, PteInfo::Kind::kPresent);
+      EXPECT_TRUE(e.device_memory) << p;
+    }
+    EXPECT_EQ(as->QueryPte(a + 6 * kPageSize).kind, PteInfo::Kind::kNone);
+    std::vector<uint8_t> back(6 * kPageSize);
+    ASSERT_TRUE(as->Read(a, back.data(), back.size()).has_value());
+    EXPECT_TRUE(std::equal(back.begin(), back.end(), data.begin()));
+    EXPECT_EQ(dev.to_ram, 0);  // read in place, never migrated home
+    std::vector<uint8_t> file(len, 0xff);
+    ASSERT_EQ(*f->Pread(0, file.data(), len), len);
+    EXPECT_EQ(file, std::vector<uint8_t>(len, 0));
+    ASSERT_TRUE(as->Munmap(a, len).has_value());
+  }
+  as->Exit();
+}
+
+// A hugetlb mapping is never migrated, to coherent memory either
+// (migrate_vma_setup: EINVAL for a hugetlb VMA).
+TEST(HmmSelftest2Coherent, HugetlbIsNeverMigrated) {
+  auto pool = testing::MakePool(64);
+  auto as = testing::MakeSpace(*pool);
+  {
+    testing::CoherentDevice dev(64);
+    ASSERT_EQ(pool->SetHugetlbPages(1), 1u);
+    const uint64_t a = *as->Mmap(0, kHugePageSize, kRW, kMapPrivate | kMapAnonymous | kMapHugetlb);
+    const uint64_t v = 11;
+    ASSERT_TRUE(as->Write(a, &v, 8).has_value());
+    ReadLock l(as->mmap_lock());
+    auto moved = dev.Move(*as, a, a + 16 * kPageSize, true);
+    ASSERT_FALSE(moved.has_value());
+    EXPECT_EQ(moved.error(), Errc::kInval);
+  }
+  as->Exit();
 }
 
 }  // namespace
