@@ -58,6 +58,11 @@ struct DeviceTarget {
 // Whether an access needs write permission.
 enum class AccessKind { kRead, kWrite };
 
+// The device page whose CPU fault the calling thread is in the middle of
+// (DeviceFaultLocked sets it around MigrateToRam), or 0: MigrateVmaSetup
+// takes it as fault_page when the driver leaves fault_page 0.
+extern thread_local DevicePfn tls_fault_page;
+
 class AddressSpace::Impl {
  public:
   Impl(AddressSpace& as, RwSemaphore& mmap_lock)

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cassert>
+#include <cstring>
 #include <chrono>
 #include <map>
 #include <thread>
@@ -87,8 +88,9 @@ DevicePagemap::~DevicePagemap() {
     }
     if (busy.empty()) break;
     if (mapped) {
-      [[maybe_unused]] auto r = EvictDevicePages(*this, busy.data(), busy.size());
+      auto r = EvictDevicePages(*this, busy.data(), busy.size());
       assert(r.has_value() && "device-frame eviction failed during pagemap teardown");
+      if (r && *r == 0) FaultHomeMappedPages(busy);
     }
     if (pass > 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
@@ -98,6 +100,26 @@ DevicePagemap::~DevicePagemap() {
     reg.by_base.erase(base_);
   }
   if (arena_) munmap(arena_, npages_ << kPageShift);
+}
+
+void DevicePagemap::FaultHomeMappedPages(const std::vector<DevicePfn>& pfns) {
+  // Eviction by frame moved nothing (a driver without CopyToRam, or pages
+  // that stay busy): touch each mapping as the CPU would, so the fault path
+  // calls the driver's MigrateToRam under that space's mmap lock.
+  std::vector<std::pair<AddressSpace*, uint64_t>> maps;
+  std::vector<std::shared_ptr<AddressSpace>> keep;
+  for (DevicePfn dpfn : pfns) {
+    maps.clear();
+    RmapSnapshot(IndexOf(dpfn), maps, keep);
+    for (auto [as, addr] : maps) (void)as->Populate(addr, kPageSize, /*write=*/false);
+  }
+}
+
+Result<void> DevicePagemapOps::CopyToRam(DevicePagemap& pgmap, uint64_t index, std::byte* to) {
+  if (!pgmap.coherent())
+    return Err(Errc::kNoSys, "device pagemap: the driver has no CopyToRam for device-private pages");
+  std::memcpy(to, pgmap.CoherentData(index), kPageSize);
+  return {};
 }
 
 DevicePagemap* DevicePagemap::Lookup(DevicePfn dpfn) {

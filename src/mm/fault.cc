@@ -10,6 +10,10 @@
 
 namespace usvm::mm {
 
+// The device page whose CPU fault this thread is handling (locked and
+// referenced by DeviceFaultLocked around MigrateToRam), or 0.
+thread_local DevicePfn tls_fault_page = 0;
+
 namespace {
 // A fault that keeps failing to make progress (a bug, or a livelock with a
 // concurrent zap) reports EIO rather than hanging the caller.
@@ -321,7 +325,12 @@ Result<void> AddressSpace::Impl::DeviceFaultLocked(uint64_t addr, uint64_t e) {
     else
       std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
+  // A driver that does not pass fault_page still gets it (Setup reads it
+  // from here): this thread holds that page locked.
+  const DevicePfn outer = tls_fault_page;
+  tls_fault_page = pte::PfnOf(e);
   auto r = pm->ops().MigrateToRam(as_, page, *pm, index);
+  tls_fault_page = outer;
   pm->UnlockPage(index);
   pm->Put(index);
   return r;

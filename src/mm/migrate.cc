@@ -83,6 +83,7 @@ Result<void> AddressSpace::Impl::MigrateSetupLocked(MigrateVma& m) {
   if (vma->is_hugetlb()) return Err(Errc::kInval, "migrate: hugetlb mapping");
   if (m.vma && (m.vma->start != vma->start || m.vma->end != vma->end))
     return Err(Errc::kInval, "migrate: vma is not the VMA holding the range");
+  if (m.fault_page == 0) m.fault_page = tls_fault_page;  // called from MigrateToRam
   if (m.fault_page != 0) {
     DevicePagemap* fpm = DevicePagemap::Lookup(m.fault_page);
     if (!fpm) return Err(Errc::kInval, "migrate: fault_page is not a device page");

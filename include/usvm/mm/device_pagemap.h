@@ -85,7 +85,11 @@ class DevicePagemapOps {
   // 4 KiB of device page `index` to `to`, a system page (drm_pagemap's
   // copy_to_ram). Called with no mm lock held, the page locked and
   // unmapped (migration entries). An error leaves the page on the device.
-  virtual Result<void> CopyToRam(DevicePagemap& pgmap, uint64_t index, std::byte* to) = 0;
+  // The default copies device-coherent pages (the mm can read them) and
+  // fails with ENOSYS for device-private ones; such a driver's pages then
+  // stay on the device, and pagemap teardown brings them home through
+  // MigrateToRam instead (with each mapper's mmap lock).
+  virtual Result<void> CopyToRam(DevicePagemap& pgmap, uint64_t index, std::byte* to);
 };
 
 class DevicePagemap {
@@ -166,6 +170,13 @@ class DevicePagemap {
                     std::vector<std::shared_ptr<AddressSpace>>& keep) const USVM_EXCLUDES(rmap_lock_);
   // Number of records of page `index` (racy, for tests).
   size_t DebugRmapCount(uint64_t index) const USVM_EXCLUDES(rmap_lock_);
+
+ private:
+  // Teardown's fallback when eviction by frame makes no progress: a CPU
+  // read of every mapping of pfns (MigrateToRam through the fault path).
+  void FaultHomeMappedPages(const std::vector<DevicePfn>& pfns) USVM_EXCLUDES(rmap_lock_);
+
+ public:
 
   // Pages currently allocated (refcount > 0); racy, for tests.
   uint64_t DebugPagesInUse() const;

@@ -96,6 +96,8 @@ struct MigrateVma {
   // The DevicePfn whose CPU fault led here (migrate_to_ram's
   // vmf->page), or 0: locked and referenced by the fault path. Setup:
   // EINVAL if it is not a page of a registered pagemap or not locked.
+  // Left 0 inside MigrateToRam, Setup fills in the page of the fault this
+  // thread is handling (the kernel requires the driver to pass it).
   uint64_t fault_page = 0;
   // Written by Setup: pages collected (kMigratePfnMigrate set).
   uint64_t cpages = 0;
