@@ -4,15 +4,18 @@
 // fails (HMM_DMIRROR_FLAG_FAIL_ALLOC), in both directions. Device-private
 // or device-coherent. Used by hmm_compound_test.cc and hmm_bench.cc.
 //
-// Thread-safety: none; one test thread drives it (CPU faults call
-// MigrateToRam on that thread).
+// Thread-safety: every method may be called concurrently (a migrating
+// thread, CPU faults calling MigrateToRam on others); mu_ guards the
+// allocation state, the counters are atomics.
 #ifndef USVM_TESTS_MM_HUGE_DEVICE_H_
 #define USVM_TESTS_MM_HUGE_DEVICE_H_
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "usvm/base/mutex.h"
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/device_pagemap.h"
 #include "usvm/mm/migrate.h"
@@ -29,6 +32,7 @@ class HugeDevice final : public DevicePagemapOps {
     if (!pm) return nullptr;
     d->pgmap_ = std::move(*pm);
     if (kind == DeviceMemoryKind::kPrivate) d->vram_.resize(npages << kPageShift);
+    MutexLock l(d->mu_);
     d->used_.assign(npages, false);
     d->whole_.assign(blocks, false);
     return d;
@@ -42,7 +46,7 @@ class HugeDevice final : public DevicePagemapOps {
 
   DevicePagemap& pgmap() { return *pgmap_; }
   // Make 2 MiB allocations (device and system) fail: the 4 KiB fallback.
-  void set_fail_huge_alloc(bool v) { fail_huge_alloc_ = v; }
+  void set_fail_huge_alloc(bool v) { fail_huge_alloc_.store(v); }
   std::byte* Data(uint64_t index) {
     return pgmap_->coherent() ? pgmap_->CoherentData(index) : vram_.data() + (index << kPageShift);
   }
@@ -54,7 +58,10 @@ class HugeDevice final : public DevicePagemapOps {
     uint64_t huge_to_ram = 0, small_to_ram = 0;
     uint64_t cpu_faults = 0;
   };
-  const Stats& stats() const { return stats_; }
+  Stats stats() const {
+    return {counters_.huge_to_device.load(), counters_.small_to_device.load(),
+            counters_.huge_to_ram.load(), counters_.small_to_ram.load(), counters_.cpu_faults.load()};
+  }
 
   // Moves [start, end) to device memory (with 2 MiB units when `compound`).
   // Returns the 4 KiB pages moved. REQUIRES: the mmap read lock.
@@ -67,15 +74,21 @@ class HugeDevice final : public DevicePagemapOps {
 
   // DevicePagemapOps.
   void PageFree(DevicePagemap&, uint64_t index) override {
+    MutexLock l(mu_);
     used_[index] = false;
     whole_[index / kPagesPerHuge] = false;
   }
   // The fault path holds the page locked and referenced: it is passed as
   // fault_page.
   Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap, uint64_t index) override {
-    ++stats_.cpu_faults;
+    counters_.cpu_faults.fetch_add(1);
     const DevicePfn fault_page = pgmap.PfnOf(index);
-    if (whole_[index / kPagesPerHuge]) {
+    bool whole;
+    {
+      MutexLock l(mu_);
+      whole = whole_[index / kPagesPerHuge];
+    }
+    if (whole) {
       // A 2 MiB device page: bring all of it home as one page, if the
       // whole 2 MiB is still one mapping (else the 4 KiB path below).
       const uint64_t base = addr & kHugeMask;
@@ -97,7 +110,8 @@ class HugeDevice final : public DevicePagemapOps {
 
   // A free, 2 MiB-aligned run of 512 device pages, each initialised.
   Result<uint64_t> AllocBlock() {
-    if (fail_huge_alloc_) return Err(Errc::kNoMem, "2 MiB device allocation failed (injected)");
+    if (fail_huge_alloc_.load()) return Err(Errc::kNoMem, "2 MiB device allocation failed (injected)");
+    MutexLock l(mu_);
     for (uint64_t b = 0; b < whole_.size(); ++b) {
       const uint64_t first = b * kPagesPerHuge;
       bool free = true;
@@ -113,6 +127,7 @@ class HugeDevice final : public DevicePagemapOps {
     return Err(Errc::kNoMem, "no free 2 MiB block of device memory");
   }
   Result<uint64_t> AllocPage() {
+    MutexLock l(mu_);
     // Next fit from where the last allocation ended.
     for (uint64_t n = 0; n < used_.size(); ++n) {
       const uint64_t i = (next_ + n) % used_.size();
@@ -184,16 +199,16 @@ class HugeDevice final : public DevicePagemapOps {
         if (auto b = AllocBlock()) {
           CopyOrZero(Data(*b), from, kHugePageSize);
           dst[i] = MigratePfn(pgmap_->PfnOf(*b), true) | kMigratePfnCompound;
-          ++stats_.huge_to_device;
+          counters_.huge_to_device.fetch_add(1);
           moved += kPagesPerHuge;
           i += kPagesPerHuge - 1;
           continue;
         }
-      } else if (!fail_huge_alloc_) {
+      } else if (!fail_huge_alloc_.load()) {
         if (auto base = as.pool().AllocHuge(FramePool::Zero::kNo)) {
           CopyOrZero(as.pool().Data(*base), from, kHugePageSize);
           dst[i] = MigratePfn(*base, false) | kMigratePfnCompound;
-          ++stats_.huge_to_ram;
+          counters_.huge_to_ram.fetch_add(1);
           moved += kPagesPerHuge;
           i += kPagesPerHuge - 1;
           continue;
@@ -207,9 +222,9 @@ class HugeDevice final : public DevicePagemapOps {
         moved += dst[i + k] != 0;
       }
       if (to_device)
-        ++stats_.small_to_device;
+        counters_.small_to_device.fetch_add(1);
       else
-        ++stats_.small_to_ram;
+        counters_.small_to_ram.fetch_add(1);
       i += kPagesPerHuge - 1;
     }
     as.MigrateVmaPages(m);
@@ -219,11 +234,15 @@ class HugeDevice final : public DevicePagemapOps {
 
   std::unique_ptr<DevicePagemap> pgmap_;
   std::vector<std::byte> vram_;  // device-private bytes (coherent: the pagemap's arena)
-  std::vector<bool> used_;       // device page allocated
-  std::vector<bool> whole_;      // block allocated as one 2 MiB page, none freed yet
-  uint64_t next_ = 0;             // where AllocPage looks first
-  bool fail_huge_alloc_ = false;
-  Stats stats_;
+  Mutex mu_;
+  std::vector<bool> used_ USVM_GUARDED_BY(mu_);   // device page allocated
+  std::vector<bool> whole_ USVM_GUARDED_BY(mu_);  // block allocated as one 2 MiB page, none freed yet
+  uint64_t next_ USVM_GUARDED_BY(mu_) = 0;        // where AllocPage looks first
+  std::atomic<bool> fail_huge_alloc_{false};
+  struct {
+    std::atomic<uint64_t> huge_to_device{0}, small_to_device{0}, huge_to_ram{0}, small_to_ram{0},
+        cpu_faults{0};
+  } counters_;
 };
 
 }  // namespace usvm::mm::testing
