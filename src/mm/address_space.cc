@@ -638,13 +638,19 @@ Errc AddressSpace::Impl::CollapseHugeLocked(const Vma& vma, uint64_t base) {
   NotifyStart(base, base + kHugePageSize, NotifyEvent::kClear);
   Dropped dropped;
   uint64_t mapped = 0;
+  bool same;
   {
     // The PTE table is freed: the free lock keeps device-frame migration
     // (which walks without the mmap lock) off it, as FreeEmpty does.
     WriteLock fl(pt_.free_lock());
     WriteLock l(slot->lock);
-    // The mmap write lock keeps faults out; the entries are as scanned.
-    for (unsigned i = 0; i < kPagesPerHuge; ++i) {
+    // The mmap write lock keeps faults out; device-frame migration (no
+    // mmap lock) only touches device entries, which the scan refused. Check
+    // anyway: a changed entry makes this region EAGAIN.
+    same = slot->table != nullptr;
+    for (unsigned i = 0; i < kPagesPerHuge && same; ++i)
+      same = slot->table->e[i].load(std::memory_order_relaxed) == old[i];
+    for (unsigned i = 0; i < kPagesPerHuge && same; ++i) {
       const uint64_t e = old[i];
       std::byte* to = pool_.Data(hp + i);
       if (pte::HoldsFrame(e))
@@ -655,9 +661,13 @@ Errc AddressSpace::Impl::CollapseHugeLocked(const Vma& vma, uint64_t base) {
     }
     uint64_t flags = ReadBit(vma.prot) | pte::kAccessed | pte::kDirty;
     if (vma.prot & kProtWrite) flags |= pte::kWrite;
-    pt_.ReplaceTableLocked(*slot, pte::Make(pte::kPresent, hp, flags));
+    if (same) pt_.ReplaceTableLocked(*slot, pte::Make(pte::kPresent, hp, flags));
   }
   NotifyEnd(base, base + kHugePageSize, NotifyEvent::kClear);
+  if (!same) {
+    for (uint64_t i = 0; i < kPagesPerHuge; ++i) pool_.Put(hp + i);
+    return Errc::kAgain;
+  }
   counters.rss_pages.fetch_add(kPagesPerHuge - mapped, std::memory_order_relaxed);
   counters.thp_collapses.fetch_add(1, std::memory_order_relaxed);
   Drop(dropped);
