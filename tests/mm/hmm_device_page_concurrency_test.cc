@@ -13,17 +13,7 @@
 namespace usvm::mm {
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kTsan = true;
-#else
-constexpr bool kTsan = false;
-#endif
-#else
-constexpr bool kTsan = false;
-#endif
+using testing::kTsan;
 
 // Bug: the CPU fault path read a device-private entry, dropped the page
 // table lock and called MigrateToRam with no recheck, no reference and no

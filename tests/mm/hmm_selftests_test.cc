@@ -22,12 +22,7 @@ using testing::DMirror;
 
 constexpr uint32_t kRW = kProtRead | kProtWrite;
 
-// Byte i of a pattern with seed s.
-std::vector<uint8_t> Pattern(uint64_t len, uint8_t seed) {
-  std::vector<uint8_t> v(len);
-  for (uint64_t i = 0; i < len; ++i) v[i] = static_cast<uint8_t>(seed + i * 7 + (i >> 12));
-  return v;
-}
+using testing::Pattern;
 
 class HmmSelftest : public ::testing::Test {
  protected:

@@ -22,17 +22,7 @@
 namespace usvm::mm {
 namespace {
 
-#if defined(__SANITIZE_THREAD__)
-constexpr bool kTsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-constexpr bool kTsan = true;
-#else
-constexpr bool kTsan = false;
-#endif
-#else
-constexpr bool kTsan = false;
-#endif
+using testing::kTsan;
 
 constexpr int kCpuThreads = 3;
 constexpr int kDeviceThreads = 2;

@@ -74,6 +74,26 @@ class RecordingNotifier : public MmuNotifier {
 
 inline std::vector<uint8_t> Bytes(size_t n, uint8_t v) { return std::vector<uint8_t>(n, v); }
 
+// len bytes of a pattern with seed `seed` that differs from page to page.
+inline std::vector<uint8_t> Pattern(uint64_t len, uint8_t seed) {
+  std::vector<uint8_t> v(len);
+  for (uint64_t i = 0; i < len; ++i) v[i] = static_cast<uint8_t>(seed + i * 7 + (i >> 12));
+  return v;
+}
+
+// Whether this build runs under ThreadSanitizer (stress tests scale down).
+#if defined(__SANITIZE_THREAD__)
+inline constexpr bool kTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+inline constexpr bool kTsan = true;
+#else
+inline constexpr bool kTsan = false;
+#endif
+#else
+inline constexpr bool kTsan = false;
+#endif
+
 }  // namespace usvm::mm::testing
 
 #endif  // USVM_TESTS_MM_TEST_UTIL_H_
