@@ -25,6 +25,10 @@ std::string_view ErrcName(Errc code) {
     case Errc::kFBig: return "EFBIG";
     case Errc::kIo: return "EIO";
     case Errc::kOverflow: return "EOVERFLOW";
+    case Errc::kOpNotSupp: return "EOPNOTSUPP";
+    case Errc::kNoDev: return "ENODEV";
+    case Errc::kAcces: return "EACCES";
+    case Errc::kNoLink: return "ENOLINK";
   }
   return "E?";
 }

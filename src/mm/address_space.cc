@@ -5,6 +5,8 @@
 #include <cstring>
 
 #include "address_space_impl.h"
+#include "usvm/mm/migrate_device.h"
+#include "usvm/mm/mmu_interval_notifier.h"
 
 namespace usvm::mm {
 
@@ -1118,5 +1120,37 @@ PteInfo AddressSpace::Impl::QueryPte(uint64_t addr) const {
   info.device_memory = pte::HoldsDevicePage(e);
   return info;
 }
+
+}  // namespace usvm::mm
+
+// ===== the Mm port (mm.h) ===================================================
+
+namespace usvm::mm {
+
+Result<void> AddressSpace::InsertIntervalNotifier(MmuIntervalNotifier* sub, uint64_t start,
+                                                  uint64_t length, MmuIntervalNotifierOps* ops) {
+  return notifiers_->Insert(sub, start, length, ops);
+}
+
+Result<void> AddressSpace::MigrateDevicePfns(DevicePagemap& pgmap, const DevicePfn* pfns,
+                                             uint64_t n, uint64_t* src, uint64_t* dst) {
+  return mm::MigrateDevicePfns(pgmap, pfns, n, src, dst);
+}
+
+void AddressSpace::MigrateDevicePages(DevicePagemap& pgmap, uint64_t* src, const uint64_t* dst,
+                                      uint64_t n) {
+  mm::MigrateDevicePages(pgmap, src, dst, n);
+}
+
+void AddressSpace::MigrateDeviceFinalize(DevicePagemap& pgmap, const uint64_t* src,
+                                         const uint64_t* dst, uint64_t n) {
+  mm::MigrateDeviceFinalize(pgmap, &pool_, src, dst, n);
+}
+
+Result<Pfn> AddressSpace::AllocSystemPage() { return pool_.AllocPage(FramePool::Zero::kNo); }
+
+void AddressSpace::PutSystemPage(Pfn pfn) { pool_.Put(pfn); }
+
+std::byte* AddressSpace::SystemPageData(Pfn pfn) const { return pool_.Data(pfn); }
 
 }  // namespace usvm::mm

@@ -32,7 +32,8 @@ class CoherentDevice final : public DevicePagemapOps {
     MutexLock l(free_mu);  // the last reference may drop on any thread
     free.push_back(index);
   }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pm, uint64_t index) override {
+  Result<void> MigrateToRam(Mm& port, uint64_t addr, DevicePagemap& pm, uint64_t index) override {
+    AddressSpace& as = static_cast<AddressSpace&>(port);
     ++to_ram;
     return Move(as, addr, addr + kPageSize, false, pm.PfnOf(index)).has_value() ? Result<void>()
                                                                                 : Err(Errc::kFault);

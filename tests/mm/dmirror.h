@@ -211,8 +211,9 @@ class DMirror final : public DevicePagemapOps, public MmuIntervalNotifierOps {
   // unlocked is counted in bad_migrate_to_ram() (a use-after-free in the
   // fault path). set_migrate_to_ram_delay_us() stretches each call so that
   // tests can make CPU faults overlap.
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
+  Result<void> MigrateToRam(Mm& port, uint64_t addr, DevicePagemap& pgmap,
                             uint64_t index) override {
+    AddressSpace& as = static_cast<AddressSpace&>(port);
     as.mmap_lock().AssertReaderHeld();
     cpu_faults_++;
     if (pgmap.RefCount(index) == 0 || !pgmap.PageLocked(index)) bad_migrate_to_ram_++;

@@ -26,7 +26,8 @@ class MinimalDriver final : public DevicePagemapOps {
     ++frees;
     free.push_back(index);
   }
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap&, uint64_t) override {
+  Result<void> MigrateToRam(Mm& port, uint64_t addr, DevicePagemap&, uint64_t) override {
+    AddressSpace& as = static_cast<AddressSpace&>(port);
     ++to_ram;
     USVM_TRY(Move(as, addr, addr + kPageSize, false));  // no fault_page
     return {};

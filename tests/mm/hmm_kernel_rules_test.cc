@@ -12,7 +12,7 @@ namespace {
 
 class NullOps final : public DevicePagemapOps {
  public:
-  Result<void> MigrateToRam(AddressSpace&, uint64_t, DevicePagemap&, uint64_t) override {
+  Result<void> MigrateToRam(Mm&, uint64_t, DevicePagemap&, uint64_t) override {
     return Err(Errc::kFault, "unused");
   }
   Result<void> CopyToRam(DevicePagemap&, uint64_t, std::byte*) override {

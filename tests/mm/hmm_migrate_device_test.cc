@@ -198,7 +198,7 @@ TEST_F(MigrateDeviceTest, BadArgumentsAreEinval) {
 class TeardownDevice final : public DevicePagemapOps {
  public:
   void PageFree(DevicePagemap&, uint64_t index) override { frees[index].fetch_add(1); }
-  Result<void> MigrateToRam(AddressSpace&, uint64_t, DevicePagemap&, uint64_t) override {
+  Result<void> MigrateToRam(Mm&, uint64_t, DevicePagemap&, uint64_t) override {
     return Err(Errc::kFault, "teardown device: no CPU faults expected");
   }
   Result<void> CopyToRam(DevicePagemap&, uint64_t index, std::byte* to) override {

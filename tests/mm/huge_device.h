@@ -80,7 +80,8 @@ class HugeDevice final : public DevicePagemapOps {
   }
   // The fault path holds the page locked and referenced: it is passed as
   // fault_page.
-  Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap, uint64_t index) override {
+  Result<void> MigrateToRam(Mm& port, uint64_t addr, DevicePagemap& pgmap, uint64_t index) override {
+    AddressSpace& as = static_cast<AddressSpace&>(port);
     counters_.cpu_faults.fetch_add(1);
     const DevicePfn fault_page = pgmap.PfnOf(index);
     bool whole;

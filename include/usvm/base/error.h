@@ -40,6 +40,10 @@ enum class Errc : int {
   kFBig = EFBIG,
   kIo = EIO,
   kOverflow = EOVERFLOW,
+  kOpNotSupp = EOPNOTSUPP,
+  kNoDev = ENODEV,
+  kAcces = EACCES,
+  kNoLink = ENOLINK,
 };
 
 class Error {

@@ -36,6 +36,11 @@ class IntrusiveList {
 
   void push_front(T* t) { InsertAfter(&head_, &(t->*Member)); }
   void push_back(T* t) { InsertAfter(head_.prev, &(t->*Member)); }
+  // Inserts t before pos (at the end when pos is nullptr). REQUIRES: pos,
+  // if given, is on this list.
+  void insert_before(T* pos, T* t) {
+    InsertAfter(pos ? (pos->*Member).prev : head_.prev, &(t->*Member));
+  }
 
   // REQUIRES: t is on this list.
   void erase(T* t) {

@@ -48,6 +48,7 @@
 #include "usvm/base/mutex.h"
 #include "usvm/base/result.h"
 #include "usvm/mm/frame_pool.h"
+#include "usvm/mm/mm.h"
 #include "usvm/mm/mmu_notifier.h"
 #include "usvm/mm/sim_file.h"
 #include "usvm/mm/types.h"
@@ -59,25 +60,6 @@ class DeviceMigration;
 struct Vma;
 struct HmmRange;
 struct MigrateVma;
-
-// VMA flags reported by VmaInfo.
-enum : uint32_t {
-  kVmaShared = 1u << 0,     // MAP_SHARED (file or shmem)
-  kVmaAnonymous = 1u << 1,  // anonymous (private anon, or shmem)
-  kVmaHugePage = 1u << 2,   // MADV_HUGEPAGE
-  kVmaNoHugePage = 1u << 3, // MADV_NOHUGEPAGE
-  kVmaHugetlb = 1u << 4,    // MAP_HUGETLB (2 MiB pages from the hugetlb pool)
-};
-
-// A copy of one VMA's attributes.
-struct VmaInfo {
-  uint64_t start = 0;
-  uint64_t end = 0;
-  uint32_t prot = 0;
-  uint32_t flags = 0;
-  const SimFile* file = nullptr;  // null for private anonymous memory
-  uint64_t pgoff = 0;             // file page index of `start`
-};
 
 // What the CPU page table holds for one 4 KiB page.
 struct PteInfo {
@@ -112,7 +94,7 @@ struct AddressSpaceConfig {
   bool thp = true;
 };
 
-class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
+class AddressSpace final : public Mm, public std::enable_shared_from_this<AddressSpace> {
  public:
   static Result<std::shared_ptr<AddressSpace>> TryCreate(FramePool& pool,
                                                         AddressSpaceConfig config = {},
@@ -189,6 +171,7 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // hub, then every mapping is unmapped. Idempotent. Later calls: EFAULT.
   void Exit();
   bool exited() const;
+  bool Alive() const override { return !exited(); }
 
   // ---- the CPU ----------------------------------------------------------
 
@@ -224,8 +207,10 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   // contains addr, or nothing), FindVmaLocked is find_vma (the first VMA
   // ending above addr). Both return copies; nothing stays referenced.
   // REQUIRES: the mmap lock (read or write).
-  std::optional<VmaInfo> VmaLookupLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
-  std::optional<VmaInfo> FindVmaLocked(uint64_t addr) const USVM_REQUIRES_SHARED(mmap_lock_);
+  std::optional<VmaInfo> VmaLookupLocked(uint64_t addr) const override
+      USVM_REQUIRES_SHARED(mmap_lock_);
+  std::optional<VmaInfo> FindVmaLocked(uint64_t addr) const override
+      USVM_REQUIRES_SHARED(mmap_lock_);
   std::vector<VmaInfo> Vmas() const;
   size_t VmaCount() const;
   PteInfo QueryPte(uint64_t addr) const;
@@ -248,15 +233,15 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
   // hmm_range_fault. REQUIRES: the mmap lock held for read (or write).
   // EINVAL for a malformed range; see hmm.h for the rest.
-  Result<void> RangeFault(HmmRange& range) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<void> RangeFault(HmmRange& range) override USVM_REQUIRES_SHARED(mmap_lock_);
 
   // migrate_vma_setup / _pages / _finalize (migrate.h). REQUIRES: the mmap
   // lock held for read across all three calls. Setup: EINVAL if the range
   // is empty, unaligned, not inside one VMA, or src/dst/flags are missing;
   // EFAULT after Exit. Every successful Setup must be finalized.
-  Result<void> MigrateVmaSetup(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
-  void MigrateVmaPages(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
-  void MigrateVmaFinalize(MigrateVma& m) USVM_REQUIRES_SHARED(mmap_lock_);
+  Result<void> MigrateVmaSetup(MigrateVma& m) override USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigrateVmaPages(MigrateVma& m) override USVM_REQUIRES_SHARED(mmap_lock_);
+  void MigrateVmaFinalize(MigrateVma& m) override USVM_REQUIRES_SHARED(mmap_lock_);
 
   // make_device_exclusive: faults the page at addr in for writing and
   // replaces its CPU entry with a device-exclusive entry, so the device
@@ -303,8 +288,22 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
 
   // ---- for the layers above --------------------------------------------
 
-  RwSemaphore& mmap_lock() const USVM_RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
   MmuNotifierSubscriptions& notifiers() { return *notifiers_; }
+
+  // ---- the rest of the Mm port (mm.h) -------------------------------------
+
+  Result<void> InsertIntervalNotifier(MmuIntervalNotifier* sub, uint64_t start, uint64_t length,
+                                      MmuIntervalNotifierOps* ops) override;
+  Result<void> MigrateDevicePfns(DevicePagemap& pgmap, const DevicePfn* pfns, uint64_t n,
+                                 uint64_t* src, uint64_t* dst) override;
+  void MigrateDevicePages(DevicePagemap& pgmap, uint64_t* src, const uint64_t* dst,
+                          uint64_t n) override;
+  void MigrateDeviceFinalize(DevicePagemap& pgmap, const uint64_t* src, const uint64_t* dst,
+                             uint64_t n) override;
+  Result<Pfn> AllocSystemPage() override;
+  void PutSystemPage(Pfn pfn) override;
+  std::byte* SystemPageData(Pfn pfn) const override;
+
   FramePool& pool() const { return pool_; }
   Env& env() const { return env_; }
   const AddressSpaceConfig& config() const { return config_; }
@@ -317,7 +316,6 @@ class AddressSpace : public std::enable_shared_from_this<AddressSpace> {
   FramePool& pool_;
   Env& env_;
   const AddressSpaceConfig config_;
-  mutable RwSemaphore mmap_lock_;
   std::unique_ptr<MmuNotifierSubscriptions> notifiers_;
   // All mutable state; its fields are guarded by mmap_lock_ and the page
   // table locks as documented in src/mm/address_space_impl.h.

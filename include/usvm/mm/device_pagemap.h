@@ -58,6 +58,7 @@ namespace usvm::mm {
 
 class AddressSpace;
 class DevicePagemap;
+class Mm;
 
 using DevicePfn = uint64_t;
 
@@ -69,7 +70,7 @@ class DevicePagemapOps {
   // The last reference to device page `index` dropped: the driver may
   // reuse its memory.
   virtual void PageFree(DevicePagemap& pgmap, uint64_t index) {}
-  // The CPU touched device-private page `index`, mapped at `addr` of `as`
+  // The CPU touched device-private page `index`, mapped at `addr` of `mm`
   // (dev_pagemap_ops.migrate_to_ram). Called with the mmap read lock held
   // and no page table lock. As do_swap_page, the fault path has rechecked
   // the entry under its page table lock, holds a reference on the page and
@@ -79,7 +80,7 @@ class DevicePagemapOps {
   // memory; an error fails the CPU access with it (VM_FAULT_SIGBUS).
   // (Long-term pins of device-coherent pages come here too, with the page
   // locked the same way.)
-  virtual Result<void> MigrateToRam(AddressSpace& as, uint64_t addr, DevicePagemap& pgmap,
+  virtual Result<void> MigrateToRam(Mm& mm, uint64_t addr, DevicePagemap& pgmap,
                                     uint64_t index) = 0;
   // Device-frame eviction (EvictDevicePages, pagemap teardown): copy the
   // 4 KiB of device page `index` to `to`, a system page (drm_pagemap's
@@ -142,6 +143,11 @@ class DevicePagemap {
   bool TryLockPage(uint64_t index);
   void UnlockPage(uint64_t index);
   bool PageLocked(uint64_t index) const;
+  // A pointer for the layer that created the pagemap (gpusvm's Pagemap
+  // puts itself here, so a device frame leads back to it). Set once,
+  // before any page is handed out; read without a lock afterwards.
+  void set_layer_data(void* p) { layer_data_ = p; }
+  void* layer_data() const { return layer_data_; }
   void* zone_data(uint64_t index) const { return pages_[index].zone_data; }
   void set_zone_data(uint64_t index, void* d) { pages_[index].zone_data = d; }
 
@@ -198,6 +204,7 @@ class DevicePagemap {
   DevicePagemapOps* const ops_;
   const DevicePfn base_;
   std::unique_ptr<Page[]> pages_;
+  void* layer_data_ = nullptr;  // see set_layer_data
   struct RmapRecord {
     AddressSpace* as;  // non-owning: the space removes its records first
     uint64_t addr;
