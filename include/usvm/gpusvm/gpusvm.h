@@ -258,6 +258,9 @@ class Notifier {
   uint64_t start() const { return node_.start; }
   uint64_t end() const { return node_.last + 1; }
   mm::MmuIntervalNotifier& interval() { return sub_; }
+  // False once the interval notifier was removed (RangeRemove of the
+  // last range). REQUIRES: the driver lock.
+  bool removed() const { return removed_; }
   GpuSvm* gpusvm() const { return gpusvm_; }
   // Ranges in the tree (racy unless the driver lock or the notifier lock
   // is held).
@@ -265,7 +268,11 @@ class Notifier {
 
  private:
   friend class GpuSvm;
-  mm::MmuIntervalNotifier sub_;
+  // The interval subscription, with a way back to us for the callback.
+  struct Sub final : mm::MmuIntervalNotifier {
+    Notifier* owner = nullptr;
+  };
+  Sub sub_;
   IntervalTreeNode node_;  // in gpusvm_->notifiers_: driver lock
   ListNode link_;          // in gpusvm_->notifier_list_: driver lock
   GpuSvm* gpusvm_ = nullptr;
@@ -384,8 +391,9 @@ class GpuSvm {
   // whose pages are still device-mapped (has_device_mapping or
   // has_devmem_pages) stays in the tree and the call fails with EBUSY
   // (counted in Stats::remove_refused). EINVAL: not in a tree of this
-  // GpuSvm, or the driver lock not held. EDEADLK: called from an
-  // invalidation callback (removing the notifier would wait for itself).
+  // GpuSvm, or the driver lock not held. EDEADLK: called from this
+  // GpuSvm's invalidation callback (it holds the notifier lock, and
+  // removing the notifier would wait for the callback itself).
   // REQUIRES: the driver lock.
   Result<void> RangeRemove(Range* range) USVM_REQUIRES(driver_lock());
 
@@ -510,6 +518,15 @@ class GpuSvm {
   };
   Stats GetStats() const;
 
+  // A test hook that holds GetPages where a race window opens: after the
+  // range fault succeeded, before the notifier lock is taken to map. Set
+  // before concurrent use; nullptr disables it.
+  struct DebugHooks {
+    virtual ~DebugHooks() = default;
+    virtual void AfterRangeFault(Pages* pages) {}
+  };
+  void DebugSetHooks(DebugHooks* hooks) { debug_hooks_ = hooks; }
+
  private:
   class IntervalOps;
   explicit GpuSvm(GpuSvmConfig config);
@@ -517,7 +534,10 @@ class GpuSvm {
   Result<Notifier*> NotifierCreate(uint64_t start, uint64_t end) USVM_REQUIRES(driver_lock());
   void NotifierDestroy(Notifier* n) USVM_REQUIRES(driver_lock());
   // The largest chunk for fault_addr (0 if none), see FindOrInsert.
-  uint64_t ChunkSize(const Notifier* n, uint64_t vma_start, uint64_t vma_end,
+  // `n`: the notifier whose ranges must not overlap (null: one notifier
+  // per range, any notifier); `check_sub`: the subscription the threshold
+  // snapshot reads through (null: no snapshot).
+  uint64_t ChunkSize(const Notifier* n, mm::MmuIntervalNotifier* check_sub, uint64_t vma_start, uint64_t vma_end,
                      uint64_t fault_addr, uint64_t gpuva_start, uint64_t gpuva_end,
                      uint64_t bound_start, uint64_t bound_end, size_t first_chunk,
                      const Ctx& ctx, size_t* index) USVM_REQUIRES(driver_lock());
@@ -547,6 +567,7 @@ class GpuSvm {
         driver_lock_violations{0};
   };
   mutable AtomicStats stats_;
+  DebugHooks* debug_hooks_ = nullptr;
 };
 
 }  // namespace usvm::gpusvm
