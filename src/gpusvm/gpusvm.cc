@@ -641,11 +641,21 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
     uint64_t seq = notifier->ReadBegin();
     {
       ReadLock l(notifier_lock_);
-      if (PagesValid(*pages) && pages->npages_ == npages) {
+      if (PagesValid(*pages) && pages->npages_ == npages &&
+          (ctx.read_only || !pages->read_only_)) {
         // Still mapped and no invalidation of these pages since.
         pages->notifier_seq_ = seq;
         stats_.get_pages.fetch_add(1, std::memory_order_relaxed);
         return {};
+      }
+    }
+    {
+      // Mapped, but not as this call needs (read-only, or another extent):
+      // drop that mapping and map afresh.
+      WriteLock l(notifier_lock_);
+      if (pages->mapped_ > 0) {
+        if (pages->npages_ == npages) stats_.write_upgrades.fetch_add(1, std::memory_order_relaxed);
+        UnmapPagesLocked(pages);
       }
     }
     if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
@@ -763,6 +773,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
     }
     pages->has_devmem_pages_ = pagemap != nullptr;
     pages->has_device_mapping_ = true;
+    pages->read_only_ = ctx.read_only;
     pages->notifier_seq_ = seq;
     stats_.get_pages.fetch_add(1, std::memory_order_relaxed);
     return {};
@@ -808,6 +819,7 @@ GpuSvm::Stats GpuSvm::GetStats() const {
   s.invalidations = ld(stats_.invalidations);
   s.get_pages = ld(stats_.get_pages);
   s.get_pages_retries = ld(stats_.get_pages_retries);
+  s.write_upgrades = ld(stats_.write_upgrades);
   s.maps = ld(stats_.maps);
   s.unmaps = ld(stats_.unmaps);
   s.devmem_maps = ld(stats_.devmem_maps);

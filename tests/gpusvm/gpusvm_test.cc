@@ -323,6 +323,26 @@ TEST_F(GpuSvmTest, GetPagesOfAReadOnlyVmaNeedsReadOnly) {
   EXPECT_EQ(t->pages.addrs()[0].addr, 0u);
 }
 
+TEST_F(GpuSvmTest, AWriteAfterAReadOnlyMappingRemapsThePagesWritable) {
+  Map(kBase, kSize64K);
+  auto d = TestDriver::Create(as_);
+  uint64_t v = 7;
+  // A GPU read of never-written memory maps the zero page read-only...
+  ASSERT_TRUE(d->GpuRead(kBase, &v, 8, [] { Ctx c; c.read_only = true; return c; }()).has_value());
+  EXPECT_EQ(v, 0u);
+  EXPECT_EQ(d->Pte(kBase)->addr, 0u);
+  // ...and a GPU write must not write through it: the pages are faulted
+  // again for writing (a private frame), and the CPU sees the value.
+  v = 99;
+  ASSERT_TRUE(d->GpuWrite(kBase, &v, 8).has_value());
+  EXPECT_EQ(d->svm().GetStats().write_upgrades, 1u);
+  EXPECT_NE(d->Pte(kBase)->addr, 0u);
+  EXPECT_EQ(*as_->AtomicLoad(kBase), 99u);
+  uint64_t zero = 1;
+  ASSERT_TRUE(as_->Read(kBase + kSize64K - 8, &zero, 8).has_value());
+  EXPECT_EQ(zero, 0u);
+}
+
 TEST_F(GpuSvmTest, GetPagesOfUninitialisedPagesIsEinval) {
   Map(kBase, kSize64K);
   auto d = TestDriver::Create(as_);
@@ -809,9 +829,6 @@ TEST_F(GpuSvmTest, ScanMmClassifiesWhereThePagesAre) {
   EXPECT_EQ(d->svm().ScanMm(*r, dev.get(), nullptr), ScanResult::kOther);
   // Another owner's device pages are not reported: unpopulated.
   EXPECT_EQ(d->svm().ScanMm(*r, nullptr, nullptr), ScanResult::kUnpopulated);
-  // A second device's pages in the same range: mixed devices.
-  auto dev2 = mm::testing::DMirror::Create(as_, 64);
-  (void)dev2;
 }
 
 TEST_F(GpuSvmTest, DevicePagesOfAForeignPagemapAreEopnotsupp) {

@@ -163,7 +163,7 @@ class TestDriver : public GpuSvmOps {
         commit_retries_.fetch_add(1);
         continue;
       }
-      Commit(r);
+      Commit(r, !ctx.read_only);
       return r;
     }
     return Err(Errc::kAgain, "test driver: fault kept racing");
@@ -200,7 +200,12 @@ class TestDriver : public GpuSvmOps {
     MutexLock l(pt_lock_);
     auto it = pt_.find(addr & ~(kPageSize - 1));
     if (it == pt_.end()) return std::nullopt;
-    return it->second;
+    return it->second.addr;
+  }
+  bool PteWritable(uint64_t addr) {
+    MutexLock l(pt_lock_);
+    auto it = pt_.find(addr & ~(kPageSize - 1));
+    return it != pt_.end() && it->second.writable;
   }
 
   uint64_t invalidations() const { return invalidations_.load(); }
@@ -221,7 +226,7 @@ class TestDriver : public GpuSvmOps {
 
   // Writes the range's page addresses into the GPU page table.
   // REQUIRES: the notifier lock (read), pages valid.
-  void Commit(Range* r) {
+  void Commit(Range* r, bool writable) {
     const Pages& p = *r->pages();
     MutexLock l(pt_lock_);
     for (uint64_t i = 0; i < p.npages();) {
@@ -231,7 +236,7 @@ class TestDriver : public GpuSvmOps {
         DeviceAddr e = d;
         e.addr = d.addr + k * kPageSize;
         e.order = 0;
-        pt_[r->start() + (i + k) * kPageSize] = e;
+        pt_[r->start() + (i + k) * kPageSize] = Entry{e, writable};
       }
       i += n;
     }
@@ -253,6 +258,7 @@ class TestDriver : public GpuSvmOps {
         // invalidation waits for it, as for a GPU TLB flush).
         ReadLock l(svm_->notifier_lock());
         std::optional<DeviceAddr> e = Pte(page);
+        if (e && write && !PteWritable(page)) e.reset();  // fault for writing
         if (e) {
           std::byte* p = nullptr;
           if (e->proto == AddrProto::kSystem)
@@ -282,8 +288,12 @@ class TestDriver : public GpuSvmOps {
 
   std::shared_ptr<mm::AddressSpace> as_;
   std::unique_ptr<GpuSvm> svm_;
+  struct Entry {
+    DeviceAddr addr;
+    bool writable;
+  };
   Mutex pt_lock_;
-  std::map<uint64_t, DeviceAddr> pt_ USVM_GUARDED_BY(pt_lock_);
+  std::map<uint64_t, Entry> pt_ USVM_GUARDED_BY(pt_lock_);
   Mutex gc_lock_;
   std::vector<TestRange*> gc_ USVM_GUARDED_BY(gc_lock_);
   DeviceBytes device_bytes_ = nullptr;

@@ -174,6 +174,8 @@ class Pages {
   bool partial_unmap() const { return partial_unmap_; }
   bool has_devmem_pages() const { return has_devmem_pages_; }
   bool has_device_mapping() const { return has_device_mapping_; }
+  // Mapped for reading only (the GetPages had ctx.read_only).
+  bool read_only() const { return read_only_; }
   // Range fault sequence of the last successful GetPages.
   uint64_t notifier_seq() const { return notifier_seq_; }
   // One entry per 4 KiB page from the start GetPages was given; a mapping
@@ -200,6 +202,7 @@ class Pages {
   bool partial_unmap_ = false;
   bool has_devmem_pages_ = false;
   bool has_device_mapping_ = false;
+  bool read_only_ = false;
   std::atomic<bool> busy_{false};  // a GetPages is mapping these pages
 };
 
@@ -480,6 +483,10 @@ class GpuSvm {
   // ENOMEM from the range fault. On error nothing stays mapped by this
   // call (mappings made by an earlier GetPages are kept only if valid).
   // Two GetPages of one Pages at a time: the second waits for the first.
+  // Valid pages are kept (no new range fault) unless they were mapped
+  // read-only and this call needs write access: then they are unmapped and
+  // faulted again for writing (drm_gpusvm assumes one read_only setting
+  // per range and would hand the read-only pages back).
   Result<void> GetPages(Pages* pages, mm::Mm& mm, mm::MmuIntervalNotifier* notifier,
                         uint64_t start, uint64_t end, const Ctx& ctx);
 
@@ -510,6 +517,7 @@ class GpuSvm {
     uint64_t invalidations = 0;      // interval callbacks
     uint64_t get_pages = 0;          // successful GetPages
     uint64_t get_pages_retries = 0;  // sequence moved before mapping
+    uint64_t write_upgrades = 0;     // read-only pages remapped for writing
     uint64_t maps = 0;               // DeviceAddr entries mapped
     uint64_t unmaps = 0;             // and unmapped
     uint64_t devmem_maps = 0;        // of which device pages
@@ -563,7 +571,7 @@ class GpuSvm {
   struct AtomicStats {
     std::atomic<uint64_t> notifiers{0}, ranges{0}, notifier_inserts{0}, notifier_removes{0},
         range_inserts{0}, range_removes{0}, remove_refused{0}, invalidations{0}, get_pages{0},
-        get_pages_retries{0}, maps{0}, unmaps{0}, devmem_maps{0}, backstop_unmaps{0},
+        get_pages_retries{0}, write_upgrades{0}, maps{0}, unmaps{0}, devmem_maps{0}, backstop_unmaps{0},
         driver_lock_violations{0};
   };
   mutable AtomicStats stats_;
