@@ -578,7 +578,12 @@ ScanResult GpuSvm::ScanMm(Range* range, const void* owner, const mm::DevicePagem
 
 void GpuSvm::InitPages(Pages* pages, Range* range) {
   pages->gpusvm_ = this;
-  if (range) range->pages_ = pages;
+  if (range) {
+    // The range is already in its notifier's tree, where the invalidation
+    // callback looks up its pages.
+    WriteLock l(notifier_lock_);
+    range->pages_ = pages;
+  }
 }
 
 bool GpuSvm::PagesValid(const Pages& pages) const {

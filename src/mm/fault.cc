@@ -18,6 +18,19 @@ namespace {
 // A fault that keeps failing to make progress (a bug, or a livelock with a
 // concurrent zap) reports EIO rather than hanging the caller.
 constexpr int kMaxFaultRetries = 1000;
+constexpr std::chrono::seconds kFaultGiveUp{10};
+
+// After kMaxFaultRetries fruitless attempts at one page (it keeps changing
+// under us: a device migrating it back and forth), wait a little before each
+// new one. The kernel retries for ever; we give up (false) only after
+// kFaultGiveUp of wall time, so load alone never fails an access.
+bool BackOff(int tries, std::chrono::steady_clock::time_point& give_up_at) {
+  const auto now = std::chrono::steady_clock::now();
+  if (tries == kMaxFaultRetries) give_up_at = now + kFaultGiveUp;
+  else if (now > give_up_at) return false;
+  std::this_thread::sleep_for(std::chrono::microseconds(20));
+  return true;
+}
 }  // namespace
 
 // ---- fault handler -----------------------------------------------------------
@@ -114,7 +127,9 @@ Result<void> AddressSpace::Impl::HandleFaultLocked(uint64_t addr, AccessKind kin
 
   const uint64_t read = ReadBit(vma->prot);
   const unsigned idx = PageTable::PteIndex(addr);
-  for (int tries = 0; tries < kMaxFaultRetries; ++tries) {
+  std::chrono::steady_clock::time_point give_up_at{};
+  for (int tries = 0;; ++tries) {
+    if (tries >= kMaxFaultRetries && !BackOff(tries, give_up_at)) break;
     slot->lock.Lock();
     const uint64_t h = slot->huge.load(std::memory_order_relaxed);
     if (h != 0 && pte::KindOf(h) == pte::kMigration) {
@@ -496,6 +511,7 @@ Result<void> AddressSpace::Impl::Access(uint64_t addr, uint64_t len, AccessKind 
   USVM_TRY(CheckAliveLocked());
   uint64_t done = 0;
   int faults_here = 0;
+  std::chrono::steady_clock::time_point give_up_at{};
   while (done < len) {
     const uint64_t a = addr + done;
     if (PmdSlot* slot = pt_.Lookup(a)) {
@@ -527,7 +543,13 @@ Result<void> AddressSpace::Impl::Access(uint64_t addr, uint64_t len, AccessKind 
       }
       slot->lock.UnlockShared();
     }
-    if (++faults_here > kMaxFaultRetries) return Err(Errc::kIo, "page fault made no progress");
+    if (++faults_here > kMaxFaultRetries) {
+      // The page keeps changing under us (a device migrating it back and
+      // forth). The kernel retries for ever; we back off and give up only
+      // after kFaultGiveUp of wall time, so load alone never fails an access.
+      if (!BackOff(faults_here - 1, give_up_at))
+        return Err(Errc::kIo, "page fault made no progress");
+    }
     USVM_TRY(HandleFaultLocked(a, kind));
   }
   return {};

@@ -1,6 +1,8 @@
 // hmm_range_fault and its caller loop.
 #include "usvm/mm/hmm.h"
 
+#include <algorithm>
+
 #include "usvm/mm/device_pagemap.h"
 
 #include "address_space_impl.h"
@@ -53,6 +55,39 @@ Result<void> AddressSpace::Impl::RangeFaultLocked(HmmRange& r) {
       }
       if (want_write && !(vma->prot & kProtWrite))
         return Err(Errc::kPerm, "range fault: write requested on a read-only mapping");
+
+      // Fast path: a run of ordinary entries of one 2 MiB region, under one
+      // acquisition of its page table lock. It stops at the first entry
+      // that needs the per-page path below (a fault, a device, migration
+      // or exclusive entry), which then takes that entry alone.
+      if (PmdSlot* slot = pt_.Lookup(addr)) {
+        const uint64_t first = addr;
+        const uint64_t run_end = std::min({vma->end, r.end, (addr | (kHugePageSize - 1)) + 1});
+        ReadLock l(slot->lock);
+        const uint64_t h = slot->huge.load(std::memory_order_relaxed);
+        const unsigned run_order = h != 0 ? kHugeShift - kPageShift : 0;
+        while (addr < run_end && (h != 0 || slot->table)) {
+          uint64_t& w = r.hmm_pfns[(addr - r.start) >> kPageShift];
+          const uint64_t rq =
+              (r.default_flags | (w & r.pfn_flags_mask)) & (kPfnReqFault | kPfnReqWrite);
+          const bool wf = rq & kPfnReqFault;
+          const bool ww = wf && (rq & kPfnReqWrite);
+          const uint64_t pe = h != 0 ? pte::SubEntry(h, addr)
+                                     : slot->table->e[PageTable::PteIndex(addr)].load(
+                                           std::memory_order_relaxed);
+          if (pte::KindOf(pe) == pte::kDevicePrivate || pte::IsExclusive(pe) ||
+              pte::KindOf(pe) == pte::kMigration)
+            break;
+          const bool ok = pte::IsPresent(pe) && (pe & pte::kRead);
+          const bool wr = ok && (pe & pte::kWrite);
+          if ((wf && !ok) || (ww && !wr)) break;
+          w = ok ? (kPfnValid | (wr ? kPfnWrite : 0) | (uint64_t{run_order} << kPfnOrderShift) |
+                    ((pe & pte::kDevice) ? kPfnDevice : 0) | pte::PfnOf(pe))
+                 : 0;
+          addr += kPageSize;
+        }
+        if (addr != first) continue;
+      }
 
       // Read the entry under its page table lock.
       uint64_t e = 0;

@@ -59,9 +59,11 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
   auto dev = mm::testing::DMirror::Create(as, 1024);
   ASSERT_NE(dev, nullptr);
 
-  const int iters = kTsan ? 300 : 4000;
+  const int iters = kTsan ? 150 : 4000;
+  // Chaos pacing; longer under TSan, where every refault is ~50x slower.
+  const auto pace = std::chrono::microseconds(kTsan ? 3000 : 300);
   // The owners go on until every chaos thread has done this many rounds.
-  const uint64_t rounds = kTsan ? 40 : 400;
+  const uint64_t rounds = kTsan ? 150 : 400;
   std::atomic<uint64_t> protect_rounds{0}, migrate_rounds{0}, churn_rounds{0};
   auto chaos_done = [&] {
     return protect_rounds.load() >= rounds && migrate_rounds.load() >= rounds &&
@@ -109,7 +111,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
       std::this_thread::sleep_for(std::chrono::microseconds(50));
       ASSERT_TRUE(as->Mprotect(kData + off, len, kRW).has_value());
       // Paced: the point is interleavings, not a livelock of refaults.
-      std::this_thread::sleep_for(std::chrono::microseconds(300));
+      std::this_thread::sleep_for(pace);
       protect_rounds.fetch_add(1);
       if (rng.OneIn(4)) {
         auto child = as->Fork();
@@ -128,7 +130,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
     while (!stop.load()) {
       const uint64_t off = rng.Uniform(kDataLen / kSize64K) * kSize64K;
       (void)dev->MigrateToDevice(kData + off, kData + off + kSize64K);
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      std::this_thread::sleep_for(pace);
       if (rng.OneIn(2)) (void)dev->MigrateToSystem(kData + off, kData + off + kSize64K);
       migrate_rounds.fetch_add(1);
     }
@@ -147,7 +149,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
         ASSERT_TRUE(as->Madvise(kVolatile + off, kSize64K, mm::kMadvDontNeed).has_value());
       }
       churn_rounds.fetch_add(1);
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      std::this_thread::sleep_for(pace);
     }
   };
   auto volatile_reader = [&] {

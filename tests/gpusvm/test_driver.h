@@ -128,7 +128,12 @@ class TestDriver : public GpuSvmOps {
     if (work.empty()) return;
     DriverLockGuard g(svm_->driver_lock());
     for (TestRange* r : work) {
-      if (r->partial_unmap() && r->migrate_devmem()) (void)svm_->RangeEvict(r);
+      bool partial;
+      {
+        ReadLock l(svm_->notifier_lock());
+        partial = r->partial_unmap();
+      }
+      if (partial && r->migrate_devmem()) (void)svm_->RangeEvict(r);
       auto res = svm_->RangeRemove(r);
       if (!res) gc_failures_.fetch_add(1);
       else collected_.fetch_add(1);

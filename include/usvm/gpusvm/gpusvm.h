@@ -242,7 +242,7 @@ class Range {
   ListNode link_;          // in notifier_->range_list_: same
   GpuSvm* gpusvm_ = nullptr;
   Notifier* notifier_ = nullptr;
-  Pages* pages_ = nullptr;
+  Pages* pages_ = nullptr;  // set once under the notifier lock (InitPages)
   std::atomic<uint32_t> refcount_{1};
   bool migrate_devmem_ = false;
   bool unmapped_ = false;       // notifier lock
@@ -463,7 +463,8 @@ class GpuSvm {
   // ---- pages (driver-owned, seed 003) -------------------------------------
 
   // drm_gpusvm_init_pages: binds `pages` to this GpuSvm (and to `range`,
-  // whose pages it then is; null for a userptr). Before first use.
+  // whose pages it then is; null for a userptr). Before first use. Takes
+  // the notifier lock when given a range (callbacks read range->pages()).
   void InitPages(Pages* pages, Range* range = nullptr);
 
   // drm_gpusvm_range_get_pages: GetPages over the range with its notifier.
