@@ -583,6 +583,10 @@ void GpuSvm::InitPages(Pages* pages, Range* range) {
     // callback looks up its pages.
     WriteLock l(notifier_lock_);
     range->pages_ = pages;
+    // An UNMAP may have reached the range before it had pages: they are
+    // born unmapped (GetPages: EFAULT), or a mapping could outlive it.
+    pages->unmapped_ = range->unmapped_;
+    pages->partial_unmap_ = range->partial_unmap_;
   }
 }
 

@@ -443,6 +443,29 @@ TEST_F(GpuSvmTest, MunmapMarksTheRangeUnmappedAndTheCollectorRemovesIt) {
   EXPECT_EQ(d->stale_after_invalidate(), 0u);
 }
 
+// An UNMAP can reach a range between FindOrInsert and InitPages (the
+// callback sees no pages yet). The pages must be born unmapped, or a
+// GetPages after the VMA was mapped again would map pages for a range the
+// collector is about to drop (and RangeRemove would then refuse it).
+TEST_F(GpuSvmTest, AnUnmapBeforeInitPagesLeavesThePagesUnmapped) {
+  Map(kBase, kSize64K);
+  auto d = TestDriver::Create(as_);
+  auto r = FindOrInsert(*d, kBase);
+  ASSERT_TRUE(r.has_value());
+  ASSERT_TRUE(as_->Munmap(kBase, kSize64K).has_value());
+  Map(kBase, kSize64K);  // the same addresses, mapped again
+  auto* t = static_cast<TestRange*>(*r);
+  d->svm().InitPages(&t->pages, t);
+  auto e = d->svm().GetPages(t, Ctx{});
+  ASSERT_FALSE(e.has_value());
+  EXPECT_EQ(e.error(), Errc::kFault);
+  d->CollectGarbage();
+  EXPECT_EQ(d->gc_failures(), 0u);
+  EXPECT_EQ(d->svm().GetStats().ranges, 0u);
+  // A new fault makes a new range over the new mapping.
+  ASSERT_TRUE(d->Fault(kBase, Ctx{}).has_value());
+}
+
 TEST_F(GpuSvmTest, PartialMunmapDestroysTheWholeRangeAndNeverSplitsIt) {
   Map(kBase, kSize2M);
   Fill(kBase, kSize2M, 8);

@@ -120,13 +120,17 @@ class TestDriver : public GpuSvmOps {
   // range an UNMAP queued is removed, with its notifier when it was the
   // last. Partially unmapped ranges first go back to system memory.
   void CollectGarbage() {
+    DriverLockGuard g(svm_->driver_lock());
+    CollectGarbageLocked();
+  }
+  // REQUIRES: the driver lock (so no other thread holds queued ranges
+  // outside it while a fault waits for them to go).
+  void CollectGarbageLocked() USVM_REQUIRES(svm_->driver_lock()) {
     std::vector<TestRange*> work;
     {
       MutexLock l(gc_lock_);
       work.swap(gc_);
     }
-    if (work.empty()) return;
-    DriverLockGuard g(svm_->driver_lock());
     for (TestRange* r : work) {
       bool partial;
       {
@@ -145,10 +149,10 @@ class TestDriver : public GpuSvmOps {
   Result<Range*> Fault(uint64_t addr, Ctx ctx, uint64_t gpuva_start = 0,
                        uint64_t gpuva_end = ~uint64_t{0}) {
     for (int tries = 0; tries < 1000; ++tries) {
-      CollectGarbage();
       // As xe holds its VM lock across the whole fault, the driver lock is
       // held here: the garbage collector cannot remove the range under us.
       DriverLockGuard g(svm_->driver_lock());
+      CollectGarbageLocked();
       Range* r = USVM_TRY(svm_->FindOrInsert(addr, gpuva_start, gpuva_end, ctx));
       auto* t = static_cast<TestRange*>(r);
       if (!r->pages()) svm_->InitPages(&t->pages, r);
