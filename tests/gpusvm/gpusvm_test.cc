@@ -287,6 +287,29 @@ TEST_F(GpuSvmTest, FindOrInsertErrors) {
   EXPECT_EQ(e6.error(), Errc::kFault);
 }
 
+TEST_F(GpuSvmTest, AllocationFailuresAreEnomemAndLeaveNothingBehind) {
+  Env env;
+  Map(kBase, kSize2M);
+  TestDriver::Options o;
+  o.env = &env;
+  auto d = TestDriver::Create(as_, o);
+  env.faults().FailNth("gpusvm.notifier_alloc", 1);
+  auto a = FindOrInsert(*d, kBase);
+  ASSERT_FALSE(a.has_value());
+  EXPECT_EQ(a.error(), Errc::kNoMem);
+  EXPECT_EQ(as_->notifiers().DebugTreeSize(), 0u);
+  env.faults().FailNth("gpusvm.range_alloc", 1);
+  auto b = FindOrInsert(*d, kBase);
+  ASSERT_FALSE(b.has_value());
+  EXPECT_EQ(b.error(), Errc::kNoMem);
+  // The notifier made for the failed range was removed again.
+  EXPECT_EQ(as_->notifiers().DebugTreeSize(), 0u);
+  EXPECT_EQ(d->svm().GetStats().notifiers, 0u);
+  auto c = FindOrInsert(*d, kBase);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(as_->notifiers().DebugTreeSize(), 1u);
+}
+
 TEST_F(GpuSvmTest, OnlyAnonymousPrivateRangesMayMigrateToDeviceMemory) {
   Map(kBase, kSize2M);
   Map(kBase + kSize2M, kSize2M, kRW, kMapShared | kMapAnonymous | kMapFixed);
@@ -792,13 +815,14 @@ TEST_F(GpuSvmTest, FiniLeavesNothingMappedAndEveryNotifierRemoved) {
   auto before = d->svm().GetStats();
   EXPECT_EQ(before.notifiers, 2u);
   EXPECT_EQ(before.ranges, 9u);
-  const GpuSvm* svm = &d->svm();
-  (void)svm;
-  auto maps = before.maps;
   d->DestroySvm();
   EXPECT_EQ(d->live_ranges(), 0);
   EXPECT_EQ(as_->notifiers().DebugTreeSize(), 0u);
-  EXPECT_GT(maps, 0u);
+  // Fini unmapped every mapping exactly once, before the ranges went (so
+  // the drivers' FreePages backstop found nothing).
+  EXPECT_EQ(d->last_maps(), before.maps);
+  EXPECT_EQ(d->last_unmaps(), before.maps);
+  EXPECT_EQ(d->backstop_frees(), 0u);
 }
 
 TEST_F(GpuSvmTest, FiniCountsEachMappingUnmappedExactlyOnce) {

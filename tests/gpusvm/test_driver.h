@@ -87,7 +87,12 @@ class TestDriver : public GpuSvmOps {
     GpuSvm& svm = *r->gpusvm();
     const uint64_t before = svm.GetStats().backstop_unmaps;
     svm.FreePages(&t->pages);
-    if (svm.GetStats().backstop_unmaps != before) backstop_frees_.fetch_add(1);
+    const GpuSvm::Stats after = svm.GetStats();
+    if (after.backstop_unmaps != before) backstop_frees_.fetch_add(1);
+    // What the GpuSvm had mapped and unmapped when this range went (after
+    // Fini's last range: the totals of its whole life).
+    last_maps_.store(after.maps);
+    last_unmaps_.store(after.unmaps);
     live_ranges_.fetch_sub(1);
     delete t;
   }
@@ -224,6 +229,8 @@ class TestDriver : public GpuSvmOps {
   uint64_t gc_failures() const { return gc_failures_.load(); }
   uint64_t collected() const { return collected_.load(); }
   uint64_t commit_retries() const { return commit_retries_.load(); }
+  uint64_t last_maps() const { return last_maps_.load(); }
+  uint64_t last_unmaps() const { return last_unmaps_.load(); }
   int64_t live_ranges() const { return live_ranges_.load(); }
   size_t gc_pending() {
     MutexLock l(gc_lock_);
@@ -308,7 +315,8 @@ class TestDriver : public GpuSvmOps {
   DeviceBytes device_bytes_ = nullptr;
   void* device_cookie_ = nullptr;
   std::atomic<uint64_t> invalidations_{0}, unmap_events_{0}, stale_after_invalidate_{0},
-      backstop_frees_{0}, gc_failures_{0}, collected_{0}, commit_retries_{0};
+      backstop_frees_{0}, gc_failures_{0}, collected_{0}, commit_retries_{0}, last_maps_{0},
+      last_unmaps_{0};
   std::atomic<int64_t> live_ranges_{0};
 };
 
