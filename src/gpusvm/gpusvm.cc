@@ -744,7 +744,9 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
           // kernel's CVE-2026-68240 leaked mappings here).
           pages->dpagemap_ = pm;
         }
-        auto m = pm->DeviceMap(config_.device, dpfn, order);
+        auto m = env_->ShouldFail("gpusvm.device_map")
+                     ? Result<DeviceAddr>(Err(Errc::kFault, "injected"))
+                     : pm->DeviceMap(config_.device, dpfn, order);
         if (!m) {
           err = Error(Errc::kFault, "gpusvm: device map failed");
           break;

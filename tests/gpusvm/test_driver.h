@@ -42,6 +42,7 @@ class TestDriver : public GpuSvmOps {
     std::vector<uint64_t> chunks{kSize2M, kSize64K, kSize4K};
     uint64_t notifier_size = uint64_t{512} << 20;
     NotifierMode mode = NotifierMode::kWindow;
+    const void* device = nullptr;  // the device that maps pages (null: the driver)
     uint64_t mm_start = 0;
     uint64_t mm_range = uint64_t{1} << 47;
     Env* env = nullptr;
@@ -58,7 +59,7 @@ class TestDriver : public GpuSvmOps {
     c.ops = d.get();
     c.chunk_sizes = o.chunks;
     c.notifier_mode = o.mode;
-    c.device = d.get();
+    c.device = o.device ? o.device : d.get();
     c.env = o.env;
     auto svm = GpuSvm::TryCreate(std::move(c));
     if (!svm) return nullptr;
