@@ -3,9 +3,11 @@
 #include "usvm/gpusvm/pagemap.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <thread>
 #include <vector>
 
 #include "usvm/base/mutex.h"
@@ -209,8 +211,11 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
   std::vector<uint64_t> src(npages, 0), dst(npages, 0);
   std::vector<mm::DevicePfn> frames(npages, 0);
 
-  ReadLock mmap(mm.mmap_lock());
+  // Alive() takes the mmap lock for read itself: ask before taking it (a
+  // second read acquisition could queue behind a waiting writer). A space
+  // that dies after this has no VMA left (ENOENT) or fails Setup (EFAULT).
   if (!mm.Alive()) return fail(Errc::kFault, "migrate_to_devmem: address space gone");
+  ReadLock mmap(mm.mmap_lock());
   const std::optional<mm::VmaInfo> vma = mm.VmaLookupLocked(start);
   if (!vma) return fail(Errc::kNoEnt, "migrate_to_devmem: no VMA");
   if (end > vma->end || start < vma->start)
@@ -445,8 +450,27 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   m.flags = mm::kMigrateSelectDevicePrivate | mm::kMigrateSelectDeviceCoherent;
   m.vma = &*vma;
   m.fault_page = pgmap.PfnOf(index);
-  USVM_TRY(mm.MigrateVmaSetup(m));
-  if (m.cpages == 0) return {};  // raced with another fault: nothing to do
+  // The fault page is not collected while another thread holds a passing
+  // reference on it (an evictor between get and trylock, a fault between
+  // unlock and put). The kernel returns and lets the CPU refault; the mm's
+  // fault loop here gives up (EIO) after a bounded number of refaults, so
+  // on a loaded machine we wait here instead, backing off in real time
+  // (as the mm's own fault path does), until the page is collected.
+  // Nobody waits for our page lock while holding a reference, so this
+  // ends. Bounded all the same (~1 s): then the CPU refaults.
+  const uint64_t fi = (mm::PageAlignDown(addr) - start) / kPage;
+  for (int tries = 0;; ++tries) {
+    USVM_TRY(mm.MigrateVmaSetup(m));
+    if (Collected(src[fi]) || tries == 2000) break;
+    std::fill(dst.begin(), dst.end(), 0);
+    mm.MigrateVmaPages(m);
+    mm.MigrateVmaFinalize(m);
+    if (tries < 16)
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  if (m.cpages == 0) return {};  // raced: the CPU refaults
 
   // Only the pages of this allocation (peers' pages of our owner and other
   // allocations' pages are collected too, and left where they are).
@@ -501,7 +525,10 @@ Result<void> Pagemap::EvictToRam(const std::shared_ptr<Devmem>& devmem) {
   std::vector<uint64_t> src(npages), dst(npages);
   Error error(Errc::kOk);
   for (int attempt = 0; attempt < 3; ++attempt) {
-    if (!mm->Alive()) return Err(Errc::kFault, "evict_to_ram: address space gone");
+    // No Alive() check (the kernel's mmget_not_zero): the port's Alive()
+    // takes the mmap lock, which eviction must not wait for. Eviction by
+    // frame does not need the space: if it is gone, its pages went with it
+    // (detached: success), or live on in a fork child and move there.
     if (devmem->detached()) break;
     if (auto r = devmem->ops_->PopulateDevmemPfn(*devmem, npages, pfns.data()); !r) {
       error = r.error();

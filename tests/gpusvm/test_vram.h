@@ -138,6 +138,12 @@ class TestVram final : public PagemapOps, public DevmemOps {
     other.peers_[this] = direct;
   }
 
+  // Whether we copy `peer`'s pages into ours directly (it stays a peer).
+  void SetDirectFrom(const TestVram& peer, bool direct) {
+    MutexLock l(lock_);
+    peers_[&peer] = direct;
+  }
+
   // The 4 KiB of one of our device frames (tests read device memory
   // through it, as the device would).
   std::byte* Data(mm::DevicePfn pfn) const {

@@ -295,8 +295,12 @@ class Pagemap : private mm::DevicePagemapOps {
   // the mmap lock of the spaces mapping the pages meanwhile; the page
   // table locks are taken inside the mm). Succeeds once the
   // allocation is detached (every page freed, Release ran); tries three
-  // times. EINVAL: null devmem or one of another pagemap; EFAULT: its
-  // address space is gone; ENOMEM: no system page; EBUSY: pages stayed
+  // times. Unlike the kernel there is no EFAULT when the address space is
+  // gone: mm::Mm::Alive() takes the mmap lock, which eviction must never
+  // wait for, and by-frame eviction does not need the space (its pages
+  // went with it, or live on in a fork child and are evicted there).
+  // EINVAL: null devmem, one of another pagemap, or one never handed to
+  // MigrateToDevmem; ENOMEM: no system page; EBUSY: pages stayed
   // (busy, or mapped somewhere they could not be unmapped); the driver's
   // PopulateDevmemPfn / CopyToRam error.
   Result<void> EvictToRam(const std::shared_ptr<Devmem>& devmem);
