@@ -129,8 +129,12 @@ Pagemap* Pagemap::FromPage(mm::DevicePfn pfn) {
   return pm && pm->pgmap_.get() == dp ? pm : nullptr;
 }
 
+bool Pagemap::Owns(mm::DevicePfn pfn) const {
+  return pfn >= pgmap_->base() && pfn - pgmap_->base() < pgmap_->npages();
+}
+
 DevmemRecord* Pagemap::RecordOf(mm::DevicePfn pfn) const {
-  if (pfn < pgmap_->base() || pfn - pgmap_->base() >= pgmap_->npages()) return nullptr;
+  if (!Owns(pfn)) return nullptr;
   return static_cast<DevmemRecord*>(pgmap_->zone_data(pgmap_->IndexOf(pfn)));
 }
 
@@ -252,7 +256,7 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
   uint64_t own = 0, peer = 0;
   for (uint64_t i = 0; i < npages; ++i) {
     if (!Collected(src[i]) || !HasPage(src[i]) || !IsDevice(src[i])) continue;
-    Pagemap* from = FromPage(mm::MigratePfnOf(src[i]));
+    Pagemap* from = Owns(mm::MigratePfnOf(src[i])) ? this : FromPage(mm::MigratePfnOf(src[i]));
     if (from == this)
       ++own;
     else
@@ -331,7 +335,7 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
     std::unique_ptr<std::byte[]> bounce;
     for (uint64_t i = 0; i < npages && copy_error.code() == Errc::kOk; ++i) {
       if (done[i] || !HasPage(src[i]) || !IsDevice(src[i])) continue;
-      Pagemap* from = FromPage(mm::MigratePfnOf(src[i]));
+      Pagemap* from = Owns(mm::MigratePfnOf(src[i])) ? this : FromPage(mm::MigratePfnOf(src[i]));
       if (!from) {
         copy_error = Error(Errc::kBusy, "migrate_to_devmem: foreign device page");
         break;
@@ -339,7 +343,8 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
       std::vector<mm::DevicePfn> d, s;
       for (uint64_t j = i; j < npages; ++j) {
         if (done[j] || !HasPage(src[j]) || !IsDevice(src[j])) continue;
-        if (FromPage(mm::MigratePfnOf(src[j])) != from) continue;
+        const mm::DevicePfn sp = mm::MigratePfnOf(src[j]);
+        if ((Owns(sp) ? this : FromPage(sp)) != from) continue;
         d.push_back(frames[j]);
         s.push_back(mm::MigratePfnOf(src[j]));
         done[j] = true;
@@ -480,7 +485,7 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   for (uint64_t i = 0; i < npages; ++i) {
     if (!Collected(src[i]) || !HasPage(src[i]) || !IsDevice(src[i])) continue;
     const mm::DevicePfn dpfn = mm::MigratePfnOf(src[i]);
-    if (Pagemap* p = FromPage(dpfn); !p || p->RecordOf(dpfn) != record) continue;
+    if (Pagemap* p = Owns(dpfn) ? this : FromPage(dpfn); !p || p->RecordOf(dpfn) != record) continue;
     auto pfn = mm.AllocSystemPage();
     if (!pfn) {
       error = pfn.error();

@@ -8,14 +8,14 @@
 // MigrateToDevmem) and DevmemOps (frames, copies, Release returning the
 // frames). Every op is counted. Copy ops can be made to fail
 // (FailNext...), and the direct device-to-device path can be enabled per
-// peer (LinkPeer(..., direct)).
+// peer (LinkPeer(..., direct), SetDirectFrom).
 //
 // Devices that share an owner are peers in the mm's eyes (range fault
 // reports each other's pages): pass the same owner to both Create calls.
 //
 // Thread-safety: every method may be called concurrently; lock_ guards the
 // free list and the peer table; counters are atomics. Device bytes are
-// copied with relaxed 8-byte atomics (like DMA racing CPU stores).
+// copied only while their pages are locked and unmapped (the copy ops).
 //
 // Usage:
 //   auto vram = TestVram::Create({.npages = 1024});
@@ -258,19 +258,11 @@ class TestVram final : public PagemapOps, public DevmemOps {
     bytes_ = p == MAP_FAILED ? nullptr : static_cast<std::byte*>(p);
   }
 
-  // DMA: 8-byte relaxed atomics, so CPU atomics racing it are well defined.
-  static void Copy(std::byte* dst, const std::byte* src, uint64_t n) {
-    auto* d = reinterpret_cast<uint64_t*>(dst);
-    auto* s = reinterpret_cast<uint64_t*>(const_cast<std::byte*>(src));
-    for (uint64_t i = 0; i < n / 8; ++i)
-      std::atomic_ref<uint64_t>(d[i]).store(std::atomic_ref<uint64_t>(s[i]).load(std::memory_order_relaxed),
-                                            std::memory_order_relaxed);
-  }
-  static void Zero(std::byte* dst) {
-    auto* d = reinterpret_cast<uint64_t*>(dst);
-    for (uint64_t i = 0; i < mm::kPageSize / 8; ++i)
-      std::atomic_ref<uint64_t>(d[i]).store(0, std::memory_order_relaxed);
-  }
+  // The copy engine. The copy ops only run while the pages involved are
+  // locked and unmapped (migration entries: CPU accesses wait), so a plain
+  // memcpy races with nothing.
+  static void Copy(std::byte* dst, const std::byte* src, uint64_t n) { std::memcpy(dst, src, n); }
+  static void Zero(std::byte* dst) { std::memset(dst, 0, mm::kPageSize); }
 
   const uint64_t npages_;
   std::byte* bytes_ = nullptr;  // npages_ * 4 KiB, MAP_NORESERVE

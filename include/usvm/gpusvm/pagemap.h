@@ -344,6 +344,8 @@ class Pagemap : private mm::DevicePagemapOps {
                             uint64_t index) override;
   Result<void> CopyToRam(mm::DevicePagemap& pgmap, uint64_t index, std::byte* to) override;
 
+  // Whether a device frame is one of ours (no registry lookup).
+  bool Owns(mm::DevicePfn pfn) const;
   // Release path of a Devmem that no page uses (early errors).
   void ReleaseUnused(Devmem& devmem);
   DevmemRecord* RecordOf(mm::DevicePfn pfn) const;
