@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -586,6 +587,65 @@ TEST_F(PagemapTest, TeardownWithPagesMappedBringsThemHome) {
   vram_.reset();
   for (uint64_t off = 0; off < k16; off += kPageSize) EXPECT_TRUE(OnSystem(a + off));
   EXPECT_EQ(CpuRead(a, k16), Pattern(k16, 20));
+}
+
+TEST_F(PagemapTest, CpuTouchCopyFailureFailsTheAccessAndKeepsThePages) {
+  const uint64_t a = MapFilled(k16, 21);
+  auto dm = vram_->Migrate(mm(), a, a + k16);
+  ASSERT_TRUE(dm.has_value());
+  vram_->FailNextCopyToRam();
+  uint8_t b;
+  auto r = as_->Read(a, &b, 1);
+  ASSERT_FALSE(r.has_value());  // SIGBUS in the kernel's terms
+  for (uint64_t off = 0; off < k16; off += kPageSize) EXPECT_TRUE(OnDevice(a + off, *vram_));
+  EXPECT_FALSE((*dm)->detached());
+  EXPECT_EQ(CpuRead(a, k16), Pattern(k16, 21));  // the next touch works
+  EXPECT_TRUE((*dm)->detached());
+  EXPECT_EQ(vram_->releases(), 1u);
+  EXPECT_EQ(vram_->pages_in_use(), 0u);
+}
+
+TEST_F(PagemapTest, PopulateGivingFramesInUseIsRefused) {
+  const uint64_t a = MapFilled(k16, 22);
+  auto first = vram_->Migrate(mm(), a, a + k16 / 2);
+  ASSERT_TRUE(first.has_value());
+  // A buggy driver hands out frames the first allocation still uses (the
+  // last one free, so some pages get initialised before the failure).
+  std::vector<mm::DevicePfn> frames((*first)->frames().begin(), (*first)->frames().end());
+  std::reverse(frames.begin(), frames.end());
+  frames.insert(frames.begin(), vram_->pagemap().pgmap().PfnOf(vram_->npages() - 1));
+  frames.resize(k16 / 2 / kPageSize);
+  auto bad = std::make_shared<TestVram::VramAlloc>(vram_->pagemap(), vram_.get(), mm(), k16 / 2,
+                                                   frames);
+  auto r = vram_->pagemap().MigrateToDevmem(bad, *as_, a + k16 / 2, a + k16, {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code(), Errc::kBusy);
+  EXPECT_TRUE(bad->detached());
+  EXPECT_FALSE((*first)->detached());
+  for (uint64_t off = k16 / 2; off < k16; off += kPageSize) EXPECT_TRUE(OnSystem(a + off));
+  EXPECT_EQ(vram_->pages_in_use(), 8u);  // only the first allocation's
+  const auto want = Pattern(k16, 22);
+  EXPECT_EQ(DeviceRead(*vram_, a, k16 / 2), std::vector<uint8_t>(want.begin(), want.begin() + k16 / 2));
+  // A frame outside the pagemap: EINVAL.
+  auto alien = std::make_shared<TestVram::VramAlloc>(
+      vram_->pagemap(), vram_.get(), mm(), kPageSize, std::vector<mm::DevicePfn>{1});
+  r = vram_->pagemap().MigrateToDevmem(alien, *as_, a + k16 / 2, a + k16 / 2 + kPageSize, {});
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code(), Errc::kInval);
+  EXPECT_TRUE(alien->detached());
+  EXPECT_EQ(CpuRead(a, k16), Pattern(k16, 22));
+}
+
+TEST_F(PagemapTest, MremappedAllocationComesHomeOnTouch) {
+  const uint64_t a = MapFilled(k16, 23);
+  auto dm = vram_->Migrate(mm(), a, a + k16);
+  ASSERT_TRUE(dm.has_value());
+  auto b = as_->Mremap(a, k16, k16, mm::kMremapMayMove | mm::kMremapFixed, a + 64 * k16);
+  ASSERT_TRUE(b.has_value()) << b.error().ToString();
+  EXPECT_TRUE(OnDevice(*b, *vram_));
+  // Outside the recorded range: the kernel's size-aligned window, clamped.
+  EXPECT_EQ(CpuRead(*b, k16), Pattern(k16, 23));
+  EXPECT_TRUE((*dm)->detached());
 }
 
 TEST_F(PagemapTest, ForeignAndFreeFrames) {
