@@ -263,6 +263,7 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
       ++peer;
   }
   auto abort = [&](Error e) -> Result<void> {
+    mm.mmap_lock().AssertReaderHeld();  // held by our caller's scope
     std::fill(dst.begin(), dst.end(), 0);
     mm.MigrateVmaPages(m);
     mm.MigrateVmaFinalize(m);
@@ -393,8 +394,8 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
     return abort(copy_error);
   }
 
-  devmem->va_start_.store(start, std::memory_order_release);
-  devmem->va_end_.store(end, std::memory_order_release);
+  devmem->range_start_.store(start, std::memory_order_release);
+  devmem->range_end_.store(end, std::memory_order_release);
   devmem->expiry_ns_.store(env_->NowNs() + details.timeslice_ms * 1'000'000,
                            std::memory_order_release);
   mm.MigrateVmaPages(m);
@@ -433,10 +434,10 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   const std::optional<mm::VmaInfo> vma = mm.VmaLookupLocked(addr);
   if (!vma) return Err(Errc::kFault, "migrate_to_ram: no VMA");
   uint64_t start, end;
-  const uint64_t va_start = devmem.va_start(), va_end = devmem.va_end();
-  if (addr >= va_start && addr < va_end) {
-    start = va_start;
-    end = va_end;
+  const uint64_t moved_start = devmem.range_start(), moved_end = devmem.range_end();
+  if (addr >= moved_start && addr < moved_end) {
+    start = moved_start;
+    end = moved_end;
   } else {  // moved since (mremap): the kernel's size-aligned window
     start = addr - addr % devmem.size();
     end = start + devmem.size();

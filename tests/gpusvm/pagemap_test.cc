@@ -105,8 +105,8 @@ TEST_F(PagemapTest, MigrateThenDeviceAndCpuSeeTheBytes) {
     EXPECT_EQ(vram_->pagemap().DevmemOf(as_->QueryPte(a + off).pfn), dm->get());
   }
   EXPECT_EQ(DeviceRead(*vram_, a, k16), Pattern(k16, 3));
-  EXPECT_EQ((*dm)->va_start(), a);
-  EXPECT_EQ((*dm)->va_end(), a + k16);
+  EXPECT_EQ((*dm)->range_start(), a);
+  EXPECT_EQ((*dm)->range_end(), a + k16);
   auto s = vram_->pagemap().stats();
   EXPECT_EQ(s.migrations_to_devmem, 1u);
   EXPECT_EQ(s.pages_to_devmem, 16u);

@@ -169,8 +169,8 @@ class Devmem {
   // MigrateToDevmem: now + timeslice_ms).
   uint64_t timeslice_expiry_ns() const { return expiry_ns_.load(std::memory_order_acquire); }
   // The range the allocation was migrated to (0, 0 before).
-  uint64_t va_start() const { return va_start_.load(std::memory_order_acquire); }
-  uint64_t va_end() const { return va_end_.load(std::memory_order_acquire); }
+  uint64_t range_start() const { return range_start_.load(std::memory_order_acquire); }
+  uint64_t range_end() const { return range_end_.load(std::memory_order_acquire); }
   // Release ran (the kernel's `detached` completion).
   bool detached() const { return detached_.load(std::memory_order_acquire); }
   // Device pages still holding the allocation record (racy; 0 once
@@ -188,8 +188,8 @@ class Devmem {
   const uint64_t size_;
 
   std::atomic<uint64_t> expiry_ns_{0};
-  std::atomic<uint64_t> va_start_{0};
-  std::atomic<uint64_t> va_end_{0};
+  std::atomic<uint64_t> range_start_{0};
+  std::atomic<uint64_t> range_end_{0};
   std::atomic<bool> used_{false};      // handed to MigrateToDevmem once
   std::atomic<bool> detached_{false};  // Release ran
   // The allocation record while pages may use it (set by MigrateToDevmem,
