@@ -70,6 +70,13 @@ bool BadRange(uint64_t start, uint64_t end) {
   return start >= end || !mm::IsPageAligned(start) || !mm::IsPageAligned(end);
 }
 
+// The word of page k of a 2 MiB src word (compound flag dropped; a hole
+// stays a hole).
+uint64_t SubWord(uint64_t w, uint64_t k) {
+  w &= ~mm::kMigratePfnCompound;
+  return HasPage(w) ? w + (k << mm::kMigratePfnShift) : w;
+}
+
 }  // namespace
 
 // ---- PagemapOps / DevmemOps defaults ----
@@ -164,6 +171,7 @@ Pagemap::Stats Pagemap::stats() const {
   s.peer_pages_bounced = counters_.peer_pages_bounced.load(std::memory_order_relaxed);
   s.timeslice_waits = counters_.timeslice_waits.load(std::memory_order_relaxed);
   s.releases = counters_.releases.load(std::memory_order_relaxed);
+  s.huge_pages_to_devmem = counters_.huge_pages_to_devmem.load(std::memory_order_relaxed);
   return s;
 }
 
@@ -243,7 +251,13 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
   // Device pages of our owner are collected too: ours (already here, or
   // movable with can_migrate_same_pagemap) and our peers'. Pages of other
   // owners are not, which fails the call below, as in the kernel.
-  m.flags = mm::kMigrateSelectSystem | mm::kMigrateSelectDevicePrivate;
+  m.flags = mm::kMigrateSelectSystem | mm::kMigrateSelectDevicePrivate |
+            mm::kMigrateSelectDeviceCoherent;
+  // 2 MiB-aligned parts may move as 2 MiB pages (see Setup's compound
+  // units); they fall back to 4 KiB pages unless the driver's frames for
+  // such a unit are one aligned 2 MiB block.
+  if (mm::HugeAlignUp(start) + mm::kHugePageSize <= (end & mm::kHugeMask))
+    m.flags |= mm::kMigrateSelectCompound;
   m.vma = &*vma;
 
   Result<void> result;
@@ -252,11 +266,19 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
     return Err(r.error());
   }
 
+  // A per-page view of what was collected: a 2 MiB unit (its first word
+  // compound, the other 511 zero) as its 512 pages.
+  std::vector<uint64_t> vsrc(src);
+  for (uint64_t i = 0; i < npages; ++i) {
+    if (!(src[i] & mm::kMigratePfnCompound)) continue;
+    for (uint64_t k = 0; k < mm::kPagesPerHuge && i + k < npages; ++k) vsrc[i + k] = SubWord(src[i], k);
+    i += mm::kPagesPerHuge - 1;
+  }
   // What was collected: our own pages, peers' pages, system pages / holes.
   uint64_t own = 0, peer = 0;
   for (uint64_t i = 0; i < npages; ++i) {
-    if (!Collected(src[i]) || !HasPage(src[i]) || !IsDevice(src[i])) continue;
-    Pagemap* from = Owns(mm::MigratePfnOf(src[i])) ? this : FromPage(mm::MigratePfnOf(src[i]));
+    if (!Collected(vsrc[i]) || !HasPage(vsrc[i]) || !IsDevice(vsrc[i])) continue;
+    Pagemap* from = Owns(mm::MigratePfnOf(vsrc[i])) ? this : FromPage(mm::MigratePfnOf(vsrc[i]));
     if (from == this)
       ++own;
     else
@@ -305,11 +327,25 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
     }
     dst[i] = mm::MigratePfn(frames[i], true);
   }
-  auto drop_dst = [&] {
-    for (uint64_t i = 0; i < npages; ++i) {
-      if (dst[i]) pgmap_->Put(pgmap_->IndexOf(frames[i]));
-      dst[i] = 0;
+  // A 2 MiB unit whose frames are one aligned block moves as one 2 MiB
+  // device page (each frame keeps its own reference).
+  uint64_t huge_units = 0;
+  for (uint64_t i = 0; i < npages; ++i) {
+    if (!(src[i] & mm::kMigratePfnCompound)) continue;
+    bool block = i + mm::kPagesPerHuge <= npages &&
+                 pgmap_->IndexOf(frames[i]) % mm::kPagesPerHuge == 0;
+    for (uint64_t k = 1; block && k < mm::kPagesPerHuge; ++k) block = frames[i + k] == frames[i] + k;
+    if (block) {
+      dst[i] |= mm::kMigratePfnCompound;
+      std::fill(dst.begin() + static_cast<ptrdiff_t>(i + 1),
+                dst.begin() + static_cast<ptrdiff_t>(i + mm::kPagesPerHuge), 0);
+      ++huge_units;
     }
+    i += mm::kPagesPerHuge - 1;
+  }
+  auto drop_dst = [&] {  // every frame was initialised above
+    for (uint64_t i = 0; i < npages; ++i) pgmap_->Put(pgmap_->IndexOf(frames[i]));
+    std::fill(dst.begin(), dst.end(), 0);
   };
 
   // Copy, in runs by source kind: system pages and holes through
@@ -320,9 +356,9 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
   run_dst.reserve(npages);
   run_src.reserve(npages);
   for (uint64_t i = 0; i < npages && copy_error.code() == Errc::kOk; ++i) {
-    if (HasPage(src[i]) && IsDevice(src[i])) continue;
+    if (HasPage(vsrc[i]) && IsDevice(vsrc[i])) continue;
     run_dst.push_back(frames[i]);
-    run_src.push_back(HasPage(src[i]) ? mm.SystemPageData(mm::MigratePfnOf(src[i])) : nullptr);
+    run_src.push_back(HasPage(vsrc[i]) ? mm.SystemPageData(mm::MigratePfnOf(vsrc[i])) : nullptr);
   }
   if (!run_dst.empty()) {
     if (auto r = devmem->ops_->CopyToDevmem(*devmem, run_dst.data(), run_src.data(), run_dst.size());
@@ -335,19 +371,19 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
     std::vector<bool> done(npages, false);
     std::unique_ptr<std::byte[]> bounce;
     for (uint64_t i = 0; i < npages && copy_error.code() == Errc::kOk; ++i) {
-      if (done[i] || !HasPage(src[i]) || !IsDevice(src[i])) continue;
-      Pagemap* from = Owns(mm::MigratePfnOf(src[i])) ? this : FromPage(mm::MigratePfnOf(src[i]));
+      if (done[i] || !HasPage(vsrc[i]) || !IsDevice(vsrc[i])) continue;
+      Pagemap* from = Owns(mm::MigratePfnOf(vsrc[i])) ? this : FromPage(mm::MigratePfnOf(vsrc[i]));
       if (!from) {
         copy_error = Error(Errc::kBusy, "migrate_to_devmem: foreign device page");
         break;
       }
       std::vector<mm::DevicePfn> d, s;
       for (uint64_t j = i; j < npages; ++j) {
-        if (done[j] || !HasPage(src[j]) || !IsDevice(src[j])) continue;
-        const mm::DevicePfn sp = mm::MigratePfnOf(src[j]);
+        if (done[j] || !HasPage(vsrc[j]) || !IsDevice(vsrc[j])) continue;
+        const mm::DevicePfn sp = mm::MigratePfnOf(vsrc[j]);
         if ((Owns(sp) ? this : FromPage(sp)) != from) continue;
         d.push_back(frames[j]);
-        s.push_back(mm::MigratePfnOf(src[j]));
+        s.push_back(sp);
         done[j] = true;
       }
       auto r = devmem->ops_->CopyFromPeer(*devmem, d.data(), *from, s.data(), d.size());
@@ -400,13 +436,20 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
                            std::memory_order_release);
   mm.MigrateVmaPages(m);
   uint64_t migrated = 0;
-  for (uint64_t i = 0; i < npages; ++i)
-    if (Collected(src[i])) ++migrated;
+  for (uint64_t i = 0; i < npages; ++i) {
+    if (src[i] & mm::kMigratePfnCompound) {  // still whole: moved whole or not at all
+      if (Collected(src[i])) migrated += mm::kPagesPerHuge;
+      i += mm::kPagesPerHuge - 1;
+    } else if (Collected(src[i])) {
+      ++migrated;
+    }
+  }
   if (migrated < npages) result = Err(Errc::kBusy, "migrate_to_devmem: raced while committing");
   mm.MigrateVmaFinalize(m);  // frees the unused destination pages
   counters_.pages_to_devmem.fetch_add(migrated, std::memory_order_relaxed);
   counters_.peer_pages_direct.fetch_add(direct, std::memory_order_relaxed);
   counters_.peer_pages_bounced.fetch_add(bounced, std::memory_order_relaxed);
+  if (result) counters_.huge_pages_to_devmem.fetch_add(huge_units, std::memory_order_relaxed);
   if (result) counters_.migrations_to_devmem.fetch_add(1, std::memory_order_relaxed);
   record->Put();
   return result;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "gpusvm/test_vram.h"
@@ -634,6 +635,8 @@ TEST_F(PagemapTest, PopulateGivingFramesInUseIsRefused) {
   EXPECT_EQ(r.error().code(), Errc::kInval);
   EXPECT_TRUE(alien->detached());
   EXPECT_EQ(CpuRead(a, k16), Pattern(k16, 22));
+  EXPECT_EQ(vram_->pages_in_use(), 0u);
+  EXPECT_EQ(vram_->free_pages(), vram_->npages());
 }
 
 TEST_F(PagemapTest, MremappedAllocationComesHomeOnTouch) {
@@ -647,6 +650,53 @@ TEST_F(PagemapTest, MremappedAllocationComesHomeOnTouch) {
   EXPECT_EQ(CpuRead(*b, k16), Pattern(k16, 23));
   EXPECT_TRUE((*dm)->detached());
 }
+
+// 2 MiB: a THP (or an untouched 2 MiB of anonymous memory) moves as one
+// 2 MiB device page when the driver's frames are one aligned block, else
+// as 512 pages; CPU touch and eviction bring it home either way.
+class HugePagemapTest : public PagemapTest,
+                        public ::testing::WithParamInterface<std::tuple<bool, bool, bool>> {};
+
+TEST_P(HugePagemapTest, TwoMiB) {
+  const auto [thp, blocks, evict] = GetParam();
+  constexpr uint64_t k2M = mm::kHugePageSize;
+  const uint64_t m = Map(3 * k2M);
+  const uint64_t a = mm::HugeAlignUp(m);
+  if (thp) {
+    ASSERT_TRUE(as_->Madvise(a, k2M, mm::kMadvHugePage).has_value());
+  }
+  auto want = Pattern(k2M, 24);
+  if (thp) {
+    ASSERT_TRUE(as_->Write(a, want.data(), k2M).has_value());
+    ASSERT_TRUE(as_->QueryPte(a).huge);
+  } else {
+    want.assign(k2M, 0);  // never touched: one empty 2 MiB unit, zeros
+  }
+  vram_->set_huge_blocks(blocks);
+  // Without blocks, keep the frames off the 2 MiB grid (a fresh VRAM would
+  // hand out an aligned run by chance).
+  std::shared_ptr<TestVram::VramAlloc> offset;
+  if (!blocks) offset = vram_->Alloc(mm(), kPageSize).value();
+  auto dm = vram_->Migrate(mm(), a, a + k2M);
+  ASSERT_TRUE(dm.has_value()) << dm.error().ToString();
+  EXPECT_EQ(vram_->pagemap().stats().huge_pages_to_devmem, blocks ? 1u : 0u);
+  EXPECT_EQ(as_->QueryPte(a).huge, blocks);
+  for (uint64_t off = 0; off < k2M; off += 61 * kPageSize) EXPECT_TRUE(OnDevice(a + off, *vram_));
+  EXPECT_EQ(DeviceRead(*vram_, a, k2M), want);
+  if (evict) {
+    ASSERT_TRUE(vram_->pagemap().EvictToRam(*dm).has_value());
+  } else {
+    uint8_t b;
+    ASSERT_TRUE(as_->Read(a + 77 * kPageSize, &b, 1).has_value());
+  }
+  EXPECT_TRUE((*dm)->detached());
+  EXPECT_EQ(vram_->releases(), 1u);
+  EXPECT_EQ(vram_->pages_in_use(), 0u);
+  EXPECT_EQ(CpuRead(a, k2M), want);
+}
+
+INSTANTIATE_TEST_SUITE_P(ThpBlocksEvict, HugePagemapTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool(), ::testing::Bool()));
 
 TEST_F(PagemapTest, ForeignAndFreeFrames) {
   Pagemap& pm = vram_->pagemap();

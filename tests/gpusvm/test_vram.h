@@ -2,7 +2,8 @@
 // VRAM manager plays for drm_pagemap), built only on gpusvm's public API.
 //
 // It owns `npages` pages of real bytes (a lazily committed anonymous
-// mapping), a free list of frames, and a Pagemap over them; it implements
+// mapping), a free map of frames (2 MiB-aligned blocks for 2 MiB
+// allocations), and a Pagemap over them; it implements
 // PagemapOps (DeviceMap: kLocal for its own device, kPeer for devices
 // linked with LinkPeer, EFAULT for anyone else; PopulateMm: Alloc +
 // MigrateToDevmem) and DevmemOps (frames, copies, Release returning the
@@ -14,7 +15,7 @@
 // reports each other's pages): pass the same owner to both Create calls.
 //
 // Thread-safety: every method may be called concurrently; lock_ guards the
-// free list and the peer table; counters are atomics. Device bytes are
+// free map and the peer table; counters are atomics. Device bytes are
 // copied only while their pages are locked and unmapped (the copy ops).
 //
 // Usage:
@@ -52,13 +53,18 @@ class TestVram final : public PagemapOps, public DevmemOps {
   // One allocation: its frames, in address order.
   class VramAlloc final : public Devmem {
    public:
+    // `frames` as the driver will report them. Made by Alloc (whose frames
+    // Release returns), or by a test directly (bogus frames: Release
+    // returns nothing).
     VramAlloc(Pagemap& pm, DevmemOps* ops, std::shared_ptr<mm::Mm> mm, uint64_t size,
-           std::vector<mm::DevicePfn> frames)
-        : Devmem(pm, ops, std::move(mm), size), frames_(std::move(frames)) {}
+              std::vector<mm::DevicePfn> frames, bool from_alloc = false)
+        : Devmem(pm, ops, std::move(mm), size), frames_(std::move(frames)), from_alloc_(from_alloc) {}
     const std::vector<mm::DevicePfn>& frames() const { return frames_; }
+    bool from_alloc() const { return from_alloc_; }
 
    private:
     const std::vector<mm::DevicePfn> frames_;
+    const bool from_alloc_;
   };
 
   static std::unique_ptr<TestVram> Create(const Config& config) {
@@ -76,7 +82,8 @@ class TestVram final : public PagemapOps, public DevmemOps {
     v->base_ = v->pm_->pgmap().base();
     {
       MutexLock l(v->lock_);
-      for (uint64_t i = config.npages; i-- > 0;) v->free_.push_back(v->base_ + i);
+      v->free_map_.assign(config.npages, true);
+      v->nfree_ = config.npages;
     }
     return v;
   }
@@ -94,25 +101,47 @@ class TestVram final : public PagemapOps, public DevmemOps {
   Pagemap& pagemap() const { return *pm_; }
   const void* device() const { return this; }
 
-  // An allocation of `size` bytes (rounded up to pages) for `mm`. EINVAL
-  // for size 0; ENOMEM when not enough frames are free.
+  // An allocation of `size` bytes (rounded up to pages) for `mm`, frames
+  // in ascending order. A multiple of 2 MiB gets whole 2 MiB blocks (512
+  // free frames starting at an index that is a multiple of 512) when
+  // enough are free and huge blocks are enabled (set_huge_blocks), so its
+  // migrations can use 2 MiB device pages; otherwise any free frames.
+  // EINVAL for size 0; ENOMEM when not enough frames are free.
   Result<std::shared_ptr<VramAlloc>> Alloc(std::shared_ptr<mm::Mm> mm, uint64_t size) {
     const uint64_t n = (size + mm::kPageSize - 1) / mm::kPageSize;
     if (n == 0) return Err(Errc::kInval, "test vram: empty allocation");
     std::vector<mm::DevicePfn> frames;
+    frames.reserve(n);
     {
       MutexLock l(lock_);
-      if (free_.size() < n) {
+      if (nfree_ < n) {
         alloc_failures_++;
         return Err(Errc::kNoMem, "test vram: full");
       }
-      frames.assign(free_.end() - static_cast<ptrdiff_t>(n), free_.end());
-      free_.resize(free_.size() - n);
+      if (n % mm::kPagesPerHuge == 0 && huge_blocks_) {
+        for (uint64_t b = 0; b + mm::kPagesPerHuge <= npages_ && frames.size() < n;
+             b += mm::kPagesPerHuge) {
+          bool all = true;
+          for (uint64_t k = 0; k < mm::kPagesPerHuge && all; ++k) all = free_map_[b + k];
+          if (!all) continue;
+          for (uint64_t k = 0; k < mm::kPagesPerHuge; ++k) frames.push_back(base_ + b + k);
+        }
+        if (frames.size() < n) frames.clear();
+      }
+      if (frames.empty()) {
+        for (uint64_t k = 0; k < npages_ && frames.size() < n; ++k) {
+          const uint64_t i = (cursor_ + k) % npages_;
+          if (free_map_[i]) frames.push_back(base_ + i);
+        }
+        cursor_ = (frames.back() - base_ + 1) % npages_;
+      }
+      for (mm::DevicePfn f : frames) free_map_[f - base_] = false;
+      nfree_ -= n;
     }
     std::sort(frames.begin(), frames.end());
     allocs_++;
     return std::make_shared<VramAlloc>(*pm_, this, std::move(mm), n * mm::kPageSize,
-                                    std::move(frames));
+                                       std::move(frames), /*from_alloc=*/true);
   }
 
   // Alloc + MigrateToDevmem of [start, end). The allocation is returned
@@ -181,7 +210,9 @@ class TestVram final : public PagemapOps, public DevmemOps {
     auto& a = static_cast<VramAlloc&>(devmem);
     releases_++;
     MutexLock l(lock_);
-    free_.insert(free_.end(), a.frames().begin(), a.frames().end());
+    if (!a.from_alloc()) return;
+    for (mm::DevicePfn f : a.frames()) free_map_[f - base_] = true;
+    nfree_ += a.frames().size();
   }
   Result<void> PopulateDevmemPfn(Devmem& devmem, uint64_t npages, mm::DevicePfn* pfns) override {
     populate_pfn_calls_++;
@@ -228,10 +259,15 @@ class TestVram final : public PagemapOps, public DevmemOps {
 
   // ---- test controls and counters ----
   void FailNextCopyToDevmem() { fail_copy_to_devmem_ = true; }
+  // Whether 2 MiB allocations get whole aligned blocks (default true).
+  void set_huge_blocks(bool v) {
+    MutexLock l(lock_);
+    huge_blocks_ = v;
+  }
   void FailNextCopyToRam() { fail_copy_to_ram_ = true; }
   uint64_t free_pages() {
     MutexLock l(lock_);
-    return free_.size();
+    return nfree_;
   }
   uint64_t npages() const { return npages_; }
   uint64_t pages_in_use() const { return pm_->pgmap().DebugPagesInUse(); }
@@ -270,7 +306,10 @@ class TestVram final : public PagemapOps, public DevmemOps {
   mm::DevicePfn base_ = 0;  // our first frame (constant after Create)
 
   Mutex lock_;
-  std::vector<mm::DevicePfn> free_ USVM_GUARDED_BY(lock_);
+  std::vector<bool> free_map_ USVM_GUARDED_BY(lock_);  // by frame index
+  uint64_t nfree_ USVM_GUARDED_BY(lock_) = 0;
+  uint64_t cursor_ USVM_GUARDED_BY(lock_) = 0;  // where a small allocation starts looking
+  bool huge_blocks_ USVM_GUARDED_BY(lock_) = true;
   std::map<const TestVram*, bool> peers_ USVM_GUARDED_BY(lock_);  // peer -> direct copy
 
   std::atomic<bool> fail_copy_to_devmem_{false}, fail_copy_to_ram_{false};

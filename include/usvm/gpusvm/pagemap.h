@@ -329,6 +329,7 @@ class Pagemap : private mm::DevicePagemapOps {
     uint64_t peer_pages_bounced = 0;    // pages bounced through system memory
     uint64_t timeslice_waits = 0;       // CPU touches that waited for a timeslice
     uint64_t releases = 0;              // DevmemOps::Release calls
+    uint64_t huge_pages_to_devmem = 0;  // 2 MiB units moved as one 2 MiB device page
   };
   Stats stats() const;
   // Allocations not yet released (racy).
@@ -360,7 +361,7 @@ class Pagemap : private mm::DevicePagemapOps {
   struct Counters {
     std::atomic<uint64_t> migrations_to_devmem{0}, migrations_to_ram{0}, evictions{0},
         pages_to_devmem{0}, pages_to_ram{0}, peer_pages_direct{0}, peer_pages_bounced{0},
-        timeslice_waits{0}, releases{0};
+        timeslice_waits{0}, releases{0}, huge_pages_to_devmem{0};
   };
   mutable Counters counters_;
 };
