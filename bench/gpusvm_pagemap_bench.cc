@@ -10,6 +10,11 @@
 //                              mmap lock).
 //   BM_Memcpy2M/round-trip     memcpy of 2 MiB to a buffer and back (the
 //                              same 2 x 2 MiB): the bound.
+//   BM_ToDevmem2M/4K           MigrateToDevmem of 2 MiB of 4 KiB pages
+//                              alone (the way home, EvictToRam, untimed).
+//   BM_ToDevmem2M/thp          the same from a THP (MADV_COLLAPSE, untimed)
+//                              into one 2 MiB device page (compound).
+//   BM_Memcpy2M/one-way        memcpy of the same 2 MiB once.
 //   BM_Peer2M/direct           2 MiB moved device A -> device B -> A (peers
 //                              sharing an owner, source_peer_migrates),
 //                              copied straight between the VRAMs
@@ -19,7 +24,7 @@
 //   BM_Peer2M/evict-migrate    the kernel's way: EvictToRam from A, then
 //                              MigrateToDevmem to B (and back the same way).
 // Goal: round trip >= 0.7x memcpy. Direct peer copies should beat both
-// bounced forms.
+// bounced forms; a 2 MiB device page should beat 512 small ones.
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
@@ -46,7 +51,7 @@ struct World {
   std::unique_ptr<TestVram> a, b;
   uint64_t addr = 0;
 
-  explicit World(bool peers, bool direct) {
+  explicit World(bool peers, bool direct, bool thp = false) {
     pool = std::move(*mm::FramePool::TryCreate(uint64_t{64} << 20, Env::Default()));
     as = *mm::AddressSpace::TryCreate(*pool);
     static int owner;
@@ -55,7 +60,11 @@ struct World {
       b = TestVram::Create({.npages = 1024, .owner = &owner});
       a->LinkPeer(*b, direct);
     }
-    addr = *as->Mmap(0, k2M, mm::kProtRead | mm::kProtWrite, mm::kMapPrivate | mm::kMapAnonymous);
+    // A 2 MiB-aligned 2 MiB inside a larger mapping.
+    const uint64_t m =
+        *as->Mmap(0, 2 * k2M, mm::kProtRead | mm::kProtWrite, mm::kMapPrivate | mm::kMapAnonymous);
+    addr = mm::HugeAlignUp(m);
+    if (thp) (void)as->Madvise(addr, k2M, mm::kMadvHugePage);
     std::vector<uint8_t> bytes(k2M);
     for (uint64_t i = 0; i < k2M; ++i) bytes[i] = static_cast<uint8_t>(i * 7 + (i >> 12));
     (void)as->Write(addr, bytes.data(), k2M);
@@ -89,6 +98,45 @@ void BM_RoundTrip2M(benchmark::State& state, bool evict) {
     }
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * k2M));
+}
+
+// To device memory only; home (and, for THP, the collapse back into a
+// 2 MiB page) untimed.
+void BM_ToDevmem2M(benchmark::State& state, bool thp) {
+  World w(false, false, thp);
+  for (auto _ : state) {
+    state.PauseTiming();
+    if (thp && !w.as->Madvise(w.addr, k2M, mm::kMadvCollapse)) {
+      state.SkipWithError("collapse failed");
+      break;
+    }
+    state.ResumeTiming();
+    auto d = w.a->Migrate(w.as, w.addr, w.addr + k2M);
+    state.PauseTiming();
+    if (!d || !w.a->pagemap().EvictToRam(*d)) {
+      state.SkipWithError("migrate or evict failed");
+      break;
+    }
+    state.ResumeTiming();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * k2M));
+  state.counters["huge_units"] = static_cast<double>(w.a->pagemap().stats().huge_pages_to_devmem);
+}
+
+void BM_Memcpy2MOneWay(benchmark::State& state) {
+  std::vector<std::byte> src(k2M + 4096), dst(k2M + 4096);
+  auto align = [](std::byte* p) {
+    return reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(p) + 4095) & ~uintptr_t{4095});
+  };
+  std::byte* s = align(src.data());
+  std::byte* d = align(dst.data());
+  std::memset(s, 1, k2M);
+  std::memset(d, 2, k2M);
+  for (auto _ : state) {
+    for (uint64_t off = 0; off < k2M; off += 4096) std::memcpy(d + off, s + off, 4096);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * k2M));
 }
 
 void BM_Memcpy2M(benchmark::State& state) {
@@ -158,6 +206,9 @@ void RegisterAll() {
   RegisterBenchmark("BM_RoundTrip2M/cpu-touch", BM_RoundTrip2M, false)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_RoundTrip2M/evict", BM_RoundTrip2M, true)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Memcpy2M/round-trip", BM_Memcpy2M)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_ToDevmem2M/4K", BM_ToDevmem2M, false)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_ToDevmem2M/thp", BM_ToDevmem2M, true)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_Memcpy2M/one-way", BM_Memcpy2MOneWay)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/direct", BM_Peer2M, PeerMode::kDirect)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/bounced", BM_Peer2M, PeerMode::kBounced)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/evict-migrate", BM_Peer2M, PeerMode::kEvictMigrate)
@@ -165,6 +216,9 @@ void RegisterAll() {
   Pairs() = {
       {"2M to devmem + CPU touch home", "BM_RoundTrip2M/cpu-touch", "BM_Memcpy2M/round-trip", 0.7},
       {"2M to devmem + evict home", "BM_RoundTrip2M/evict", "BM_Memcpy2M/round-trip", 0.7},
+      {"2M to devmem (4K pages)", "BM_ToDevmem2M/4K", "BM_Memcpy2M/one-way", 0},
+      {"2M THP to devmem (2M page)", "BM_ToDevmem2M/thp", "BM_Memcpy2M/one-way", 0},
+      {"2M page / 512 4K pages", "BM_ToDevmem2M/thp", "BM_ToDevmem2M/4K", 1.0},
       {"peer 2M direct / bounced", "BM_Peer2M/direct", "BM_Peer2M/bounced", 1.0},
       {"peer 2M direct / evict+migrate", "BM_Peer2M/direct", "BM_Peer2M/evict-migrate", 1.0},
       {"peer 2M direct / memcpy", "BM_Peer2M/direct", "BM_Memcpy2M/round-trip", 0},
