@@ -26,10 +26,14 @@ using mm::kPageSize;
 using mm::testing::kTsan;
 using testing::TestVram;
 
-constexpr uint64_t kChunkPages = 8;
-constexpr uint64_t kChunk = kChunkPages * kPageSize;
-constexpr uint64_t kChunks = 24;
-constexpr uint64_t kWordsPerChunk = kChunk / 8;
+// The region: `chunks` chunks of `chunk_pages` pages; with `thp`, 2 MiB
+// aligned and MADV_HUGEPAGE (chunks of 512 pages then move as 2 MiB
+// device pages).
+struct Shape {
+  uint64_t chunk_pages;
+  uint64_t chunks;
+  bool thp;
+};
 
 // A word's value names its address, so a reader can tell a torn or
 // misplaced word from a stale one: (addr << 16) | sequence, or 0.
@@ -40,7 +44,9 @@ bool Allowed(const Error& e) {
   return e.code() == Errc::kBusy || e.code() == Errc::kNoMem || e.code() == Errc::kNoEnt;
 }
 
-TEST(PagemapStressTest, MigrateTouchEvictMunmap) {
+void RunStress(const Shape& shape) {
+  const uint64_t kChunkPages = shape.chunk_pages, kChunks = shape.chunks;
+  const uint64_t kChunk = kChunkPages * kPageSize, kWordsPerChunk = kChunk / 8;
   auto pool = mm::testing::MakePool(256);
   auto as = mm::testing::MakeSpace(*pool);
   static int shared_owner;
@@ -53,10 +59,13 @@ TEST(PagemapStressTest, MigrateTouchEvictMunmap) {
   b->SetDirectFrom(*a, false);
   TestVram* vrams[2] = {a.get(), b.get()};
 
-  auto base_r = as->Mmap(0, kChunks * kChunk, mm::kProtRead | mm::kProtWrite,
-                         mm::kMapPrivate | mm::kMapAnonymous);
+  auto base_r = as->Mmap(0, kChunks * kChunk + (shape.thp ? mm::kHugePageSize : 0),
+                         mm::kProtRead | mm::kProtWrite, mm::kMapPrivate | mm::kMapAnonymous);
   ASSERT_TRUE(base_r.has_value());
-  const uint64_t base = *base_r;
+  const uint64_t base = shape.thp ? mm::HugeAlignUp(*base_r) : *base_r;
+  if (shape.thp) {
+    ASSERT_TRUE(as->Madvise(base, kChunks * kChunk, mm::kMadvHugePage).has_value());
+  }
   auto chunk_addr = [&](uint64_t c) { return base + c * kChunk; };
 
   // Model: only writer (c % kWriters) writes chunk c, so its model is exact.
@@ -91,6 +100,8 @@ TEST(PagemapStressTest, MigrateTouchEvictMunmap) {
                             mm::kMapPrivate | mm::kMapAnonymous | mm::kMapFixed);
           if (!r || *r != chunk_addr(c)) {
             ADD_FAILURE() << "mmap " << (r ? "moved" : r.error().ToString());
+            bad++;
+          } else if (shape.thp && !as->Madvise(chunk_addr(c), kChunk, mm::kMadvHugePage)) {
             bad++;
           }
           std::fill(model[c].begin(), model[c].end(), 0);
@@ -229,8 +240,17 @@ TEST(PagemapStressTest, MigrateTouchEvictMunmap) {
               static_cast<unsigned long>(b->pagemap().stats().pages_to_ram),
               static_cast<unsigned long>(b->pagemap().stats().peer_pages_direct),
               static_cast<unsigned long>(b->pagemap().stats().peer_pages_bounced));
+  for (TestVram* v : vrams)
+    std::printf("2 MiB device pages: %lu\n",
+                static_cast<unsigned long>(v->pagemap().stats().huge_pages_to_devmem));
   ASSERT_TRUE(as->Munmap(base, kChunks * kChunk).has_value());
 }
+
+TEST(PagemapStressTest, MigrateTouchEvictMunmap) { RunStress({.chunk_pages = 8, .chunks = 24, .thp = false}); }
+
+// 2 MiB chunks of THPs: whole-chunk migrations move 2 MiB device pages,
+// sub-ranges and CPU touches split them.
+TEST(PagemapStressTest, TwoMiBChunks) { RunStress({.chunk_pages = 512, .chunks = 6, .thp = true}); }
 
 }  // namespace
 }  // namespace usvm::gpusvm
