@@ -707,6 +707,26 @@ TEST_F(PagemapTest, ForeignAndFreeFrames) {
   EXPECT_EQ(Pagemap::FromPage(0), nullptr);
 }
 
+TEST_F(PagemapTest, PopulateWithoutTheOpIsNotSupported) {
+  struct MapOnly : PagemapOps {
+    Result<DeviceAddr> DeviceMap(Pagemap&, const void*, mm::DevicePfn, unsigned) override {
+      return DeviceAddr{};
+    }
+    void DeviceUnmap(Pagemap&, const void*, const DeviceAddr&) override {}
+  } ops;
+  int owner, device;
+  PagemapConfig c;
+  c.npages = 8;
+  c.owner = &owner;
+  c.device = &device;
+  c.ops = &ops;
+  auto pm = Pagemap::TryCreate(c);
+  ASSERT_TRUE(pm.has_value());
+  const uint64_t a = Map(k16);
+  EXPECT_EQ((*pm)->PopulateMm(a, a + k16, mm(), 0).error().code(), Errc::kOpNotSupp);
+  EXPECT_EQ(&(*pm)->env(), &Env::Default());
+}
+
 TEST_F(PagemapTest, TryCreateRejectsBadConfigs) {
   PagemapConfig c;
   EXPECT_EQ(Pagemap::TryCreate(c).error().code(), Errc::kInval);

@@ -36,6 +36,20 @@
 //     deterministic (the sleep advances that clock at once).
 //   - eviction (EvictToRam): by device frame, with no mmap lock
 //     (mm::Mm::MigrateDevicePfns), retried twice; EBUSY if pages stay.
+//   - 2 MiB: a 2 MiB-aligned part of the range that the mm collects whole
+//     (a THP, an untouched 2 MiB of anonymous memory, a 2 MiB device page)
+//     moves as one 2 MiB device page when the driver's frames for it are
+//     512 consecutive frames starting at an index that is a multiple of
+//     512; otherwise as 512 pages (the mm splits the source). Coming home
+//     (touch, eviction) a 2 MiB device page is split into 4 KiB system
+//     pages (the port has no 2 MiB system allocation).
+//
+// CPU touch and passing references: the mm does not collect a page that
+// someone else holds a reference on at that instant (an evictor between
+// its get and its trylock, another fault between unlock and put). The
+// kernel then returns and lets the CPU refault, forever if need be; the
+// mm here bounds its refaults (EIO), so MigrateToRam retries collecting
+// its fault page itself, backing off in real time for up to ~1 s.
 //
 // Device-to-device (beyond the kernel, whose drm_pagemap bounces such
 // moves through system memory, a FIXME there): with
@@ -48,13 +62,16 @@
 // migration fail with EBUSY (the kernel's result): the caller evicts them
 // first (EvictToRam) and retries, bouncing through system memory.
 //
-// Locking: no lock of this file is held across a call into the mm or a
-// driver op. Order with the mm's: mmap lock -> page lock -> (driver's
-// copy ops). MigrateToDevmem and PopulateMm take the mmap read lock
-// themselves; EvictToRam takes none. DevmemOps::Release and
-// PagemapOps-free paths run wherever the mm drops the last reference to a
-// device page (inside mm calls, with mm locks held): they must not call
-// back into the mm.
+// Locking: this file has no lock of its own (state is atomics and the
+// mm's page locks). Order: mmap lock (read) -> device page locks (taken by
+// the mm's migrate calls) -> the driver's copy ops. MigrateToDevmem takes
+// the mmap read lock itself (so PopulateMm, which calls it through the
+// driver, must be called without it); EvictToRam takes no mmap lock;
+// MigrateToRam runs under the read lock the fault path holds, with the
+// faulting page locked, and may sleep there (timeslice, back-off).
+// DevmemOps::Release runs wherever the mm drops the last reference to one
+// of the allocation's pages (inside mm calls, with mm locks held): it must
+// not call back into the mm.
 //
 // Thread-safety: every public function may be called concurrently; the
 // counters are atomics (Stats is a racy snapshot, exact when quiescent).
@@ -173,8 +190,9 @@ class Devmem {
   uint64_t range_end() const { return range_end_.load(std::memory_order_acquire); }
   // Release ran (the kernel's `detached` completion).
   bool detached() const { return detached_.load(std::memory_order_acquire); }
-  // Device pages still holding the allocation record (racy; 0 once
-  // detached or before the migration).
+  // Device pages still holding the allocation record, plus one while its
+  // migration runs; 0 before the migration and once detached. For tests,
+  // when no page of the allocation can be freed concurrently.
   uint64_t DebugPagesInUse() const;
 
  private:
