@@ -70,7 +70,7 @@ void RunStress(const Shape& shape) {
 
   // Model: only writer (c % kWriters) writes chunk c, so its model is exact.
   constexpr int kWriters = 3, kMigrators = 2, kEvictors = 1, kReaders = 1;
-  const int iters = kTsan ? 150 : 1500;
+  const int iters = kTsan ? 400 : 1500;
   std::vector<std::vector<uint64_t>> model(kChunks, std::vector<uint64_t>(kWordsPerChunk, 0));
 
   Mutex live_mu;
