@@ -123,8 +123,11 @@ Pagemap::~Pagemap() {
   if (!pgmap_) return;
   (void)Unbind();
   // The mm's teardown evicts what is left and waits for every page's last
-  // reference; our PageFree (and so every Release) runs meanwhile.
-  pgmap_.reset();
+  // reference; our callbacks (PageFree, so every Release; CopyToRam;
+  // MigrateToRam) run meanwhile and use pgmap_: keep it set until the
+  // pagemap is gone (unique_ptr::reset would clear it first).
+  delete pgmap_.get();
+  (void)pgmap_.release();
 }
 
 Pagemap* Pagemap::FromPage(mm::DevicePfn pfn) {
