@@ -400,12 +400,10 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
       }
       // No direct path: bounce through system memory, one source
       // allocation at a time (each has its own CopyToRam).
+      bounce.reset(new (std::nothrow) std::byte[d.size() * kPage]);
       if (!bounce) {
-        bounce.reset(new (std::nothrow) std::byte[npages * kPage]);
-        if (!bounce) {
-          copy_error = Error(Errc::kNoMem, "migrate_to_devmem: no bounce buffer");
-          break;
-        }
+        copy_error = Error(Errc::kNoMem, "migrate_to_devmem: no bounce buffer");
+        break;
       }
       std::vector<std::byte*> bufs(d.size());
       for (uint64_t k = 0; k < d.size(); ++k) bufs[k] = bounce.get() + k * kPage;
