@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -225,12 +226,14 @@ class TestVram final : public PagemapOps, public DevmemOps {
                             uint64_t n) override {
     if (fail_copy_to_devmem_.exchange(false)) return Err(Errc::kIo, "test vram: copy failed (injected)");
     copy_to_devmem_calls_++;
+    const auto t0 = std::chrono::steady_clock::now();
     for (uint64_t i = 0; i < n; ++i) {
       if (src[i])
         Copy(Data(dst[i]), src[i], mm::kPageSize);
       else
         Zero(Data(dst[i]));
     }
+    AddCopyTime(t0);
     pages_to_devmem_ += n;
     return {};
   }
@@ -238,7 +241,9 @@ class TestVram final : public PagemapOps, public DevmemOps {
                          uint64_t n) override {
     if (fail_copy_to_ram_.exchange(false)) return Err(Errc::kIo, "test vram: copy failed (injected)");
     copy_to_ram_calls_++;
+    const auto t0 = std::chrono::steady_clock::now();
     for (uint64_t i = 0; i < n; ++i) Copy(dst[i], Data(src[i]), mm::kPageSize);
+    AddCopyTime(t0);
     pages_to_ram_ += n;
     return {};
   }
@@ -252,7 +257,9 @@ class TestVram final : public PagemapOps, public DevmemOps {
         return Err(Errc::kOpNotSupp, "test vram: no direct path");
     }
     peer_copy_calls_++;
+    const auto t0 = std::chrono::steady_clock::now();
     for (uint64_t i = 0; i < n; ++i) Copy(Data(dst[i]), peer->Data(src[i]), mm::kPageSize);
+    AddCopyTime(t0);
     pages_from_peer_ += n;
     return {};
   }
@@ -284,6 +291,8 @@ class TestVram final : public PagemapOps, public DevmemOps {
   uint64_t pages_from_peer() const { return pages_from_peer_; }
   uint64_t device_maps() const { return device_maps_; }
   uint64_t device_unmaps() const { return device_unmaps_; }
+  // Real time spent inside the copy loops of the copy ops (ns).
+  uint64_t copy_ns() const { return copy_ns_; }
 
   static constexpr uint64_t kPeerBase = uint64_t{1} << 48;
 
@@ -299,6 +308,11 @@ class TestVram final : public PagemapOps, public DevmemOps {
   // memcpy races with nothing.
   static void Copy(std::byte* dst, const std::byte* src, uint64_t n) { std::memcpy(dst, src, n); }
   static void Zero(std::byte* dst) { std::memset(dst, 0, mm::kPageSize); }
+  void AddCopyTime(std::chrono::steady_clock::time_point t0) {
+    copy_ns_ += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                          std::chrono::steady_clock::now() - t0)
+                                          .count());
+  }
 
   const uint64_t npages_;
   std::byte* bytes_ = nullptr;  // npages_ * 4 KiB, MAP_NORESERVE
@@ -316,7 +330,7 @@ class TestVram final : public PagemapOps, public DevmemOps {
   std::atomic<uint64_t> allocs_{0}, alloc_failures_{0}, releases_{0}, populate_mm_calls_{0},
       populate_pfn_calls_{0}, copy_to_devmem_calls_{0}, copy_to_ram_calls_{0}, peer_copy_calls_{0},
       pages_to_devmem_{0}, pages_to_ram_{0}, pages_from_peer_{0}, device_maps_{0},
-      device_unmaps_{0};
+      device_unmaps_{0}, copy_ns_{0};
 };
 
 }  // namespace usvm::gpusvm::testing
