@@ -411,6 +411,34 @@ TEST_F(PagemapTest, EvictCompletesWhileAnotherThreadHoldsTheMmapReadLock) {
   EXPECT_EQ(CpuRead(a, k16), Pattern(k16, 12));
 }
 
+// Regression (found by the stress test): a CPU touch whose fault page
+// someone else holds a passing reference on (an evictor between get and
+// trylock, another fault between unlock and put) cannot collect it; the
+// mm refaults a bounded number of times and then fails the access with
+// EIO. MigrateToRam now waits for the reference to go.
+TEST_F(PagemapTest, CpuTouchWaitsOutAPassingReference) {
+  const uint64_t a = MapFilled(k16, 25);
+  auto dm = vram_->Migrate(mm(), a, a + k16);
+  ASSERT_TRUE(dm.has_value());
+  mm::DevicePagemap& pg = vram_->pagemap().pgmap();
+  const uint64_t idx = pg.IndexOf(as_->QueryPte(a).pfn);
+  pg.Get(idx);  // the passing reference
+  std::atomic<bool> done{false};
+  Result<void> r;
+  std::vector<uint8_t> got(k16);
+  std::thread cpu([&] {
+    r = as_->Read(a, got.data(), k16);
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  EXPECT_FALSE(done.load());  // still waiting, not failed
+  pg.Put(idx);
+  cpu.join();
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(got, Pattern(k16, 25));
+  EXPECT_TRUE((*dm)->detached());
+}
+
 TEST_F(PagemapTest, EvictErrors) {
   Pagemap& pm = vram_->pagemap();
   EXPECT_EQ(pm.EvictToRam(nullptr).error().code(), Errc::kInval);
