@@ -254,7 +254,8 @@ class Pagemap : private mm::DevicePagemapOps {
   Pagemap& operator=(const Pagemap&) = delete;
 
   // The Pagemap a device frame belongs to, or nullptr when the frame is
-  // not device memory of any Pagemap (a foreign device page).
+  // not device memory of any Pagemap (a foreign device page). No lock
+  // needed (takes the mm's pagemap registry lock briefly).
   static Pagemap* FromPage(mm::DevicePfn pfn);
 
   // The allocation record (zdd) of an allocated device page of this
@@ -266,7 +267,10 @@ class Pagemap : private mm::DevicePagemapOps {
   // The Devmem of such a page (nullptr as above). Same stability rule.
   Devmem* DevmemOf(mm::DevicePfn pfn) const;
 
-  // drm_pagemap_ops.device_map / device_unmap through the driver's ops.
+  // drm_pagemap_ops.device_map / device_unmap through the driver's ops,
+  // with no lock of ours held; the caller keeps the page from being freed
+  // as for AllocationOf. Errors: the driver's (the device cannot reach the
+  // page; EFAULT by convention).
   Result<DeviceAddr> DeviceMap(const void* device, mm::DevicePfn pfn, unsigned order);
   void DeviceUnmap(const void* device, const DeviceAddr& addr);
 
@@ -325,8 +329,9 @@ class Pagemap : private mm::DevicePagemapOps {
 
   // Device unbind: PopulateMm and MigrateToDevmem fail with ENODEV from
   // now on, and every device page in use is evicted to system memory by
-  // frame. Returns the pages that stayed (busy; the destructor waits for
-  // them). Idempotent.
+  // frame (mm::EvictDevicePages, through the allocations' CopyToRam; no
+  // mmap lock). Returns the pages that stayed (busy; the destructor waits
+  // for them). Idempotent; may be called concurrently with anything.
   uint64_t Unbind();
   bool unbound() const { return unbound_.load(std::memory_order_acquire); }
 
