@@ -2,6 +2,7 @@
 // The design and the locking are described in include/usvm/gpusvm/gpusvm.h.
 #include "usvm/gpusvm/gpusvm.h"
 
+#include <algorithm>
 #include <bit>
 #include <cassert>
 #include <memory>
@@ -486,33 +487,55 @@ bool GpuSvm::HasMapping(uint64_t start, uint64_t end) const {
 }
 
 Result<void> GpuSvm::RangeEvict(Range* range) {
-  if (!range || range->gpusvm_ != this) return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
+  if (!range || range->gpusvm_ != this || !config_.mm)
+    return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
   mm::Mm& mmp = *config_.mm;
   const uint64_t start = range->start(), end = range->end();
-  const uint64_t npages = (end - start) >> mm::kPageShift;
-  auto pfns = std::make_unique<uint64_t[]>(npages);
   if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
+  auto pfns = std::make_unique<uint64_t[]>((end - start) >> mm::kPageShift);
   mm::HmmRange r;
   r.notifier = &range->notifier_->sub_;
-  r.start = start;
-  r.end = end;
   r.hmm_pfns = pfns.get();
   // A read fault of every page with no device owner: each device-private
   // page is migrated home by its pagemap.
   r.default_flags = mm::kPfnReqFault;
   r.dev_private_owner = nullptr;
   const uint64_t deadline = env_->NowNs() + kHmmTimeoutNs;
-  for (;;) {
+  // Piece by piece over the VMAs still there: a partially unmapped range
+  // (the reason the collector evicts) has holes, which drm_gpusvm's single
+  // range fault would fail on with EFAULT before bringing anything home.
+  for (uint64_t addr = start; addr < end;) {
+    uint64_t ps, pe;
+    {
+      ReadLock l(mmp.mmap_lock());
+      auto vma = mmp.FindVmaLocked(addr);
+      if (!vma || vma->start >= end) break;
+      ps = std::max(addr, vma->start);
+      pe = std::min(end, vma->end);
+      if (vma->prot == mm::kProtNone) {  // nothing a CPU could touch
+        addr = pe;
+        continue;
+      }
+    }
+    r.start = ps;
+    r.end = pe;
+    r.hmm_pfns = pfns.get() + ((ps - start) >> mm::kPageShift);
     r.notifier_seq = r.notifier->ReadBegin();
     Result<void> res;
     {
       ReadLock l(mmp.mmap_lock());
       res = mmp.RangeFault(r);
     }
-    if (res) return {};
-    if (res.error() != Errc::kBusy) return res;
+    if (res) {
+      addr = pe;
+      continue;
+    }
+    // EBUSY: raced with an invalidation; EFAULT: the layout changed since
+    // the lookup. Look again, within the HMM timeout.
+    if (res.error() != Errc::kBusy && res.error() != Errc::kFault) return res;
     if (env_->NowNs() > deadline) return Err(Errc::kTime, "gpusvm: evict kept racing");
   }
+  return {};
 }
 
 ScanResult GpuSvm::ScanMm(Range* range, const void* owner, const mm::DevicePagemap* pagemap) {

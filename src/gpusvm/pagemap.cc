@@ -226,9 +226,8 @@ Result<void> Pagemap::MigrateToDevmem(std::shared_ptr<Devmem> devmem, mm::Mm& mm
   std::vector<uint64_t> src(npages, 0), dst(npages, 0);
   std::vector<mm::DevicePfn> frames(npages, 0);
 
-  // Alive() takes the mmap lock for read itself: ask before taking it (a
-  // second read acquisition could queue behind a waiting writer). A space
-  // that dies after this has no VMA left (ENOENT) or fails Setup (EFAULT).
+  // mmget_not_zero. A space that dies after this has no VMA left (ENOENT)
+  // or fails Setup (EFAULT).
   if (!mm.Alive()) return fail(Errc::kFault, "migrate_to_devmem: address space gone");
   ReadLock mmap(mm.mmap_lock());
   const std::optional<mm::VmaInfo> vma = mm.VmaLookupLocked(start);
@@ -503,7 +502,7 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   // The fault page is not collected while another thread holds a passing
   // reference on it (an evictor between get and trylock, a fault between
   // unlock and put). The kernel returns and lets the CPU refault; the mm's
-  // fault loop here gives up (EIO) after a bounded number of refaults, so
+  // fault loop here backs off and gives up (EIO) after a bounded time, so
   // on a loaded machine we wait here instead, backing off in real time
   // (as the mm's own fault path does), until the page is collected.
   // Nobody waits for our page lock while holding a reference, so this
@@ -575,10 +574,9 @@ Result<void> Pagemap::EvictToRam(const std::shared_ptr<Devmem>& devmem) {
   std::vector<uint64_t> src(npages), dst(npages);
   Error error(Errc::kOk);
   for (int attempt = 0; attempt < 3; ++attempt) {
-    // No Alive() check (the kernel's mmget_not_zero): the port's Alive()
-    // takes the mmap lock, which eviction must not wait for. Eviction by
-    // frame does not need the space: if it is gone, its pages went with it
-    // (detached: success), or live on in a fork child and move there.
+    // No Alive() check: eviction by frame does not need the space. If it is
+    // gone, its pages went with it (detached: success), or live on in a
+    // fork child and move there.
     if (devmem->detached()) break;
     if (auto r = devmem->ops_->PopulateDevmemPfn(*devmem, npages, pfns.data()); !r) {
       error = r.error();

@@ -54,6 +54,7 @@ Result<std::shared_ptr<AddressSpace>> AddressSpace::Fork() {
 }
 void AddressSpace::Exit() { impl_->Exit(); }
 bool AddressSpace::exited() const { return impl_->dead(); }
+bool AddressSpace::Alive() const { return !impl_->exiting(); }
 Result<void> AddressSpace::Populate(uint64_t addr, uint64_t len, bool write) {
   return impl_->Populate(addr, len, write);
 }

@@ -117,6 +117,8 @@ class AddressSpace::Impl {
   size_t VmaCount() const USVM_EXCLUDES(mmap_lock_);
   PteInfo QueryPte(uint64_t addr) const USVM_EXCLUDES(mmap_lock_);
   bool dead() const USVM_EXCLUDES(mmap_lock_);
+  // Exit has begun (lock-free).
+  bool exiting() const { return exiting_.load(std::memory_order_acquire); }
 
   // ---- helpers ----
   // find_vma: first VMA with end > addr.

@@ -449,10 +449,12 @@ class GpuSvm {
 
   // drm_gpusvm_range_evict: every page of the range back to system memory
   // (a range fault that owns no device memory, so every device-private
-  // page is migrated home by its owner). Takes the mmap lock (read); the
-  // caller must not hold it or the notifier lock. EFAULT: the address
-  // space is gone or a page cannot be faulted; ENOMEM; ETIME: the range
-  // kept changing for the HMM timeout.
+  // page is migrated home by its owner). Holes and PROT_NONE parts are
+  // skipped (a partially unmapped range is evicted too; drm_gpusvm fails
+  // with EFAULT there). Takes the mmap lock (read); the caller must not
+  // hold it or the notifier lock. EINVAL: not a range of this GpuSvm;
+  // EFAULT: the address space is gone; ENOMEM; ETIME: the range kept
+  // changing for the HMM timeout.
   Result<void> RangeEvict(Range* range);
 
   // drm_gpusvm_scan_mm: an advisory snapshot of where the range's pages

@@ -48,8 +48,8 @@
 // someone else holds a reference on at that instant (an evictor between
 // its get and its trylock, another fault between unlock and put). The
 // kernel then returns and lets the CPU refault, forever if need be; the
-// mm here bounds its refaults (EIO), so MigrateToRam retries collecting
-// its fault page itself, backing off in real time for up to ~1 s.
+// mm here backs off and bounds its refaults in time; MigrateToRam also
+// retries collecting its fault page itself, for up to ~1 s.
 //
 // Device-to-device (beyond the kernel, whose drm_pagemap bounces such
 // moves through system memory, a FIXME there): with
@@ -317,10 +317,9 @@ class Pagemap : private mm::DevicePagemapOps {
   // the mmap lock of the spaces mapping the pages meanwhile; the page
   // table locks are taken inside the mm). Succeeds once the
   // allocation is detached (every page freed, Release ran); tries three
-  // times. Unlike the kernel there is no EFAULT when the address space is
-  // gone: mm::Mm::Alive() takes the mmap lock, which eviction must never
-  // wait for, and by-frame eviction does not need the space (its pages
-  // went with it, or live on in a fork child and are evicted there).
+  // times. There is no EFAULT when the address space is gone: by-frame
+  // eviction does not need the space (its pages went with it, or live on
+  // in a fork child and are evicted there).
   // EINVAL: null devmem, one of another pagemap, or one never handed to
   // MigrateToDevmem; ENOMEM: no system page; EBUSY: pages stayed
   // (busy, or mapped somewhere they could not be unmapped); the driver's

@@ -171,7 +171,9 @@ class AddressSpace final : public Mm, public std::enable_shared_from_this<Addres
   // hub, then every mapping is unmapped. Idempotent. Later calls: EFAULT.
   void Exit();
   bool exited() const;
-  bool Alive() const override { return !exited(); }
+  // mmget_not_zero: false from the moment Exit starts. Lock-free (no mmap
+  // lock), so it may be asked with or without that lock held.
+  bool Alive() const override;
 
   // ---- the CPU ----------------------------------------------------------
 

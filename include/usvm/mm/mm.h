@@ -78,9 +78,9 @@ class Mm {
   // *Locked lookups, RangeFault and the MigrateVma calls.
   RwSemaphore& mmap_lock() const USVM_RETURN_CAPABILITY(mmap_lock_) { return mmap_lock_; }
 
-  // mmget_not_zero: false once the address space has been torn down
-  // (every later call then fails with EFAULT). Takes the mmap lock for
-  // read; a true answer can go stale unless the caller holds that lock.
+  // mmget_not_zero: false once teardown of the address space has begun
+  // (later calls fail with EFAULT). Lock-free: it may be asked with or
+  // without the mmap lock; a true answer can go stale at once.
   virtual bool Alive() const = 0;
 
   // vma_lookup: the VMA containing addr. find_vma: the first VMA ending
