@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "gpusvm/test_driver.h"
+#include "gpusvm/test_vram.h"
 #include "mm/dmirror.h"
 #include "mm/test_util.h"
 #include "usvm/base/env.h"
@@ -52,9 +53,24 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
   ASSERT_TRUE(as->Mmap(kData, kDataLen, kRW, kAnon).has_value());
   ASSERT_TRUE(as->Madvise(kData, kDataLen / 2, mm::kMadvHugePage).has_value());
   ASSERT_TRUE(as->Mmap(kVolatile, kVolatileLen, kRW, kAnon).has_value());
+  // The GPU's own VRAM (a gpusvm Pagemap): GPU faults map its pages where
+  // they are (kLocal), CPU touches bring allocations home.
+  auto vram = TestVram::Create({.npages = 4096});
+  ASSERT_NE(vram, nullptr);
   TestDriver::Options o;
   o.notifier_size = kSize2M;  // several notifiers
+  o.device = vram->device();
   auto d = TestDriver::Create(as, o);
+  ASSERT_NE(d, nullptr);
+  d->SetDeviceBytes(
+      [](void* cookie, const DeviceAddr& a) -> std::byte* {
+        auto* v = static_cast<TestVram*>(cookie);
+        return v->Data(v->pagemap().pgmap().base() + a.addr / kPageSize);
+      },
+      vram.get());
+  Ctx gpu_ctx;
+  gpu_ctx.device_private_page_owner = vram->pagemap().owner();
+  gpu_ctx.devmem_possible = true;
   ASSERT_NE(d, nullptr);
   auto dev = mm::testing::DMirror::Create(as, 1024);
   ASSERT_NE(dev, nullptr);
@@ -84,7 +100,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
       if (op < 2) {
         const uint64_t v = (uint64_t(t + 1) << 56) | ++counter;
         for (;;) {  // mprotect may have made it read-only for a while
-          auto r = op == 0 ? d->GpuWrite(addr, &v, 8) : as->Write(addr, &v, 8);
+          auto r = op == 0 ? d->GpuWrite(addr, &v, 8, gpu_ctx) : as->Write(addr, &v, 8);
           if (r) break;
           ASSERT_TRUE(r.error() == Errc::kPerm || r.error() == Errc::kFault) << r.error().ToString();
           std::this_thread::yield();
@@ -93,7 +109,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
         (op == 0 ? gpu_ops : cpu_ops).fetch_add(1);
       } else {
         uint64_t v = 0;
-        auto r = op == 2 ? d->GpuRead(addr, &v, 8) : as->Read(addr, &v, 8);
+        auto r = op == 2 ? d->GpuRead(addr, &v, 8, gpu_ctx) : as->Read(addr, &v, 8);
         ASSERT_TRUE(r.has_value()) << r.error().ToString();
         if (v != model[t][k]) mismatches.fetch_add(1);
         (op == 2 ? gpu_ops : cpu_ops).fetch_add(1);
@@ -132,6 +148,11 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
       (void)dev->MigrateToDevice(kData + off, kData + off + kSize64K);
       std::this_thread::sleep_for(pace);
       if (rng.OneIn(2)) (void)dev->MigrateToSystem(kData + off, kData + off + kSize64K);
+      // And to the GPU's VRAM (all-or-nothing: a chunk with pages elsewhere
+      // is refused), sometimes evicted again by frame.
+      const uint64_t voff = rng.Uniform(kDataLen / kSize64K) * kSize64K;
+      auto a = vram->Migrate(as, kData + voff, kData + voff + kSize64K);
+      if (a && rng.OneIn(2)) (void)vram->pagemap().EvictToRam(*a);
       migrate_rounds.fetch_add(1);
     }
   };
@@ -185,7 +206,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
     for (uint64_t k = 0; k < kWordsPerOwner; ++k) {
       uint64_t c = 0, g = 0;
       ASSERT_TRUE(as->Read(WordAddr(t, k), &c, 8).has_value());
-      ASSERT_TRUE(d->GpuRead(WordAddr(t, k), &g, 8).has_value());
+      ASSERT_TRUE(d->GpuRead(WordAddr(t, k), &g, 8, gpu_ctx).has_value());
       ASSERT_EQ(c, model[t][k]) << "owner " << t << " word " << k;
       ASSERT_EQ(g, model[t][k]) << "owner " << t << " word " << k;
     }
@@ -193,6 +214,8 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
   d->CollectGarbage();
   auto s = d->svm().GetStats();
   EXPECT_GT(s.invalidations, 0u);
+  std::printf("vram migrations %lu evict-retries %lu devmem maps %lu\n", (unsigned long)vram->releases(),
+              (unsigned long)d->evict_retries(), (unsigned long)s.devmem_maps);
   std::printf("gpu ops %lu cpu ops %lu invalidations %lu get_pages %lu retries %lu commit_retries %lu collected %lu ranges made %lu\n",
               (unsigned long)gpu_ops.load(), (unsigned long)cpu_ops.load(), (unsigned long)s.invalidations,
               (unsigned long)s.get_pages, (unsigned long)s.get_pages_retries,
@@ -203,6 +226,10 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
   EXPECT_EQ(d->backstop_frees(), 0u);
   EXPECT_EQ(as->notifiers().DebugTreeSize(), 0u);
   dev.reset();
+  as->Exit();
+  EXPECT_EQ(vram->pages_in_use(), 0u);
+  EXPECT_EQ(vram->releases(), vram->allocs());
+  EXPECT_EQ(vram->device_maps(), vram->device_unmaps());
   EXPECT_GT(gpu_ops.load(), 0u);
   EXPECT_GT(cpu_ops.load(), 0u);
 }

@@ -171,6 +171,12 @@ class TestDriver : public GpuSvmOps {
           unmapped = r->unmapped();
         }
         if (res.error() == Errc::kFault && unmapped) continue;
+        if (res.error() == Errc::kOpNotSupp && !ctx.devmem_only) {
+          // Pages of several allocations or pagemaps (xe: evict, retry).
+          evict_retries_.fetch_add(1);
+          USVM_TRY(svm_->RangeEvict(r));
+          continue;
+        }
         return Err(res.error());
       }
       ReadLock l(svm_->notifier_lock());
@@ -230,6 +236,7 @@ class TestDriver : public GpuSvmOps {
   uint64_t gc_failures() const { return gc_failures_.load(); }
   uint64_t collected() const { return collected_.load(); }
   uint64_t commit_retries() const { return commit_retries_.load(); }
+  uint64_t evict_retries() const { return evict_retries_.load(); }
   uint64_t last_maps() const { return last_maps_.load(); }
   uint64_t last_unmaps() const { return last_unmaps_.load(); }
   int64_t live_ranges() const { return live_ranges_.load(); }
@@ -316,7 +323,7 @@ class TestDriver : public GpuSvmOps {
   DeviceBytes device_bytes_ = nullptr;
   void* device_cookie_ = nullptr;
   std::atomic<uint64_t> invalidations_{0}, unmap_events_{0}, stale_after_invalidate_{0},
-      backstop_frees_{0}, gc_failures_{0}, collected_{0}, commit_retries_{0}, last_maps_{0},
+      backstop_frees_{0}, gc_failures_{0}, collected_{0}, commit_retries_{0}, evict_retries_{0}, last_maps_{0},
       last_unmaps_{0};
   std::atomic<int64_t> live_ranges_{0};
 };
