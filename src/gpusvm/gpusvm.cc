@@ -618,19 +618,21 @@ bool GpuSvm::PagesValid(const Pages& pages) const {
 }
 
 void GpuSvm::UnmapPagesLocked(Pages* pages) {
-  DeviceAddr* a = pages->addrs_.get();
+  // Entries are meaningful only while mapped (has_device_mapping): they
+  // are not cleared, only unmapped.
+  const DeviceAddr* a = pages->addrs_.get();
+  const uint64_t mapped = pages->mapped_;
+  Pagemap* const dpagemap = pages->dpagemap_;
+  const void* const device = config_.device;
   uint64_t n = 0;
-  for (uint64_t i = 0; i < pages->mapped_;) {
+  for (uint64_t i = 0; i < mapped;) {
     const DeviceAddr d = a[i];
-    const uint64_t step = uint64_t{1} << d.order;
-    if (d.proto == AddrProto::kLocal || d.proto == AddrProto::kPeer) {
-      if (pages->dpagemap_) pages->dpagemap_->DeviceUnmap(config_.device, d);
-    }
     // A system page's DMA mapping needs no teardown here: the address is
     // the frame's, and it dies with the entry.
-    if (d.proto != AddrProto::kNone) ++n;
-    a[i] = DeviceAddr{};
-    i += step;
+    if ((d.proto == AddrProto::kLocal || d.proto == AddrProto::kPeer) && dpagemap)
+      dpagemap->DeviceUnmap(device, d);
+    ++n;
+    i += uint64_t{1} << d.order;
   }
   pages->mapped_ = 0;
   pages->has_device_mapping_ = false;
@@ -736,7 +738,8 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
     const void* alloc = nullptr;
     Error err(Errc::kOk);
     uint64_t maps = 0, devmem_maps = 0;
-    for (uint64_t i = 0; i < npages;) {
+    uint64_t i = 0;  // entries [0, i) are mapped
+    for (; i < npages;) {
       const uint64_t w = pfns[i];
       const uint64_t step = PfnStep(w, start, i, npages);
       const unsigned order = Log2(step);
@@ -796,9 +799,9 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       }
       a[i] = d;
       i += step;
-      pages->mapped_ = i;
       ++maps;
     }
+    pages->mapped_ = i;
     stats_.maps.fetch_add(maps, std::memory_order_relaxed);
     stats_.devmem_maps.fetch_add(devmem_maps, std::memory_order_relaxed);
     if (err.code() != Errc::kOk) {

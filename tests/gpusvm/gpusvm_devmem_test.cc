@@ -57,9 +57,10 @@ class GpuSvmDevmemTest : public ::testing::Test {
   }
   // The GPU driver on the same device as vram_ (its DeviceMap answers
   // kLocal to it), or as a peer of it.
-  void MakeDriver(const void* device) {
+  void MakeDriver(const void* device, bool evict_on_eopnotsupp = false) {
     TestDriver::Options o;
     o.device = device;
+    o.evict_on_eopnotsupp = evict_on_eopnotsupp;
     driver_ = TestDriver::Create(as_, o);
     ASSERT_NE(driver_, nullptr);
     bytes_.local = vram_.get();
@@ -159,6 +160,22 @@ TEST_F(GpuSvmDevmemTest, PagesOfTwoAllocationsNeedAllowMixed) {
   Ctx mixed = DevCtx();
   mixed.allow_mixed = true;
   ASSERT_TRUE(driver_->Fault(kBase, mixed).has_value());
+}
+
+// xe's answer to EOPNOTSUPP: evict the range to system memory, fault again.
+TEST_F(GpuSvmDevmemTest, ADriverThatEvictsOnEopnotsuppGetsSystemPages) {
+  Map(kBase, kSize64K);
+  auto want = Fill(kBase, kSize64K, 3);
+  MakeDriver(vram_->device(), /*evict_on_eopnotsupp=*/true);
+  ASSERT_TRUE(vram_->Migrate(as_, kBase, kBase + kSize64K / 2).has_value());
+  ASSERT_TRUE(vram_->Migrate(as_, kBase + kSize64K / 2, kBase + kSize64K).has_value());
+  ASSERT_TRUE(driver_->Fault(kBase, DevCtx()).has_value());
+  EXPECT_EQ(driver_->evict_retries(), 1u);
+  EXPECT_EQ(vram_->pages_in_use(), 0u);
+  EXPECT_EQ(driver_->Pte(kBase)->proto, AddrProto::kSystem);
+  std::vector<uint8_t> gpu(kSize64K);
+  ASSERT_TRUE(driver_->GpuRead(kBase, gpu.data(), kSize64K, DevCtx()).has_value());
+  EXPECT_EQ(gpu, want);
 }
 
 TEST_F(GpuSvmDevmemTest, SystemAndDevicePagesMixOnlyWithAllowMixedInEitherOrder) {

@@ -60,6 +60,7 @@ TEST(GpuSvmStress, FaultsCpuAccessesAndEveryKindOfInvalidationKeepEveryByteRight
   TestDriver::Options o;
   o.notifier_size = kSize2M;  // several notifiers
   o.device = vram->device();
+  o.evict_on_eopnotsupp = true;
   auto d = TestDriver::Create(as, o);
   ASSERT_NE(d, nullptr);
   d->SetDeviceBytes(

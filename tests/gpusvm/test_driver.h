@@ -43,6 +43,10 @@ class TestDriver : public GpuSvmOps {
     uint64_t notifier_size = uint64_t{512} << 20;
     NotifierMode mode = NotifierMode::kWindow;
     const void* device = nullptr;  // the device that maps pages (null: the driver)
+    // On EOPNOTSUPP from GetPages (pages of several allocations or
+    // pagemaps), evict the range and fault again, as xe does; off: return
+    // the error (tests of GetPages' refusals).
+    bool evict_on_eopnotsupp = false;
     uint64_t mm_start = 0;
     uint64_t mm_range = uint64_t{1} << 47;
     Env* env = nullptr;
@@ -50,6 +54,7 @@ class TestDriver : public GpuSvmOps {
 
   static std::unique_ptr<TestDriver> Create(std::shared_ptr<mm::AddressSpace> as, Options o) {
     auto d = std::unique_ptr<TestDriver>(new TestDriver(as));
+    d->evict_on_eopnotsupp_ = o.evict_on_eopnotsupp;
     GpuSvmConfig c;
     c.name = "test";
     c.mm = as;
@@ -171,7 +176,7 @@ class TestDriver : public GpuSvmOps {
           unmapped = r->unmapped();
         }
         if (res.error() == Errc::kFault && unmapped) continue;
-        if (res.error() == Errc::kOpNotSupp && !ctx.devmem_only) {
+        if (res.error() == Errc::kOpNotSupp && evict_on_eopnotsupp_ && !ctx.devmem_only) {
           // Pages of several allocations or pagemaps (xe: evict, retry).
           evict_retries_.fetch_add(1);
           USVM_TRY(svm_->RangeEvict(r));
@@ -320,6 +325,7 @@ class TestDriver : public GpuSvmOps {
   std::map<uint64_t, Entry> pt_ USVM_GUARDED_BY(pt_lock_);
   Mutex gc_lock_;
   std::vector<TestRange*> gc_ USVM_GUARDED_BY(gc_lock_);
+  bool evict_on_eopnotsupp_ = false;
   DeviceBytes device_bytes_ = nullptr;
   void* device_cookie_ = nullptr;
   std::atomic<uint64_t> invalidations_{0}, unmap_events_{0}, stale_after_invalidate_{0},
