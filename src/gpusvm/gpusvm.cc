@@ -624,16 +624,19 @@ void GpuSvm::UnmapPagesLocked(Pages* pages) {
   const uint64_t mapped = pages->mapped_;
   Pagemap* const dpagemap = pages->dpagemap_;
   const void* const device = config_.device;
-  uint64_t n = 0;
-  for (uint64_t i = 0; i < mapped;) {
-    const DeviceAddr d = a[i];
-    // A system page's DMA mapping needs no teardown here: the address is
-    // the frame's, and it dies with the entry.
-    if ((d.proto == AddrProto::kLocal || d.proto == AddrProto::kPeer) && dpagemap)
-      dpagemap->DeviceUnmap(device, d);
-    ++n;
-    i += uint64_t{1} << d.order;
+  // A system page's DMA mapping needs no teardown here (the address is the
+  // frame's and dies with the entry), so without device pages there is
+  // nothing to walk: the mapping step counted the entries.
+  const uint64_t n = pages->entries_;
+  if (dpagemap) {
+    for (uint64_t i = 0; i < mapped;) {
+      const DeviceAddr d = a[i];
+      if (d.proto == AddrProto::kLocal || d.proto == AddrProto::kPeer)
+        dpagemap->DeviceUnmap(device, d);
+      i += uint64_t{1} << d.order;
+    }
   }
+  pages->entries_ = 0;
   pages->mapped_ = 0;
   pages->has_device_mapping_ = false;
   pages->has_devmem_pages_ = false;
@@ -716,7 +719,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
     if (debug_hooks_) debug_hooks_->AfterRangeFault(pages);
     // Everything the mapping step needs is allocated before the lock.
     if (!fresh && (!pages->addrs_ || pages->npages_ != npages))
-      fresh = std::make_unique<DeviceAddr[]>(npages);
+      fresh = std::make_unique_for_overwrite<DeviceAddr[]>(npages);
 
     ReadLock l(notifier_lock_);
     if (pages->unmapped_) return Err(Errc::kFault, "gpusvm: pages were unmapped");
@@ -743,7 +746,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       const uint64_t w = pfns[i];
       const uint64_t step = PfnStep(w, start, i, npages);
       const unsigned order = Log2(step);
-      DeviceAddr d;
+      DeviceAddr d{};
       if (w & mm::kPfnDevice) {
         const mm::DevicePfn dpfn = mm::HmmPfn(w);
         Pagemap* pm = Pagemap::FromPage(dpfn);
@@ -802,6 +805,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       ++maps;
     }
     pages->mapped_ = i;
+    pages->entries_ = maps;
     stats_.maps.fetch_add(maps, std::memory_order_relaxed);
     stats_.devmem_maps.fetch_add(devmem_maps, std::memory_order_relaxed);
     if (err.code() != Errc::kOk) {
@@ -834,9 +838,7 @@ void GpuSvm::FreePages(Pages* pages) {
   if (!pages || pages->gpusvm_ != this) return;
   WriteLock l(notifier_lock_);
   if (pages->mapped_ > 0) {
-    uint64_t n = 0;
-    for (uint64_t i = 0; i < pages->mapped_; i += uint64_t{1} << pages->addrs_[i].order) ++n;
-    stats_.backstop_unmaps.fetch_add(n, std::memory_order_relaxed);
+    stats_.backstop_unmaps.fetch_add(pages->entries_, std::memory_order_relaxed);
     UnmapPagesLocked(pages);
   }
   pages->addrs_.reset();

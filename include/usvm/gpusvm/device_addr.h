@@ -22,10 +22,12 @@ const char* AddrProtoName(AddrProto p);
 // array holds one DeviceAddr per 4 KiB page; a mapping of order k fills the
 // entry of its first page and leaves the next 2^k - 1 entries unused, as
 // drm_gpusvm does.
+// A trivial type, so page arrays are allocated without being cleared:
+// write DeviceAddr{} for an unmapped entry.
 struct DeviceAddr {
-  uint64_t addr = 0;
-  AddrProto proto = AddrProto::kNone;
-  uint8_t order = 0;
+  uint64_t addr;
+  AddrProto proto;
+  uint8_t order;
 
   bool mapped() const { return proto != AddrProto::kNone; }
   friend bool operator==(const DeviceAddr&, const DeviceAddr&) = default;

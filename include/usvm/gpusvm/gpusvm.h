@@ -196,6 +196,7 @@ class Pages {
   std::unique_ptr<DeviceAddr[]> addrs_;
   uint64_t npages_ = 0;      // entries in addrs_
   uint64_t mapped_ = 0;      // entries mapped (a prefix), for unmapping
+  uint64_t entries_ = 0;     // mappings made in that prefix (one per order step)
   uint64_t notifier_seq_ = 0;
   Pagemap* dpagemap_ = nullptr;
   bool unmapped_ = false;
