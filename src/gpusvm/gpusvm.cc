@@ -79,7 +79,7 @@ class GpuSvm::IntervalOps final : public mm::MmuIntervalNotifierOps {
            mm::MmuIntervalFinish** finish) {
     // Taking the notifier lock may sleep.
     if (!range.blockable) return false;
-    Notifier* n = static_cast<Notifier::Sub*>(sub)->owner;
+    Notifier* n = Notifier::OwnerOf(sub);
     WriteLock l(svm_.notifier_lock_);
     const GpuSvm* outer = tls_in_callback;
     tls_in_callback = &svm_;
@@ -166,10 +166,8 @@ Result<Notifier*> GpuSvm::NotifierCreate(uint64_t start, uint64_t end) {
   Notifier* n = config_.ops->NotifierAlloc();
   if (!n) return Err(Errc::kNoMem, "gpusvm: notifier allocation");
   n->gpusvm_ = this;
-  n->sub_.owner = n;
   n->node_.start = start;
   n->node_.last = end - 1;
-  n->removed_ = false;
   auto r = config_.mm->InsertIntervalNotifier(&n->sub_, start, end - start, interval_ops_.get());
   if (!r) {
     config_.ops->NotifierFree(n);
@@ -182,11 +180,10 @@ Result<Notifier*> GpuSvm::NotifierCreate(uint64_t start, uint64_t end) {
 // Removes the interval notifier of `n` (if still inserted) and frees it.
 // `n` is not in the notifier tree.
 void GpuSvm::NotifierDestroy(Notifier* n) {
-  if (!n->removed_) {
+  if (n->sub_.hub()) {
     auto r = n->sub_.Remove();
     assert(r.has_value());
     (void)r;
-    n->removed_ = true;
     stats_.notifier_removes.fetch_add(1, std::memory_order_relaxed);
   }
   config_.ops->NotifierFree(n);
@@ -436,7 +433,7 @@ Result<void> GpuSvm::RangeRemove(Range* range) {
     n->ranges_.Remove(range);
     n->range_list_.erase(range);
   }
-  if (n->ranges_.empty() && !n->removed_) {
+  if (n->ranges_.empty() && n->sub_.hub()) {
     // The notifier goes with its last range. Removing it waits for its
     // callbacks, so this must not run inside one (seed 000: a worker does
     // it); put the range back and refuse.
@@ -447,7 +444,6 @@ Result<void> GpuSvm::RangeRemove(Range* range) {
       n->range_list_.insert_before(n->ranges_.Next(range), range);
       return Err(r.error());
     }
-    n->removed_ = true;
     stats_.notifier_removes.fetch_add(1, std::memory_order_relaxed);
     notifiers_.Remove(n);
     notifier_list_.erase(n);
@@ -660,6 +656,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
   if (notifier->hub() == nullptr || start < notifier->start() || end > notifier->end())
     return Err(Errc::kInval, "gpusvm: the notifier does not cover the range");
   const uint64_t npages = (end - start) >> mm::kPageShift;
+  if (npages > UINT32_MAX) return Err(Errc::kInval, "gpusvm: more than 2^32 - 1 pages");
 
   // One GetPages maps a given Pages at a time (the mapping step writes the
   // array under the notifier lock taken for read).
@@ -734,7 +731,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
     assert(pages->mapped_ == 0);
     if (fresh) {
       pages->addrs_ = std::move(fresh);
-      pages->npages_ = npages;
+      pages->npages_ = static_cast<uint32_t>(npages);
     }
     DeviceAddr* a = pages->addrs_.get();
     Pagemap* pagemap = nullptr;
@@ -804,8 +801,8 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       i += step;
       ++maps;
     }
-    pages->mapped_ = i;
-    pages->entries_ = maps;
+    pages->mapped_ = static_cast<uint32_t>(i);
+    pages->entries_ = static_cast<uint32_t>(maps);
     stats_.maps.fetch_add(maps, std::memory_order_relaxed);
     stats_.devmem_maps.fetch_add(devmem_maps, std::memory_order_relaxed);
     if (err.code() != Errc::kOk) {

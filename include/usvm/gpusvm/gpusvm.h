@@ -194,9 +194,11 @@ class Pages {
   // for read by GetPages (which owns the mapping step of its pages: one
   // GetPages per Pages at a time, see GetPages).
   std::unique_ptr<DeviceAddr[]> addrs_;
-  uint64_t npages_ = 0;      // entries in addrs_
-  uint64_t mapped_ = 0;      // entries mapped (a prefix), for unmapping
-  uint64_t entries_ = 0;     // mappings made in that prefix (one per order step)
+  // 32 bits each (GetPages refuses more than 2^32 - 1 pages): metadata per
+  // range is counted in bytes at a million ranges.
+  uint32_t npages_ = 0;      // entries in addrs_
+  uint32_t mapped_ = 0;      // entries mapped (a prefix), for unmapping
+  uint32_t entries_ = 0;     // mappings made in that prefix (one per order step)
   uint64_t notifier_seq_ = 0;
   Pagemap* dpagemap_ = nullptr;
   bool unmapped_ = false;
@@ -264,7 +266,7 @@ class Notifier {
   mm::MmuIntervalNotifier& interval() { return sub_; }
   // False once the interval notifier was removed (RangeRemove of the
   // last range). REQUIRES: the driver lock.
-  bool removed() const { return removed_; }
+  bool removed() const { return sub_.hub() == nullptr; }
   GpuSvm* gpusvm() const { return gpusvm_; }
   // Ranges in the tree (racy unless the driver lock or the notifier lock
   // is held).
@@ -272,17 +274,26 @@ class Notifier {
 
  private:
   friend class GpuSvm;
-  // The interval subscription, with a way back to us for the callback.
-  struct Sub final : mm::MmuIntervalNotifier {
-    Notifier* owner = nullptr;
-  };
-  Sub sub_;
+  // Laid out so the 32-byte-aligned subscription leaves no hole: 256
+  // bytes in all (memory per range counts at a million ranges).
+  GpuSvm* gpusvm_ = nullptr;
+  // The ranges: driver lock + notifier lock (write) to change, either to
+  // read.
+  IntrusiveIntervalTree<Range, &Range::node_> ranges_;
+  // The interval subscription; the callback finds us from it (OwnerOf).
+  // Inserted from NotifierCreate until removed (hub() null again).
+  mm::MmuIntervalNotifier sub_;
   IntervalTreeNode node_;  // in gpusvm_->notifiers_: driver lock
   ListNode link_;          // in gpusvm_->notifier_list_: driver lock
-  GpuSvm* gpusvm_ = nullptr;
-  IntrusiveIntervalTree<Range, &Range::node_> ranges_;
-  IntrusiveList<Range, &Range::link_> range_list_;
-  bool removed_ = false;  // the interval notifier was removed (driver lock)
+  IntrusiveList<Range, &Range::link_> range_list_;  // as ranges_
+
+  static Notifier* OwnerOf(mm::MmuIntervalNotifier* sub) {
+    // container_of, computed on a suitably aligned fake address (never
+    // dereferenced), as IntrusiveList does.
+    constexpr size_t kFake = 4096;
+    const auto off = reinterpret_cast<size_t>(&reinterpret_cast<Notifier*>(kFake)->sub_) - kFake;
+    return reinterpret_cast<Notifier*>(reinterpret_cast<char*>(sub) - off);
+  }
 };
 
 // struct drm_gpusvm_ops.
