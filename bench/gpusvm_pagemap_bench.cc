@@ -8,6 +8,8 @@
 //                              home (MigrateToRam). bytes/s of 2 x 2 MiB.
 //   BM_RoundTrip2M/evict       the same, home by EvictToRam (by frame, no
 //                              mmap lock).
+//   BM_RoundTrip2M/thp-cpu-touch  the same from a THP: one 2 MiB device page
+//                              there, one 2 MiB system page home.
 //   BM_Memcpy2M/round-trip     memcpy of 2 MiB to a buffer and back (the
 //                              same 2 x 2 MiB): the bound.
 //   BM_ToDevmem2M/4K           MigrateToDevmem of 2 MiB of 4 KiB pages
@@ -78,8 +80,8 @@ struct World {
   }
 };
 
-void BM_RoundTrip2M(benchmark::State& state, bool evict) {
-  World w(false, false);
+void BM_RoundTrip2M(benchmark::State& state, bool evict, bool thp) {
+  World w(false, false, thp);
   const uint64_t copy0 = w.a->copy_ns();
   const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
@@ -213,8 +215,12 @@ std::vector<Pair>& Pairs() {
 
 void RegisterAll() {
   using benchmark::RegisterBenchmark;
-  RegisterBenchmark("BM_RoundTrip2M/cpu-touch", BM_RoundTrip2M, false)->Unit(benchmark::kMicrosecond);
-  RegisterBenchmark("BM_RoundTrip2M/evict", BM_RoundTrip2M, true)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_RoundTrip2M/cpu-touch", BM_RoundTrip2M, false, false)
+      ->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_RoundTrip2M/evict", BM_RoundTrip2M, true, false)
+      ->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_RoundTrip2M/thp-cpu-touch", BM_RoundTrip2M, false, true)
+      ->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Memcpy2M/round-trip", BM_Memcpy2M)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_ToDevmem2M/4K", BM_ToDevmem2M, false)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_ToDevmem2M/thp", BM_ToDevmem2M, true)->Unit(benchmark::kMicrosecond);
@@ -226,6 +232,8 @@ void RegisterAll() {
   Pairs() = {
       {"2M to devmem + CPU touch home", "BM_RoundTrip2M/cpu-touch", "BM_Memcpy2M/round-trip", 0.7},
       {"2M to devmem + evict home", "BM_RoundTrip2M/evict", "BM_Memcpy2M/round-trip", 0.7},
+      {"2M THP to devmem + CPU touch home (2M pages both ways)", "BM_RoundTrip2M/thp-cpu-touch",
+       "BM_Memcpy2M/round-trip", 0.7},
       {"2M to devmem (4K pages)", "BM_ToDevmem2M/4K", "BM_Memcpy2M/one-way", 0},
       {"2M THP to devmem (2M page)", "BM_ToDevmem2M/thp", "BM_Memcpy2M/one-way", 0},
       {"2M page / 512 4K pages", "BM_ToDevmem2M/thp", "BM_ToDevmem2M/4K", 1.0},

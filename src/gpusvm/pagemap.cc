@@ -496,7 +496,9 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   m.src = src.data();
   m.dst = dst.data();
   m.pgmap_owner = config_.owner;
-  m.flags = mm::kMigrateSelectDevicePrivate | mm::kMigrateSelectDeviceCoherent;
+  // 2 MiB device pages come home whole when a 2 MiB system page can be had.
+  m.flags = mm::kMigrateSelectDevicePrivate | mm::kMigrateSelectDeviceCoherent |
+            mm::kMigrateSelectCompound;
   m.vma = &*vma;
   m.fault_page = pgmap.PfnOf(index);
   // The fault page is not collected while another thread holds a passing
@@ -508,9 +510,17 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   // Nobody waits for our page lock while holding a reference, so this
   // ends. Bounded all the same (~1 s): then the CPU refaults.
   const uint64_t fi = (mm::PageAlignDown(addr) - start) / kPage;
+  // The fault page was collected alone, or inside a 2 MiB unit whose first
+  // word carries it.
+  const uint64_t fault_unit = mm::PageAlignDown(addr) & mm::kHugeMask;
+  const uint64_t hi = fault_unit >= start ? (fault_unit - start) / kPage : fi;
+  auto fault_collected = [&] {
+    return Collected(src[fi]) ||
+           (hi < npages && Collected(src[hi]) && (src[hi] & mm::kMigratePfnCompound));
+  };
   for (int tries = 0;; ++tries) {
     USVM_TRY(mm.MigrateVmaSetup(m));
-    if (Collected(src[fi]) || tries == 2000) break;
+    if (fault_collected() || tries == 2000) break;
     std::fill(dst.begin(), dst.end(), 0);
     mm.MigrateVmaPages(m);
     mm.MigrateVmaFinalize(m);
@@ -529,7 +539,36 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
   for (uint64_t i = 0; i < npages; ++i) {
     if (!Collected(src[i]) || !HasPage(src[i]) || !IsDevice(src[i])) continue;
     const mm::DevicePfn dpfn = mm::MigratePfnOf(src[i]);
-    if (Pagemap* p = Owns(dpfn) ? this : FromPage(dpfn); !p || p->RecordOf(dpfn) != record) continue;
+    const bool unit = src[i] & mm::kMigratePfnCompound;
+    if (Pagemap* p = Owns(dpfn) ? this : FromPage(dpfn); !p || p->RecordOf(dpfn) != record) {
+      if (unit) i += mm::kPagesPerHuge - 1;
+      continue;
+    }
+    if (unit) {
+      // A 2 MiB device page: one 2 MiB system page, else 512 small ones
+      // (the mm splits the unit).
+      if (auto huge = mm.AllocSystemHugePage()) {
+        dst[i] = mm::MigratePfn(*huge, false) | mm::kMigratePfnCompound;
+        for (uint64_t k = 0; k < mm::kPagesPerHuge; ++k) {
+          from.push_back(dpfn + k);
+          to.push_back(mm.SystemPageData(*huge + k));
+        }
+      } else {
+        for (uint64_t k = 0; k < mm::kPagesPerHuge && error.code() == Errc::kOk; ++k) {
+          auto pfn = mm.AllocSystemPage();
+          if (!pfn) {
+            error = pfn.error();
+            break;
+          }
+          dst[i + k] = mm::MigratePfn(*pfn, false);
+          from.push_back(dpfn + k);
+          to.push_back(mm.SystemPageData(*pfn));
+        }
+        if (error.code() != Errc::kOk) break;
+      }
+      i += mm::kPagesPerHuge - 1;
+      continue;
+    }
     auto pfn = mm.AllocSystemPage();
     if (!pfn) {
       error = pfn.error();
@@ -544,14 +583,25 @@ Result<void> Pagemap::MigrateToRam(mm::Mm& mm, uint64_t addr, mm::DevicePagemap&
       error = r.error();
   }
   if (error.code() != Errc::kOk) {
-    for (uint64_t i = 0; i < npages; ++i)
-      if (dst[i]) mm.PutSystemPage(mm::MigratePfnOf(dst[i]));
+    for (uint64_t i = 0; i < npages; ++i) {
+      if (!dst[i]) continue;
+      const uint64_t n = (dst[i] & mm::kMigratePfnCompound) ? mm::kPagesPerHuge : 1;
+      for (uint64_t k = 0; k < n; ++k) mm.PutSystemPage(mm::MigratePfnOf(dst[i]) + k);
+    }
     std::fill(dst.begin(), dst.end(), 0);
   }
   mm.MigrateVmaPages(m);
   uint64_t moved = 0;
-  for (uint64_t i = 0; i < npages; ++i)
-    if (dst[i] && Collected(src[i])) ++moved;
+  for (uint64_t i = 0; i < npages; ++i) {
+    if (!dst[i]) continue;
+    if (src[i] & mm::kMigratePfnCompound) {
+      // Moved whole (compound dst) or split into 4 KiB destinations.
+      if (Collected(src[i]))
+        moved += (dst[i] & mm::kMigratePfnCompound) ? mm::kPagesPerHuge : 1;
+    } else if (Collected(src[i])) {
+      ++moved;
+    }
+  }
   mm.MigrateVmaFinalize(m);
   if (error.code() != Errc::kOk) return Unexpected(error);
   counters_.migrations_to_ram.fetch_add(1, std::memory_order_relaxed);

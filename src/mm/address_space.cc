@@ -1150,6 +1150,8 @@ void AddressSpace::MigrateDeviceFinalize(DevicePagemap& pgmap, const uint64_t* s
 
 Result<Pfn> AddressSpace::AllocSystemPage() { return pool_.AllocPage(FramePool::Zero::kNo); }
 
+Result<Pfn> AddressSpace::AllocSystemHugePage() { return pool_.AllocHuge(FramePool::Zero::kNo); }
+
 void AddressSpace::PutSystemPage(Pfn pfn) { pool_.Put(pfn); }
 
 std::byte* AddressSpace::SystemPageData(Pfn pfn) const { return pool_.Data(pfn); }

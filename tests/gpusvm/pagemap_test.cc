@@ -716,6 +716,8 @@ TEST_P(HugePagemapTest, TwoMiB) {
   } else {
     uint8_t b;
     ASSERT_TRUE(as_->Read(a + 77 * kPageSize, &b, 1).has_value());
+    // A 2 MiB device page comes home whole, as one 2 MiB system page.
+    EXPECT_EQ(as_->QueryPte(a).huge, blocks);
   }
   EXPECT_TRUE((*dm)->detached());
   EXPECT_EQ(vram_->releases(), 1u);

@@ -303,6 +303,7 @@ class AddressSpace final : public Mm, public std::enable_shared_from_this<Addres
   void MigrateDeviceFinalize(DevicePagemap& pgmap, const uint64_t* src, const uint64_t* dst,
                              uint64_t n) override;
   Result<Pfn> AllocSystemPage() override;
+  Result<Pfn> AllocSystemHugePage() override;
   void PutSystemPage(Pfn pfn) override;
   std::byte* SystemPageData(Pfn pfn) const override;
 

@@ -121,6 +121,11 @@ class Mm {
   // with one reference, which a successful migration consumes; an unused
   // one is dropped with PutSystemPage. ENOMEM when none is free.
   virtual Result<Pfn> AllocSystemPage() = 0;
+  // 512 consecutive system pages, 2 MiB aligned, each with one reference:
+  // the destination of a 2 MiB page migrated whole (kMigratePfnCompound).
+  // ENOMEM when no whole 2 MiB block is free (the caller falls back to
+  // 4 KiB pages).
+  virtual Result<Pfn> AllocSystemHugePage() = 0;
   virtual void PutSystemPage(Pfn pfn) = 0;
   // The 4 KiB of a system page (kmap), for copy engines. Valid while the
   // caller keeps the page from being freed (a reference, a migration
