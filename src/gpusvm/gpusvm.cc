@@ -133,7 +133,9 @@ GpuSvm::GpuSvm(GpuSvmConfig config)
       own_driver_lock_(config_.driver_lock ? nullptr : std::make_unique<DriverLock>()),
       driver_lock_(config_.driver_lock ? config_.driver_lock : own_driver_lock_.get()) {}
 
-GpuSvm::~GpuSvm() {
+GpuSvm::~GpuSvm() { Fini(); }
+
+void GpuSvm::Fini() {
   // drm_gpusvm_fini: every range goes, with its pages unmapped first (the
   // driver's RangeFree then finds nothing left to unmap), then every
   // notifier with its last range.

@@ -815,6 +815,10 @@ TEST_F(GpuSvmTest, FiniLeavesNothingMappedAndEveryNotifierRemoved) {
   auto before = d->svm().GetStats();
   EXPECT_EQ(before.notifiers, 2u);
   EXPECT_EQ(before.ranges, 9u);
+  d->svm().Fini();
+  d->svm().Fini();  // idempotent
+  EXPECT_EQ(d->svm().GetStats().ranges, 0u);
+  EXPECT_EQ(d->svm().GetStats().notifiers, 0u);
   d->DestroySvm();
   EXPECT_EQ(d->live_ranges(), 0);
   EXPECT_EQ(as_->notifiers().DebugTreeSize(), 0u);

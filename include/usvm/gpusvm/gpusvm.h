@@ -368,8 +368,11 @@ class GpuSvm {
   // or overflowing window; (without mm) any of ops, chunk sizes, window
   // or notifier size given.
   static Result<std::unique_ptr<GpuSvm>> TryCreate(GpuSvmConfig config);
-  // drm_gpusvm_fini: unmaps the pages of and removes every range, removes
-  // every notifier. REQUIRES: no other call in progress.
+  // drm_gpusvm_fini: unmaps the pages of and removes every range (the
+  // driver's RangeFree runs for each), removes every notifier. Idempotent;
+  // the destructor calls it. Takes the driver lock: the caller must not
+  // hold it. REQUIRES: no other call in progress.
+  void Fini();
   ~GpuSvm();
   GpuSvm(const GpuSvm&) = delete;
   GpuSvm& operator=(const GpuSvm&) = delete;

@@ -41,8 +41,9 @@
 //     moves as one 2 MiB device page when the driver's frames for it are
 //     512 consecutive frames starting at an index that is a multiple of
 //     512; otherwise as 512 pages (the mm splits the source). Coming home
-//     (touch, eviction) a 2 MiB device page is split into 4 KiB system
-//     pages (the port has no 2 MiB system allocation).
+//     by a CPU touch a 2 MiB device page becomes one 2 MiB system page
+//     (Mm::AllocSystemHugePage) when one can be had, else 512 small ones;
+//     eviction by frame splits it into 4 KiB system pages.
 //
 // CPU touch and passing references: the mm does not collect a page that
 // someone else holds a reference on at that instant (an evictor between
