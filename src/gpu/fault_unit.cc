@@ -20,7 +20,7 @@ struct FaultUnit::Pending {
   std::atomic<int> answer{0};  // 0 pending, 1 replayed, 2 cancelled
 };
 
-FaultUnit::FaultUnit(Env&) {}
+FaultUnit::FaultUnit(Env&, size_t capacity) : capacity_(capacity) {}
 
 FaultUnit::~FaultUnit() { Shutdown(); }
 
@@ -31,6 +31,8 @@ Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint
   const uint64_t page = va & ~(kPageSize - 1);
   std::shared_ptr<Pending> p;
   bool fresh = false;
+  bool dropped = false;
+  uint64_t gen = 0;
   {
     MutexLock l(lock_);
     if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
@@ -40,6 +42,11 @@ Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint
       p = it->second;
       p->access |= access;
       ++stats_.coalesced;
+    } else if (capacity_ != 0 && queue_.size() >= capacity_) {
+      // The buffer is full: no entry; wait for the next answer, then retry.
+      ++stats_.dropped;
+      dropped = true;
+      gen = answer_gen_.load(std::memory_order_relaxed);
     } else {
       p = std::make_shared<Pending>();
       p->id = next_id_++;
@@ -52,7 +59,13 @@ Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint
       queue_.push_back(p);
       fresh = true;
     }
-    ++p->raisers;
+    if (!dropped) ++p->raisers;
+  }
+  if (dropped) {
+    answers_.Wait([&] { return answer_gen_.load(std::memory_order_acquire) != gen; });
+    MutexLock l(lock_);
+    if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
+    return {};
   }
   if (fresh) arrivals_.WakeAll();
   answers_.Wait([&] { return p->answer.load(std::memory_order_acquire) != 0; });
@@ -109,6 +122,7 @@ Result<void> FaultUnit::AnswerLocked(uint64_t id, Errc code, const char* what) {
         break;
       }
   }
+  answer_gen_.fetch_add(1, std::memory_order_release);
   if (code == Errc::kOk) {
     ++stats_.replayed;
     p->answer.store(1, std::memory_order_release);
@@ -143,6 +157,7 @@ void FaultUnit::Shutdown() {
   {
     MutexLock l(lock_);
     shutdown_ = true;
+    answer_gen_.fetch_add(1, std::memory_order_release);
     std::vector<uint64_t> ids;
     for (auto& [id, p] : by_id_) ids.push_back(id);
     for (uint64_t id : ids) (void)AnswerLocked(id, Errc::kCanceled, "fault unit shut down");

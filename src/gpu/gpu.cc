@@ -17,7 +17,7 @@ Result<std::unique_ptr<Gpu>> Gpu::TryCreate(uint32_t id, const GpuConfig& config
         return {};
       },
       config.max_table_pages);
-  gpu->faults_ = std::make_unique<FaultUnit>(env);
+  gpu->faults_ = std::make_unique<FaultUnit>(env, config.fault_buffer_entries);
   for (uint32_t i = 0; i < config.copy_engines; ++i)
     gpu->copy_engines_.push_back(std::make_unique<CopyEngine>(
         id, i, [g](const PhysAddr& pa, uint64_t bytes) { return g->ResolvePhys(pa, bytes); },

@@ -26,11 +26,20 @@
 // 3. answered (replayed or cancelled; removed from the unit). Shutdown()
 // cancels everything outstanding with ECANCELED and fails later raises.
 //
+// A bounded fault buffer (capacity > 0) holds at most `capacity` queued
+// faults, as a hardware fault buffer does. A new fault that finds it full
+// is dropped (counted in FaultStats::dropped): it gets no entry, and its
+// raiser waits for the driver's next answer (Replay or Cancel of any
+// fault), then returns success so the access is retried and, if the page
+// is still not mapped, faults again -- the re-raise after replay of real
+// GPUs. Coalescing into an outstanding fault needs no entry.
+//
 // Locking: one Mutex guards the queue and the page index; raisers sleep
 // on a WaitQueue (answers are atomics read by the wait condition).
 #ifndef USVM_GPU_FAULT_UNIT_H_
 #define USVM_GPU_FAULT_UNIT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -61,21 +70,24 @@ struct FaultStats {
   uint64_t fetched = 0;
   uint64_t replayed = 0;
   uint64_t cancelled = 0;
+  uint64_t dropped = 0;    // raises that found the bounded buffer full
 };
 
 class FaultUnit {
  public:
   // `env` is accepted for symmetry with the other units; the unit keeps
   // no modelled time of its own (see LatencyModel::fault_service_ns).
-  explicit FaultUnit(Env& env);
+  // `capacity`: queued faults the buffer holds (0: unbounded).
+  explicit FaultUnit(Env& env, size_t capacity = 0);
   ~FaultUnit();
   FaultUnit(const FaultUnit&) = delete;
   FaultUnit& operator=(const FaultUnit&) = delete;
 
   // Device side: raises (or joins) the fault for va's page and blocks
-  // until it is answered. Success: replayed, retry the access. Error: the
-  // Cancel error, or ECANCELED after Shutdown. EINVAL for a bad access
-  // kind or va beyond 48 bits.
+  // until it is answered. Success: replayed (or dropped from a full buffer
+  // and released by the next answer), retry the access. Error: the Cancel
+  // error, or ECANCELED after Shutdown. EINVAL for a bad access kind or va
+  // beyond 48 bits.
   Result<void> Raise(uint64_t va, uint8_t access, uint32_t engine, uint64_t launch);
 
   // Driver side. Up to `max` queued faults in raise order, waiting up to
@@ -96,14 +108,19 @@ class FaultUnit {
   FaultStats Stats() const;
   // Faults raised but not answered.
   size_t outstanding() const;
+  size_t capacity() const { return capacity_; }
 
  private:
   struct Pending;
 
   Result<void> AnswerLocked(uint64_t id, Errc code, const char* what) USVM_REQUIRES(lock_);
 
+  const size_t capacity_;  // 0: unbounded
   mutable Mutex lock_;
   std::deque<std::shared_ptr<Pending>> queue_ USVM_GUARDED_BY(lock_);
+  // Bumped by every answer (and Shutdown): dropped raisers wait for it to
+  // move. Atomic: written under lock_, read by their wait condition.
+  std::atomic<uint64_t> answer_gen_{0};
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_page_ USVM_GUARDED_BY(lock_);
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_id_ USVM_GUARDED_BY(lock_);
   uint64_t next_id_ USVM_GUARDED_BY(lock_) = 1;

@@ -53,6 +53,9 @@ struct GpuConfig {
   uint32_t exec_threads = 2;   // [1, 64]
   uint32_t copy_engines = 1;   // [1, 8]
   uint64_t max_table_pages = 0;  // 0: unlimited
+  // Entries of the replayable fault buffer (0: unbounded). When it is full
+  // further faults are dropped and re-raised after the next replay.
+  uint32_t fault_buffer_entries = 0;
   TlbConfig tlb;
   LatencyModel latency;        // Zero() by default
 };
