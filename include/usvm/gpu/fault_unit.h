@@ -121,6 +121,10 @@ class FaultUnit {
   // Bumped by every answer (and Shutdown): dropped raisers wait for it to
   // move. Atomic: written under lock_, read by their wait condition.
   std::atomic<uint64_t> answer_gen_{0};
+  // Mirrors of queue_.size() and shutdown_ for the spinning waiters
+  // (written under lock_, read without it).
+  std::atomic<size_t> queued_{0};
+  std::atomic<bool> stopped_{false};
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_page_ USVM_GUARDED_BY(lock_);
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_id_ USVM_GUARDED_BY(lock_);
   uint64_t next_id_ USVM_GUARDED_BY(lock_) = 1;
