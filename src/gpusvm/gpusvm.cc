@@ -748,7 +748,11 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       DeviceAddr d{};
       if (w & mm::kPfnDevice) {
         const mm::DevicePfn dpfn = mm::HmmPfn(w);
-        Pagemap* pm = Pagemap::FromPage(dpfn);
+        // Most device pages of a range are of the pagemap of the one
+        // before: skip the registry lookup then.
+        Pagemap* pm = pagemap && dpfn - pagemap->pgmap().base() < pagemap->pgmap().npages()
+                          ? pagemap
+                          : Pagemap::FromPage(dpfn);
         if (!pm) {
           err = Error(Errc::kOpNotSupp, "gpusvm: device page of a foreign pagemap");
           break;
