@@ -204,12 +204,8 @@ void BM_Peer2M(benchmark::State& state, PeerMode mode) {
                                                        w.b->pagemap().stats().peer_pages_direct);
 }
 
-struct Pair {
-  std::string label, sim, base;
-  double goal;
-};
-std::vector<Pair>& Pairs() {
-  static std::vector<Pair> p;
+std::vector<usvm::bench::RatioPair>& Pairs() {
+  static std::vector<usvm::bench::RatioPair> p;
   return p;
 }
 
@@ -230,35 +226,29 @@ void RegisterAll() {
   RegisterBenchmark("BM_Peer2M/evict-migrate", BM_Peer2M, PeerMode::kEvictMigrate)
       ->Unit(benchmark::kMicrosecond);
   Pairs() = {
-      {"2M to devmem + CPU touch home", "BM_RoundTrip2M/cpu-touch", "BM_Memcpy2M/round-trip", 0.7},
-      {"2M to devmem + evict home", "BM_RoundTrip2M/evict", "BM_Memcpy2M/round-trip", 0.7},
+      {"2M to devmem + CPU touch home",
+       "BM_RoundTrip2M/cpu-touch", "BM_Memcpy2M/round-trip", "bytes_per_second", 0.7},
+      {"2M to devmem + evict home",
+       "BM_RoundTrip2M/evict", "BM_Memcpy2M/round-trip", "bytes_per_second", 0.7},
       {"2M THP to devmem + CPU touch home (2M pages both ways)", "BM_RoundTrip2M/thp-cpu-touch",
-       "BM_Memcpy2M/round-trip", 0.7},
-      {"2M to devmem (4K pages)", "BM_ToDevmem2M/4K", "BM_Memcpy2M/one-way", 0},
-      {"2M THP to devmem (2M page)", "BM_ToDevmem2M/thp", "BM_Memcpy2M/one-way", 0},
-      {"2M page / 512 4K pages", "BM_ToDevmem2M/thp", "BM_ToDevmem2M/4K", 1.0},
-      {"peer 2M direct / bounced", "BM_Peer2M/direct", "BM_Peer2M/bounced", 1.0},
-      {"peer 2M direct / evict+migrate", "BM_Peer2M/direct", "BM_Peer2M/evict-migrate", 1.0},
-      {"peer 2M direct / memcpy", "BM_Peer2M/direct", "BM_Memcpy2M/round-trip", 0},
+       "BM_Memcpy2M/round-trip", "bytes_per_second", 0.7},
+      {"2M to devmem (4K pages)", "BM_ToDevmem2M/4K", "BM_Memcpy2M/one-way", "bytes_per_second", 0},
+      {"2M THP to devmem (2M page)",
+       "BM_ToDevmem2M/thp", "BM_Memcpy2M/one-way", "bytes_per_second", 0},
+      {"2M page / 512 4K pages", "BM_ToDevmem2M/thp", "BM_ToDevmem2M/4K", "bytes_per_second", 1.0},
+      {"peer 2M direct / bounced",
+       "BM_Peer2M/direct", "BM_Peer2M/bounced", "bytes_per_second", 1.0},
+      {"peer 2M direct / evict+migrate",
+       "BM_Peer2M/direct", "BM_Peer2M/evict-migrate", "bytes_per_second", 1.0},
+      {"peer 2M direct / memcpy",
+       "BM_Peer2M/direct", "BM_Memcpy2M/round-trip", "bytes_per_second", 0},
   };
 }
 
 class RatioReporter : public usvm::bench::MedianReporter {
  public:
   void Finalize() override {
-    std::ostream& out = GetOutputStream();
-    char line[256];
-    out << "\nratios (bytes/s; medians when repeated):\n";
-    for (const Pair& p : Pairs()) {
-      const double s = Get(p.sim, "bytes_per_second"), b = Get(p.base, "bytes_per_second");
-      if (s <= 0 || b <= 0) continue;
-      const double ratio = s / b;
-      std::snprintf(line, sizeof line, "  %-32s %12s vs %12s  ratio %6.3f%s\n", p.label.c_str(),
-                    Human(s, "bytes_per_second", "").c_str(), Human(b, "bytes_per_second", "").c_str(),
-                    ratio,
-                    p.goal <= 0 ? "" : (ratio >= p.goal ? "  (goal met)" : "  (GOAL MISSED)"));
-      out << line;
-    }
+    PrintRatios("ratios (bytes/s; medians when repeated):", Pairs());
     ConsoleReporter::Finalize();
   }
 };
@@ -267,10 +257,7 @@ class RatioReporter : public usvm::bench::MedianReporter {
 }  // namespace usvm::gpusvm
 
 int main(int argc, char** argv) {
-  bool console = true;
-  for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--benchmark_format=", 19) == 0 && std::strcmp(argv[i] + 19, "console") != 0)
-      console = false;
+  const bool console = usvm::bench::ConsoleFormat(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   usvm::gpusvm::RegisterAll();

@@ -358,10 +358,7 @@ void BM_EvictDevice(benchmark::State& state) {
 
 // ===== registration and the ratio table =========================================
 
-struct Pair {
-  std::string label, sim, base, counter;
-  double goal;  // minimum sim/base ratio, 0 for none
-};
+using Pair = usvm::bench::RatioPair;
 struct Absolute {
   std::string label, name, counter;
   double goal;  // minimum value
@@ -428,16 +425,8 @@ class RatioReporter : public usvm::bench::MedianReporter {
                     a.goal <= 0 ? "" : (v >= a.goal ? "  (goal >= 20M pages/s met)" : "  (GOAL MISSED: 20M pages/s)"));
       out << line;
     }
-    out << "\nmigration / its baseline (memcpy of the same bytes, or the 4 KiB path):\n";
-    for (const Pair& p : Pairs()) {
-      const double s = Get(p.sim, p.counter), b = Get(p.base, p.counter);
-      if (s <= 0 || b <= 0) continue;
-      const double ratio = s / b;
-      std::snprintf(line, sizeof line, "  %-34s migrate %12s  base %12s  ratio %6.3f%s\n", p.label.c_str(),
-                    Human(s, p.counter).c_str(), Human(b, p.counter).c_str(), ratio,
-                    p.goal <= 0 ? "" : (ratio >= p.goal ? "  (goal met)" : "  (GOAL MISSED)"));
-      out << line;
-    }
+    PrintRatios("migration / its baseline (memcpy of the same bytes, or the 4 KiB path):",
+                Pairs(), " pages/s");
     ConsoleReporter::Finalize();
   }
 
@@ -451,10 +440,7 @@ class RatioReporter : public usvm::bench::MedianReporter {
 }  // namespace usvm::mm
 
 int main(int argc, char** argv) {
-  bool console = true;
-  for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--benchmark_format=", 19) == 0 && std::strcmp(argv[i] + 19, "console") != 0)
-      console = false;
+  const bool console = usvm::bench::ConsoleFormat(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   usvm::mm::RegisterAll();

@@ -9,11 +9,30 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
 
 namespace usvm::bench {
+
+// One line of a ratio table: benchmark `sim` against its baseline `base`
+// on `counter` (both by function name), with the minimum ratio that meets
+// the goal (0: none).
+struct RatioPair {
+  std::string label, sim, base, counter = "bytes_per_second";
+  double goal = 0;
+};
+
+// False when --benchmark_format asks for something else than the console
+// (then the plain library reporter is used and no table is printed).
+inline bool ConsoleFormat(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--benchmark_format=", 19) == 0 &&
+        std::strcmp(argv[i] + 19, "console") != 0)
+      return false;
+  return true;
+}
 
 class MedianReporter : public benchmark::ConsoleReporter {
  public:
@@ -41,6 +60,24 @@ class MedianReporter : public benchmark::ConsoleReporter {
     if (it == results_.end()) return -1;
     auto c = it->second.counters.find(counter);
     return c == it->second.counters.end() ? -1 : c->second;
+  }
+  // Prints `title` and one line per pair whose two benchmarks both ran:
+  // the two values, their ratio, and whether the goal is met. `unit`
+  // names counters other than bytes_per_second.
+  void PrintRatios(const char* title, const std::vector<RatioPair>& pairs,
+                   const char* unit = "/s") {
+    std::ostream& out = GetOutputStream();
+    out << "\n" << title << "\n";
+    char line[256];
+    for (const RatioPair& p : pairs) {
+      const double s = Get(p.sim, p.counter), b = Get(p.base, p.counter);
+      if (s <= 0 || b <= 0) continue;
+      const double ratio = s / b;
+      std::snprintf(line, sizeof line, "  %-34s %12s vs %12s  ratio %6.3f%s\n", p.label.c_str(),
+                    Human(s, p.counter, unit).c_str(), Human(b, p.counter, unit).c_str(), ratio,
+                    p.goal <= 0 ? "" : (ratio >= p.goal ? "  (goal met)" : "  (GOAL MISSED)"));
+      out << line;
+    }
   }
   bool AnyMedian() const {
     for (const auto& [n, e] : results_)

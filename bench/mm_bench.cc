@@ -456,11 +456,7 @@ class RatioReporter : public usvm::bench::MedianReporter {
 int main(int argc, char** argv) {
   // The ratio table only in the default console format (looked at before
   // Initialize consumes the flag).
-  bool console = true;
-  for (int i = 1; i < argc; ++i)
-    if (std::strncmp(argv[i], "--benchmark_format=", 19) == 0 &&
-        std::strcmp(argv[i] + 19, "console") != 0)
-      console = false;
+  const bool console = usvm::bench::ConsoleFormat(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   usvm::mm::RegisterAll();
