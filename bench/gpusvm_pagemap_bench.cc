@@ -135,7 +135,9 @@ void BM_ToDevmem2M(benchmark::State& state, bool thp) {
   state.counters["huge_units"] = static_cast<double>(w.a->pagemap().stats().huge_pages_to_devmem);
 }
 
-void BM_Memcpy2MOneWay(benchmark::State& state) {
+// Warm, page-aligned buffers, 4 KiB at a time (as the migration copies):
+// one way, or there and back (`round_trip`).
+void BM_Memcpy2M(benchmark::State& state, bool round_trip) {
   std::vector<std::byte> src(k2M + 4096), dst(k2M + 4096);
   auto align = [](std::byte* p) {
     return reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(p) + 4095) & ~uintptr_t{4095});
@@ -147,27 +149,12 @@ void BM_Memcpy2MOneWay(benchmark::State& state) {
   for (auto _ : state) {
     for (uint64_t off = 0; off < k2M; off += 4096) std::memcpy(d + off, s + off, 4096);
     benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * k2M));
-}
-
-void BM_Memcpy2M(benchmark::State& state) {
-  // Warm, page-aligned buffers, 4 KiB at a time (as the migration copies).
-  std::vector<std::byte> src(k2M + 4096), dst(k2M + 4096);
-  auto align = [](std::byte* p) {
-    return reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(p) + 4095) & ~uintptr_t{4095});
-  };
-  std::byte* s = align(src.data());
-  std::byte* d = align(dst.data());
-  std::memset(s, 1, k2M);
-  std::memset(d, 2, k2M);
-  for (auto _ : state) {
-    for (uint64_t off = 0; off < k2M; off += 4096) std::memcpy(d + off, s + off, 4096);
-    benchmark::ClobberMemory();
+    if (!round_trip) continue;
     for (uint64_t off = 0; off < k2M; off += 4096) std::memcpy(s + off, d + off, 4096);
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * k2M));
+  state.SetBytesProcessed(
+      static_cast<int64_t>(state.iterations() * (round_trip ? 2 : 1) * k2M));
 }
 
 enum class PeerMode { kDirect, kBounced, kEvictMigrate };
@@ -217,10 +204,10 @@ void RegisterAll() {
       ->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_RoundTrip2M/thp-cpu-touch", BM_RoundTrip2M, false, true)
       ->Unit(benchmark::kMicrosecond);
-  RegisterBenchmark("BM_Memcpy2M/round-trip", BM_Memcpy2M)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_Memcpy2M/round-trip", BM_Memcpy2M, true)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_ToDevmem2M/4K", BM_ToDevmem2M, false)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_ToDevmem2M/thp", BM_ToDevmem2M, true)->Unit(benchmark::kMicrosecond);
-  RegisterBenchmark("BM_Memcpy2M/one-way", BM_Memcpy2MOneWay)->Unit(benchmark::kMicrosecond);
+  RegisterBenchmark("BM_Memcpy2M/one-way", BM_Memcpy2M, false)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/direct", BM_Peer2M, PeerMode::kDirect)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/bounced", BM_Peer2M, PeerMode::kBounced)->Unit(benchmark::kMicrosecond);
   RegisterBenchmark("BM_Peer2M/evict-migrate", BM_Peer2M, PeerMode::kEvictMigrate)

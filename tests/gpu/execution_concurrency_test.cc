@@ -11,20 +11,12 @@
 namespace usvm::gpu {
 namespace {
 
+using testing::Eventually;
 using testing::FaultServer;
 using testing::Machine;
 
 constexpr uint64_t kVa = uint64_t{0x7000} << 20;
 
-// Waits (really) until cond() holds; fails the test after 20 s.
-template <typename F>
-void Eventually(F cond) {
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!cond()) {
-    ASSERT_LT(std::chrono::steady_clock::now(), end) << "condition never held";
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-}
 
 TEST(ExecutionTest, KernelLoadsAndStoresRealBytes) {
   Machine m;

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -20,6 +21,16 @@ namespace usvm::gpu::testing {
 
 inline std::unique_ptr<Env> ManualEnv(uint64_t seed = 1) {
   return std::make_unique<Env>(std::make_unique<ManualClock>(), seed);
+}
+
+// Waits (really) until cond() holds; fails the test after 20 s.
+template <typename F>
+void Eventually(F cond) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!cond()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), end) << "condition never held";
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
 }
 
 inline GpuConfig SmallConfig(uint32_t exec_threads = 2) {
