@@ -49,6 +49,20 @@ class GpuSvmTest : public ::testing::Test {
     DriverLockGuard g(d.svm().driver_lock());
     return d.svm().FindOrInsert(addr, lo, hi, ctx);
   }
+  // A GpuSvm on as_ with the driver's own ops (chunks 64K, 4K) and one
+  // range at kBase (which the caller has mapped).
+  Result<std::unique_ptr<GpuSvm>> MakeSvmWithARange(GpuSvmOps& ops) {
+    GpuSvmConfig c;
+    c.mm = as_;
+    c.mm_range = uint64_t{1} << 47;
+    c.notifier_size = kSize2M;
+    c.ops = &ops;
+    c.chunk_sizes = {kSize64K, kSize4K};
+    auto svm = USVM_TRY(GpuSvm::TryCreate(std::move(c)));
+    DriverLockGuard g(svm->driver_lock());
+    USVM_TRY(svm->FindOrInsert(kBase, 0, ~uint64_t{0}, Ctx{}));
+    return svm;
+  }
   std::unique_ptr<mm::FramePool> pool_;
   std::shared_ptr<AddressSpace> as_;
 };
@@ -557,7 +571,6 @@ TEST_F(GpuSvmTest, ForkWriteProtectInvalidatesTheParentsMirror) {
 // RangeRemove from the invalidation callback would wait for the callback
 // itself (its notifier's removal) while holding the notifier lock: it is
 // refused and the range stays.
-struct RemovingDriver : TestDriver {};
 
 TEST_F(GpuSvmTest, RangeRemoveFromTheCallbackIsEdeadlkAndKeepsTheRange) {
   struct Ops : GpuSvmOps {
@@ -571,17 +584,10 @@ TEST_F(GpuSvmTest, RangeRemoveFromTheCallbackIsEdeadlkAndKeepsTheRange) {
     }
   } ops;
   Map(kBase, kSize64K);
-  GpuSvmConfig c;
-  c.mm = as_;
-  c.mm_range = uint64_t{1} << 47;
-  c.notifier_size = kSize2M;
-  c.ops = &ops;
-  c.chunk_sizes = {kSize64K, kSize4K};
-  auto svm = GpuSvm::TryCreate(std::move(c));
+  auto svm = MakeSvmWithARange(ops);
   ASSERT_TRUE(svm.has_value());
   {
     DriverLockGuard g((*svm)->driver_lock());
-    ASSERT_TRUE((*svm)->FindOrInsert(kBase, 0, ~uint64_t{0}, Ctx{}).has_value());
     // munmap with the driver lock held (driver lock -> mmap lock is the
     // documented order), so the lock check passes and only EDEADLK is left.
     ASSERT_TRUE(as_->Munmap(kBase, kSize64K).has_value());
@@ -726,18 +732,8 @@ TEST_F(GpuSvmTest, TwoPassInvalidationRunsTheFinishAfterEveryFirstPass) {
     }
   } ops;
   Map(kBase, kSize64K);
-  GpuSvmConfig c;
-  c.mm = as_;
-  c.mm_range = uint64_t{1} << 47;
-  c.notifier_size = kSize2M;
-  c.ops = &ops;
-  c.chunk_sizes = {kSize64K, kSize4K};
-  auto svm = GpuSvm::TryCreate(std::move(c));
+  auto svm = MakeSvmWithARange(ops);
   ASSERT_TRUE(svm.has_value());
-  {
-    DriverLockGuard g((*svm)->driver_lock());
-    ASSERT_TRUE((*svm)->FindOrInsert(kBase, 0, ~uint64_t{0}, Ctx{}).has_value());
-  }
   ASSERT_TRUE(as_->Mprotect(kBase, kSize64K, kProtRead).has_value());
   EXPECT_EQ(ops.log, (std::vector<int>{1, 2}));
 }
@@ -832,7 +828,6 @@ TEST_F(GpuSvmTest, FiniLeavesNothingMappedAndEveryNotifierRemoved) {
 TEST_F(GpuSvmTest, FiniCountsEachMappingUnmappedExactlyOnce) {
   Map(kBase, 4 * kSize2M);
   Fill(kBase, 4 * kSize2M, 16);
-  struct Counting : TestDriver {};
   auto d = TestDriver::Create(as_);
   for (uint64_t a = kBase; a < kBase + 4 * kSize2M; a += kSize2M)
     ASSERT_TRUE(d->Fault(a, Ctx{}).has_value());
