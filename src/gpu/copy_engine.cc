@@ -40,6 +40,37 @@ Result<Fence> CopyEngine::Copy(std::span<const PhysAddr> src, std::span<const Ph
     const bool dst_local = dst[i].kind == MemKind::kVram && dst[i].gpu == gpu_id_;
     (src_local && dst_local ? local_bytes : link_bytes) += kPageSize;
   }
+  return Queue(std::move(job), link_bytes, local_bytes);
+}
+
+namespace {
+// What a null host page reads as.
+alignas(4096) const std::byte kZeroPage[kPageSize] = {};
+}  // namespace
+
+Result<Fence> CopyEngine::CopyHost(HostDir dir, std::span<std::byte* const> host,
+                                   std::span<const PhysAddr> dev) {
+  if (host.empty() || host.size() != dev.size()) return Err(Errc::kInval, "page lists empty or unequal");
+  if (host.size() > kMaxPages) return Err(Errc::kInval, "too many pages in one copy");
+  Job job;
+  job.src.reserve(host.size());
+  job.dst.reserve(host.size());
+  for (size_t i = 0; i < host.size(); ++i) {
+    if (dev[i].addr & (kPageSize - 1)) return Err(Errc::kInval, "page not 4 KiB aligned");
+    std::byte* d = USVM_TRY(resolve_(dev[i], kPageSize));
+    if (dir == HostDir::kToDevice) {
+      job.src.push_back(host[i] ? host[i] : const_cast<std::byte*>(kZeroPage));
+      job.dst.push_back(d);
+    } else {
+      if (!host[i]) return Err(Errc::kInval, "null host page");
+      job.src.push_back(d);
+      job.dst.push_back(host[i]);
+    }
+  }
+  return Queue(std::move(job), host.size() * kPageSize, 0);
+}
+
+Result<Fence> CopyEngine::Queue(Job job, uint64_t link_bytes, uint64_t local_bytes) {
   MutexLock l(lock_);
   if (stop_) return Err(Errc::kCanceled, "copy engine stopped");
   uint64_t ns = 0;

@@ -45,6 +45,12 @@ Result<Fence> Gpu::Copy(uint32_t engine, std::span<const PhysAddr> src, std::spa
   return copy_engines_[engine]->Copy(src, dst);
 }
 
+Result<Fence> Gpu::CopyHost(uint32_t engine, CopyEngine::HostDir dir, std::span<std::byte* const> host,
+                            std::span<const PhysAddr> dev) {
+  if (engine >= copy_engines_.size()) return Err(Errc::kInval, "no such copy engine");
+  return copy_engines_[engine]->CopyHost(dir, host, dev);
+}
+
 Result<void> Gpu::EnablePeerAccess(Gpu& peer) {
   if (&peer == this || peer.id_ == id_) return Err(Errc::kInval, "a GPU is not its own peer");
   Gpu* first = id_ < peer.id_ ? this : &peer;

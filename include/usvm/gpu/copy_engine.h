@@ -62,6 +62,14 @@ class CopyEngine {
   // EINVAL: empty or unequal lists, more than 1 Mi pages, an unaligned or
   // unreachable page. ECANCELED after shutdown began.
   Result<Fence> Copy(std::span<const PhysAddr> src, std::span<const PhysAddr> dst);
+  // DMA between host pages and device-visible pages (the driver's system
+  // page pointers, e.g. during a migration): host[i] <-> dev[i], 4 KiB
+  // each, over the system link. kToDevice copies host[i] into dev[i]
+  // (a null host[i] reads as zeros); kToHost copies dev[i] into host[i]
+  // (which must not be null). The caller keeps the host pages alive until
+  // the fence signals. Errors as Copy.
+  enum class HostDir : uint8_t { kToDevice, kToHost };
+  Result<Fence> CopyHost(HostDir dir, std::span<std::byte* const> host, std::span<const PhysAddr> dev);
 
   uint32_t index() const { return index_; }
   CopyStats Stats() const;
@@ -73,6 +81,7 @@ class CopyEngine {
     Fence fence;
   };
   void Run();
+  Result<Fence> Queue(Job job, uint64_t link_bytes, uint64_t local_bytes);
 
   // Constant after construction.
   const uint32_t gpu_id_;

@@ -84,6 +84,9 @@ class Gpu {
   // Queues a copy on engine `engine` (CopyEngine::Copy); EINVAL for a bad
   // engine index.
   Result<Fence> Copy(uint32_t engine, std::span<const PhysAddr> src, std::span<const PhysAddr> dst);
+  // Host <-> device DMA on engine `engine` (CopyEngine::CopyHost).
+  Result<Fence> CopyHost(uint32_t engine, CopyEngine::HostDir dir, std::span<std::byte* const> host,
+                         std::span<const PhysAddr> dev);
   Result<Launch> LaunchKernel(KernelFn fn, const LaunchParams& params = {}) {
     return exec_->Submit(std::move(fn), params);
   }
