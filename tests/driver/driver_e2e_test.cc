@@ -205,6 +205,9 @@ TEST(DriverE2e, PrefetchToVramThenGpuUseWithoutFaults) {
   EXPECT_EQ(m.dev().vram_stats().bytes_to_vram, copied);
 }
 
+// DRIVER BUG? Vm::Prefetch(System) evicts the range, then maps it through
+// HandleFaultLocked, which applies the default placement (kFaultingGpu) and
+// migrates it straight back into VRAM.
 TEST(DriverE2e, PrefetchToSystemBringsPagesHomeAndMapsThem) {
   Machine m;
   const uint64_t len = k2M;
@@ -216,7 +219,7 @@ TEST(DriverE2e, PrefetchToSystemBringsPagesHomeAndMapsThem) {
   USVM_ASSERT_OK(m.vm().Prefetch(va, len, Location::System()));
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
   EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kSystem);
-  Eventually([&] { return m.dev().vram_stats().allocations == 0; });
+  EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
   auto out = std::make_shared<std::vector<uint64_t>>(len / 8);
   uint64_t* p = out->data();
   auto l = LaunchWords(m.vm(), va, len, [p](gpu::KernelContext& k, uint64_t i, uint64_t a) { p[i] = k.Load(a); });
@@ -490,6 +493,11 @@ TEST(DriverE2e, GpuFirstTouchOfUntouchedMemory) {
 
 // ---- fork ---------------------------------------------------------------------
 
+// DRIVER BUG? After fork the range's device-private pages are shared
+// copy-on-write (read-only entries in both). The parent's GPU write fault
+// gets them back from hmm without kPfnWrite (hmm.cc leaves that decision to
+// the owner) and maps them writable anyway, so the parent's post-fork GPU
+// writes land in the page the child still maps: the child reads them.
 TEST(DriverE2e, ForkChildSeesPreForkDataAndNotLaterGpuWrites) {
   Machine m;
   const uint64_t len = k2M;
@@ -670,7 +678,7 @@ TEST(DriverE2e, BadAddressCancelsOnlyThatKernel) {
 TEST(DriverE2e, AccessOutsideTheGpuWindowIsEinval) {
   MachineConfig c;
   c.svm.va_start = uint64_t{1} << 44;
-  c.svm.va_size = uint64_t{1} << 44;
+  c.svm.va_size = uint64_t{1} << 46;
   Machine m(c);
   const uint64_t low = m.Mmap(k64K, uint64_t{1} << 32);  // below the window
   ASSERT_NE(low, 0u);
@@ -832,39 +840,80 @@ TEST(DriverE2e, ExplicitBindServesGpuAccessWithoutSvmRanges) {
   EXPECT_EQ(m.svm().stats().ranges, 0u);
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u) << "a bind maps system pages";
   EXPECT_TRUE(CpuMatches(m.as(), ref));
-  // Errors.
-  EXPECT_EQ(Code(vm.Bind(va + k64K, k64K)), Errc::kExist);
-  EXPECT_EQ(Code(vm.Bind(va + len + 8, k4K)), Errc::kInval);
-  EXPECT_EQ(Code(vm.Bind(va + len, 0)), Errc::kInval);
-  EXPECT_EQ(Code(vm.Bind(m.ReserveVa(k64K), k64K)), Errc::kNoEnt);
-  // mprotect invalidates; the next GPU fault revalidates (read-only now).
+  // mprotect invalidates; the next GPU fault (a plain launch, not through
+  // the Vm) revalidates.
   const VmStats s0 = vm.stats();
   USVM_ASSERT_OK(m.as().Mprotect(va, len, mm::kProtRead));
   EXPECT_EQ(vm.BindValid(*h).value_or(true), false);
   EXPECT_GT(vm.stats().bind_invalidations, s0.bind_invalidations);
-  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value());
-  EXPECT_TRUE(GpuMatches(vm, ref));
+  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "invalidated bind still mapped";
+  USVM_ASSERT_OK(m.as().Mprotect(va, len, kRW));
+  l = LaunchWords(vm, va, len / 2, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, Word(47, a)); }, false);
+  ASSERT_TRUE(l.has_value());
+  USVM_ASSERT_OK(WaitLaunch(*l));
+  ref.Fill(va, len / 2, 47);
+  EXPECT_GT(l->stats().faults, 0u);
+  // DRIVER BUG? (counter) VmStats::rebinds counts userptr revalidations
+  // only; a plain bind revalidated on a GPU fault (HandleFaultLocked ->
+  // ValidateBinding) is not counted.
   EXPECT_GT(vm.stats().rebinds, s0.rebinds);
   EXPECT_EQ(vm.BindValid(*h).value_or(false), true);
-  EXPECT_EQ(Code(GpuFill(vm, va, 8, 46)), Errc::kPerm);
-  USVM_ASSERT_OK(m.as().Mprotect(va, len, kRW));
-  USVM_ASSERT_OK(GpuFill(vm, va, len / 2, 47));
-  ref.Fill(va, len / 2, 47);
   EXPECT_EQ(m.svm().stats().ranges, 0u) << "faults inside a bind made SVM ranges";
-  // munmap of half: that half fails, the rest still works.
+  EXPECT_TRUE(GpuMatches(vm, ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  // munmap of half: that half fails; once unbound, the rest is served by SVM.
   USVM_ASSERT_OK(m.as().Munmap(va + len / 2, len / 2));
   EXPECT_FALSE(GpuPteKind(m.dev(), va + len / 2).has_value());
-  EXPECT_EQ(Code(GpuRead(vm, va + len / 2, k4K)), Errc::kNoEnt);
-  EXPECT_TRUE(GpuMatchesSpan(vm, ref, va, len / 2));
+  EXPECT_NE(Code(GpuRead(vm, va + len / 2, k4K)), Errc::kOk);
   EXPECT_EQ(m.svm().stats().ranges, 0u);
-  EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va, len / 2));
-  // Unbind: GPU faults go through SVM ranges again.
   USVM_ASSERT_OK(vm.Unbind(*h));
   EXPECT_EQ(Code(vm.Unbind(*h)), Errc::kNoEnt);
   EXPECT_EQ(Code(vm.BindValid(*h)), Errc::kNoEnt);
   EXPECT_EQ(vm.stats().unbinds, 1u);
+  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "Unbind left PTEs";
   EXPECT_TRUE(GpuMatchesSpan(vm, ref, va, len / 2));
   EXPECT_GT(m.svm().stats().ranges, 0u);
+  EXPECT_EQ(Code(GpuRead(vm, va + len / 2, k4K)), Errc::kNoEnt);
+  EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va, len / 2));
+}
+
+TEST(DriverE2e, BindErrors) {
+  Machine m;
+  const uint64_t len = 256 * 1024;
+  const uint64_t va = m.MmapAligned(len);
+  Vm& vm = m.vm();
+  auto h = vm.Bind(va, len);
+  ASSERT_TRUE(h.has_value()) << h.error().ToString();
+  EXPECT_EQ(Code(vm.Bind(va + k64K, k64K)), Errc::kExist);
+  EXPECT_EQ(Code(vm.Bind(va + len + 8, k4K)), Errc::kInval);
+  EXPECT_EQ(Code(vm.Bind(va + len, 0)), Errc::kInval);
+  EXPECT_EQ(Code(vm.Unbind(*h + 1000)), Errc::kNoEnt);
+  // DRIVER BUG? driver.h: Bind fails "ENOENT / EPERM / EFAULT as
+  // HandleFault", and HandleFault is ENOENT for no VMA; Bind returns EFAULT.
+  EXPECT_EQ(Code(vm.Bind(m.ReserveVa(k64K), k64K)), Errc::kNoEnt);
+  // A write bind of a read-only mapping: EPERM (as a write fault).
+  const uint64_t ro = m.Mmap(k64K, 0, mm::kProtRead);
+  EXPECT_EQ(Code(vm.Bind(ro, k64K)), Errc::kPerm);
+  EXPECT_TRUE(vm.Bind(ro, k64K, {.read_only = true}).has_value());
+}
+
+// DRIVER BUG? A writable bind whose mapping became read-only: the bind is
+// revalidated with write access (ValidateBinding sets ctx.read_only only
+// from BindFlags), so even GPU *reads* inside it are cancelled with EPERM.
+// (xe's userptr does the same: a design question rather than a crash.)
+TEST(DriverE2e, BindOverMappingMadeReadOnlyStillReads) {
+  Machine m;
+  const uint64_t len = 64 * 1024;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 46));
+  ref.Fill(va, len, 46);
+  auto h = m.vm().Bind(va, len);
+  ASSERT_TRUE(h.has_value());
+  USVM_ASSERT_OK(m.as().Mprotect(va, len, mm::kProtRead));
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_EQ(Code(GpuFill(m.vm(), va, 8, 1)), Errc::kPerm);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
 TEST(DriverE2e, ReadOnlyBindRefusesGpuWrites) {
@@ -959,6 +1008,8 @@ TEST(DriverE2e, UserptrFollowsCopyOnWriteAfterFork) {
 TEST(DriverE2e, TwoGpusShareABufferAndOneMunmapReachesBoth) {
   MachineConfig c;
   c.gpus = 2;
+  c.shared_owner = true;  // GPU 1 maps GPU 0's VRAM: both have PTEs
+  c.peer_access = true;
   Machine m(c);
   const uint64_t len = k2M;
   const uint64_t va = m.MmapAligned(len);
@@ -1051,9 +1102,12 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
         EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
         EXPECT_GT(m.dev(0).vram_stats().allocations, 0u);
       } else {
-        // Not mappable: migrated to system memory (then placed as usual).
+        // Not mappable: "else migrate to system memory" (driver.h).
+        // DRIVER BUG? the fault handler ignores the peer policy here and
+        // the default placement moves the range to GPU 1's VRAM instead.
         EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
-        EXPECT_NE(GpuPteKind(m.dev(1), va), PteKind::kPeerVram);
+        EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kSystem);
+        EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
         EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
       }
       break;
@@ -1066,6 +1120,9 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
       EXPECT_FALSE(GpuPteKind(m.dev(0), va).has_value()) << "GPU 0 still maps the moved range";
       break;
     case PeerPolicy::kSystem:
+      // DRIVER BUG? kSystem behaves as kMigrate: the fault handler only
+      // consults the peer policy for kMapRemote, then the default placement
+      // (kFaultingGpu) migrates the range into GPU 1's VRAM.
       EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
       EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kSystem);
       EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
@@ -1089,7 +1146,10 @@ INSTANTIATE_TEST_SUITE_P(Policies, DriverPeerTest,
                                            PeerCase{PeerPolicy::kMigrate, true, true},
                                            PeerCase{PeerPolicy::kSystem, true, true}),
                          [](const ::testing::TestParamInfo<PeerCase>& i) {
-                           return std::string(PeerPolicyName(i.param.policy)) +
+                           std::string n = PeerPolicyName(i.param.policy);
+                           for (char& ch : n)
+                             if (!isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           return n +
                                   (i.param.shared_owner ? "_SharedOwner" : "_OwnOwners") +
                                   (i.param.peer_access ? "_Peer" : "_NoPeer");
                          });
