@@ -163,7 +163,7 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool need_atomic) {
   }
   flush();
   (void)need_atomic;
-  gpu::PageTable& pt = dev.gpu->page_table();
+  gpu::PageTable& pt = ctx->page_table();
   // A mapping of the range left by an earlier commit may use other leaf
   // sizes: clear it first (binds never split a larger leaf).
   if (r->present.load() & (1u << g)) {
@@ -518,8 +518,8 @@ Binding* Vm::Impl::FindBinding(uint64_t start, uint64_t end) const {
 }
 
 void Vm::Impl::ZapAndFlush(uint64_t start, uint64_t end) {
-  (void)dev.gpu->page_table().Zap(start, end - start);
-  auto f = dev.gpu->InvalidateTlb(start, end - start);
+  (void)ctx->page_table().Zap(start, end - start);
+  auto f = ctx->InvalidateTlb(start, end - start);
   if (f) (void)f->Wait();
 }
 
@@ -539,11 +539,11 @@ bool Binding::Invalidate(mm::MmuIntervalNotifier* s, const mm::NotifierRange& ra
 
 Result<void> Vm::Impl::ValidateBinding(Binding* b) {
   gpusvm::GpuSvm& bs = *svm.bind_svm;
-  gpusvm::Ctx ctx;
-  ctx.read_only = b->flags.read_only;
+  gpusvm::Ctx gctx;
+  gctx.read_only = b->flags.read_only;
   // No device owner: device pages are brought home (binds map system memory).
   for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
-    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, ctx));
+    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, gctx));
     ReadLock nl(bs.notifier_lock());
     if (!bs.PagesValid(b->pages)) continue;
     if (b->valid.load()) return {};
@@ -569,7 +569,7 @@ Result<void> Vm::Impl::ValidateBinding(Binding* b) {
       i += n;
     }
     if (run.valid) EmitRun(run, prot, &ops, leaves);
-    gpu::PageTable& pt = dev.gpu->page_table();
+    gpu::PageTable& pt = ctx->page_table();
     if (b->mapped.load()) (void)pt.Zap(b->start, b->end - b->start);
     USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
     b->mapped.store(true);
@@ -626,7 +626,7 @@ Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
           v.svm.ZapRangeOn(r, v.dev.id, &lo, &hi);
           r->present.fetch_and(~(1u << v.dev.id));
           if (lo < hi) {
-            auto f = v.dev.gpu->InvalidateTlb(lo, hi - lo);
+            auto f = v.ctx->InvalidateTlb(lo, hi - lo);
             if (f) (void)f->Wait();
           }
         }
@@ -674,45 +674,52 @@ Result<void> Vm::RevalidateUserptrs() {
 
 Result<gpu::Launch> Vm::LaunchKernel(gpu::KernelFn fn, const gpu::LaunchParams& params) {
   USVM_TRY(RevalidateUserptrs());
-  return impl_->dev.gpu->LaunchKernel(std::move(fn), params);
+  return impl_->ctx->LaunchKernel(std::move(fn), params);
 }
 
 Result<gpu::Launch> Vm::LaunchPattern(const gpu::PatternParams& params) {
   USVM_TRY(RevalidateUserptrs());
-  return impl_->dev.gpu->LaunchPattern(params);
+  return impl_->ctx->LaunchPattern(params);
 }
 
 // ---- the device's fault loop ------------------------------------------------
 
-Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
-  gpu::FaultUnit& fu = gpu->fault_unit();
-  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
+namespace {
+
+// Serves one fetched batch on `vm` (null: no address space, cancel them).
+void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch) {
   // Coalesce: in address order, so faults of one range are served together
   // and the later ones find it valid.
-  std::sort(batch.begin(), batch.end(),
-            [](const gpu::Fault& a, const gpu::Fault& b) { return a.va < b.va; });
+  std::sort(batch.begin(), batch.end(), [](const gpu::Fault& a, const gpu::Fault& b) { return a.va < b.va; });
   std::vector<std::pair<uint64_t, Error>> failed;
   std::vector<uint64_t> ok;
   ok.reserve(batch.size());
-  {
-    ReadLock al(attach_lock_);
-    Vm::Impl* vm = vm_;
-    if (!vm) {
-      for (const gpu::Fault& f : batch)
-        failed.emplace_back(f.id, Error(Errc::kNoDev, "driver: the GPU runs no address space"));
-    } else {
-      gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
-      // The collector runs first (xe: garbage collection before faults).
-      (void)vm->svm.CollectLocked();
-      for (const gpu::Fault& f : batch) {
-        auto r = vm->HandleFaultLocked(f.va, f.access);
-        if (r) ok.push_back(f.id);
-        else failed.emplace_back(f.id, r.error());
-      }
+  if (!vm || vm->detached_.load()) {
+    for (const gpu::Fault& f : batch)
+      failed.emplace_back(f.id, Error(Errc::kNoDev, "driver: the GPU context runs no address space"));
+  } else {
+    gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
+    // The collector runs first (xe: garbage collection before faults).
+    (void)vm->svm.CollectLocked();
+    for (const gpu::Fault& f : batch) {
+      auto r = vm->HandleFaultLocked(f.va, f.access);
+      if (r) ok.push_back(f.id);
+      else failed.emplace_back(f.id, r.error());
     }
   }
+  // Replay after the batch (UVM's BATCH_FLUSH); a cancel ends only the
+  // kernels waiting on that fault.
   for (uint64_t id : ok) (void)fu.Replay(id);
   for (auto& [id, e] : failed) (void)fu.Cancel(id, e);
+}
+
+}  // namespace
+
+Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
+  gpu::FaultUnit& fu = gpu->default_context().fault_unit();
+  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
+  ReadLock al(attach_lock_);
+  ServeBatch(vm_, fu, batch);
   return batch.size();
 }
 
@@ -722,5 +729,27 @@ void Device::Impl::FaultLoop() {
     if (!r && r.error() == Errc::kCanceled) return;
   }
 }
+
+Result<size_t> Vm::Impl::ServiceBatch(uint64_t timeout_ns) {
+  gpu::FaultUnit& fu = ctx->fault_unit();
+  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(dev.config.fault_batch, timeout_ns));
+  ServeBatch(this, fu, batch);
+  return batch.size();
+}
+
+void Vm::Impl::FaultLoop() {
+  while (!fault_stop.load(std::memory_order_acquire)) {
+    auto r = ServiceBatch(kFetchTimeoutNs);
+    if (!r && r.error() == Errc::kCanceled) return;
+  }
+}
+
+Result<size_t> Vm::ServiceFaults(uint64_t timeout_ns) {
+  if (impl_->detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  if (impl_->ctx == &impl_->dev.gpu->default_context()) return impl_->dev.ServiceBatch(timeout_ns);
+  return impl_->ServiceBatch(timeout_ns);
+}
+
+gpu::GpuContext& Vm::context() const { return *impl_->ctx; }
 
 }  // namespace usvm::driver

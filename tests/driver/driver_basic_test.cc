@@ -159,3 +159,91 @@ TEST_F(DriverBasicTest, BindMapsAheadOfFaultsAndInvalidationUnbinds) {
 
 }  // namespace
 }  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+TEST_F(DriverBasicTest, TwoAddressSpacesShareOneGpuThroughContexts) {
+  Device& d = AddGpu();
+  Svm& s1 = MakeSvm();
+  auto as2 = mm::AddressSpace::TryCreate(*pool_, {}, env_).value();
+  auto s2 = Svm::TryCreate(as2, {}).value();
+  Vm* v1 = s1.Attach(d).value();
+  Vm* v2 = s2->Attach(d).value();
+  EXPECT_EQ(&v1->context(), &d.gpu().default_context());
+  EXPECT_NE(&v2->context(), &v1->context());
+  EXPECT_EQ(s1.Attach(d).error(), Errc::kExist);
+  const uint64_t len = uint64_t{2} << 20;
+  // The same VA in both address spaces, different bytes.
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(as2->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 111).has_value());
+  ASSERT_TRUE(GpuFill(*v2, kBuf, len, 222).has_value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 111), 0u);
+  std::vector<uint64_t> b(len / 8);
+  ASSERT_TRUE(as2->Read(kBuf, b.data(), len).has_value());
+  uint64_t bad = 0;
+  for (uint64_t i = 0; i < b.size(); ++i) bad += b[i] != (222 ^ (i * 8));
+  EXPECT_EQ(bad, 0u);
+  // A munmap in one address space leaves the other's mapping alone.
+  ASSERT_TRUE(GpuSum(*v2, kBuf, len).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len).has_value());
+  EXPECT_TRUE(v2->context().page_table().Walk(kBuf).has_value());
+  EXPECT_FALSE(v1->context().page_table().Walk(kBuf).has_value());
+  s2.reset();
+  EXPECT_EQ(d.vram_stats().allocations, 0u);
+}
+
+TEST_F(DriverBasicTest, GpuAtomicsMigrateOrAreRefusedByTheAttribute) {
+  Device& d = AddGpu();
+  SvmConfig c;
+  c.placement = Placement::kSystem;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{64} << 10;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kCpu}).has_value());
+  auto atomics = [&](uint32_t threads, uint64_t n) {
+    auto l = vm->LaunchKernel(
+        [=](gpu::KernelContext& k) {
+          for (uint64_t i = 0; i < n; ++i) k.AtomicAdd(kBuf, 1);
+        },
+        {.threads = threads});
+    return l.has_value() ? l->Wait() : Result<void>(Err(l.error()));
+  };
+  auto r = atomics(1, 1);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), Errc::kAcces);
+  // Device atomics: the range moves to VRAM (system placement or not).
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kDevice}).has_value());
+  ASSERT_TRUE(atomics(4, 1000).has_value());
+  // Untouched by the CPU, 64 KiB is at the check-pages threshold: a 4 KiB
+  // range around the counter.
+  EXPECT_EQ(vm->stats().by_size[0].migrations, 1u);
+  uint64_t v = 0;
+  ASSERT_TRUE(as_->Read(kBuf, &v, 8).has_value());
+  EXPECT_EQ(v, 4000u);
+  // Setting the same attribute again invalidates nothing.
+  const uint64_t inv = s.stats().attribute_invalidations;
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kDevice}).has_value());
+  EXPECT_EQ(s.stats().attribute_invalidations, inv);
+  auto q = s.QueryAttributes(kBuf - 4096, len + 8192).value();
+  ASSERT_EQ(q.size(), 3u);
+  EXPECT_EQ(q[1].attrs.atomic, AtomicMode::kDevice);
+  EXPECT_EQ(q[0].attrs.atomic, AtomicMode::kUndefined);
+}
+
+TEST_F(DriverBasicTest, WorkingSetTwiceVramRunsWithEviction) {
+  Device& d = AddGpu(uint64_t{8} << 20);
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{16} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 0xabc).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 0xdef).has_value());
+  EXPECT_GT(d.vram_stats().evictions, 0u);
+  EXPECT_EQ(CpuCheck(kBuf, len, 0xdef), 0u);
+}
+
+}  // namespace
+}  // namespace usvm::driver
