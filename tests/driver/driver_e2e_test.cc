@@ -58,7 +58,7 @@ TEST(DriverE2e, MallocLikeBufferRoundTrip) {
   EXPECT_EQ(DevicePages(m.as(), va, len), len / k4K);
   EXPECT_GT(m.dev().vram_stats().allocations, 0u);
   EXPECT_GT(m.dev().vram_stats().bytes_to_vram, 0u);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kLocalVram);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kLocalVram);
   const VmStats vs = m.vm().stats();
   EXPECT_GT(vs.faults, 0u);
   EXPECT_EQ(vs.faults_cancelled, 0u);
@@ -106,7 +106,7 @@ TEST(DriverE2e, NewBufferPerExecAndFreeAfter) {
       ASSERT_TRUE(CpuMatches(m.as(), ref)) << "exec " << i;
     }
     USVM_ASSERT_OK(m.as().Munmap(va, len));
-    EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "GPU PTE survived munmap, exec " << i;
+    EXPECT_FALSE(GpuPteKind(m.vm(), va).has_value()) << "GPU PTE survived munmap, exec " << i;
   }
   EXPECT_GT(m.svm().stats().unmap_events, 0u);
   // The collector removes the unmapped ranges; their device pages are freed.
@@ -188,7 +188,7 @@ TEST(DriverE2e, PrefetchToVramThenGpuUseWithoutFaults) {
   USVM_ASSERT_OK(vm.Prefetch(va, len, Location::Device(0)));
   EXPECT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
   EXPECT_GE(vm.stats().prefetches, 1u);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kLocalVram);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kLocalVram);
   EXPECT_GE(m.dev().vram_stats().bytes_to_vram, len);
   const uint64_t faults_before = vm.stats().faults;
   auto out = std::make_shared<std::vector<uint64_t>>(len / 8);
@@ -218,7 +218,7 @@ TEST(DriverE2e, PrefetchToSystemBringsPagesHomeAndMapsThem) {
   ASSERT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
   USVM_ASSERT_OK(m.vm().Prefetch(va, len, Location::System()));
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kSystem);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kSystem);
   EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
   auto out = std::make_shared<std::vector<uint64_t>>(len / 8);
   uint64_t* p = out->data();
@@ -250,7 +250,7 @@ TEST(DriverE2e, MadvisePreferredSystemKeepsPagesInSystemMemory) {
   USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 8));
   ref.Fill(va, len, 8);
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kSystem);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kSystem);
   EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
   EXPECT_EQ(m.dev().vram_stats().bytes_to_vram, 0u);
   EXPECT_TRUE(GpuMatches(m.vm(), ref));
@@ -272,7 +272,7 @@ TEST(DriverE2e, MadvisePreferredDeviceOverridesSystemPlacement) {
   EXPECT_GT(m.svm().stats().attribute_invalidations, inval);
   EXPECT_TRUE(GpuMatches(m.vm(), ref));
   EXPECT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kLocalVram);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kLocalVram);
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
@@ -323,7 +323,7 @@ TEST(DriverE2e, MadviseAtomicDeviceGpuAtomicsWorkInVram) {
   ref.Set64(va, ref.Get64(va) + kThreads * kIters);
   for (uint32_t t = 0; t < kThreads; ++t) ref.Set64(va + 8 * (1 + t), ref.Get64(va + 8 * (1 + t)) + 2 * kIters);
   EXPECT_TRUE(InDeviceMemory(m.as(), va)) << "GPU atomic did not migrate to VRAM";
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kLocalVram);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kLocalVram);
   EXPECT_TRUE(GpuMatches(m.vm(), ref));
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
@@ -340,7 +340,7 @@ TEST(DriverE2e, MadviseUnchangedAttributesCauseNoInvalidation) {
   // Default -> default: nothing changes.
   USVM_ASSERT_OK(m.svm().SetAttributes(va, len, Atomic(AtomicMode::kUndefined)));
   EXPECT_EQ(m.svm().stats().attribute_invalidations, i0);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kLocalVram) << "unchanged attributes zapped the GPU";
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kLocalVram) << "unchanged attributes zapped the GPU";
   // A change invalidates ...
   USVM_ASSERT_OK(m.svm().SetAttributes(va, len, Pref(Location::System())));
   const uint64_t i1 = m.svm().stats().attribute_invalidations;
@@ -393,7 +393,7 @@ TEST(DriverE2e, SharedAnonymousMemoryStaysInSystemMemory) {
   EXPECT_TRUE(GpuMatches(m.vm(), ref));
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
   EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
-  EXPECT_EQ(GpuPteKind(m.dev(), va), PteKind::kSystem);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kSystem);
   EXPECT_TRUE(CpuMatches(m.as(), ref));
   // A fork child shares the pages: it sees the GPU's writes.
   auto child = m.as().Fork();
@@ -558,7 +558,7 @@ TEST(DriverE2e, MremapMoveGpuFollowsTheData) {
   auto moved = m.as().Mremap(va, len, len, mm::kMremapMayMove | mm::kMremapFixed, to);
   ASSERT_TRUE(moved.has_value()) << moved.error().ToString();
   ASSERT_EQ(*moved, to);
-  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "GPU PTE of the old address survived mremap";
+  EXPECT_FALSE(GpuPteKind(m.vm(), va).has_value()) << "GPU PTE of the old address survived mremap";
   Ref moved_ref = ref;
   moved_ref.va = to;
   EXPECT_TRUE(GpuMatches(m.vm(), moved_ref));
@@ -624,7 +624,7 @@ void PartialMunmap(bool cpu_fault_after) {
   const uint64_t unmaps = m.svm().stats().unmap_events;
   USVM_ASSERT_OK(m.as().Munmap(hole, hole_len));
   EXPECT_GT(m.svm().stats().unmap_events, unmaps);
-  EXPECT_FALSE(GpuPteKind(m.dev(), hole).has_value());
+  EXPECT_FALSE(GpuPteKind(m.vm(), hole).has_value());
   if (cpu_fault_after) {
     uint64_t w = 0;
     USVM_ASSERT_OK(m.as().Read(va + len - 8, &w, 8));
@@ -783,8 +783,6 @@ TEST(DriverE2e, SeveralAddressSpacesEachWithItsOwnGpus) {
   Machine m(c);
   m.AddProcess({0, 1});
   m.AddProcess({2, 3});
-  // A device runs one address space at a time.
-  EXPECT_EQ(Code(m.svm(1).Attach(m.dev(0))), Errc::kBusy);
   EXPECT_EQ(Code(m.svm(1).Attach(m.dev(2))), Errc::kExist);
   // The same VA in both, different data.
   const uint64_t len = k2M;
@@ -812,6 +810,59 @@ TEST(DriverE2e, SeveralAddressSpacesEachWithItsOwnGpus) {
   EXPECT_TRUE(CpuMatches(m.as(0), r0));
 }
 
+// One GPU runs two address spaces (a context each): same VA, different
+// data, invalidations of one do not touch the other.
+TEST(DriverE2e, OneGpuServesTwoAddressSpaces) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.default_process = false;
+  Machine m(c);
+  SvmConfig sc;
+  sc.placement = Placement::kSystem;  // both GPUs keep their PTEs (system pages)
+  m.AddProcess({0, 1}, sc);
+  m.AddProcess({0, 1}, sc);
+  ASSERT_NE(&m.vm(0, 0).context(), &m.vm(0, 1).context());
+  const uint64_t len = k2M;
+  const uint64_t va = m.ReserveVa(len);
+  ASSERT_EQ(m.Mmap(len, va, kRW, kAnonPrivate, 0), va);
+  ASSERT_EQ(m.Mmap(len, va, kRW, kAnonPrivate, 1), va);
+  Ref r0(va, len), r1(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(1), va, len, 70));
+  r1.Fill(va, len, 70);
+  USVM_ASSERT_OK(GpuFill(m.vm(0, 0), va, len, 71));
+  r0.Fill(va, len, 71);
+  USVM_ASSERT_OK(GpuAdd(m.vm(0, 1), va, len / 2, 1));
+  for (uint64_t a = va; a < va + len / 2; a += 8) r1.Set64(a, r1.Get64(a) + 1);
+  USVM_ASSERT_OK(GpuAdd(m.vm(1, 1), va + len / 2, len / 2, 2));
+  for (uint64_t a = va + len / 2; a < va + len; a += 8) r1.Set64(a, r1.Get64(a) + 2);
+  for (uint32_t g = 0; g < 2; ++g) {
+    EXPECT_TRUE(GpuMatches(m.vm(g, 0), r0)) << "GPU " << g << " process 0";
+    EXPECT_TRUE(GpuMatches(m.vm(g, 1), r1)) << "GPU " << g << " process 1";
+  }
+  // munmap in process 0 zaps process 0's contexts only.
+  for (uint32_t g = 0; g < 2; ++g) ASSERT_TRUE(GpuPteKind(m.vm(g, 1), va).has_value()) << "GPU " << g;
+  USVM_ASSERT_OK(m.as(0).Munmap(va, len));
+  for (uint32_t g = 0; g < 2; ++g) {
+    EXPECT_FALSE(GpuPteKind(m.vm(g, 0), va).has_value()) << "GPU " << g;
+    EXPECT_TRUE(GpuPteKind(m.vm(g, 1), va).has_value()) << "GPU " << g;
+    EXPECT_EQ(Code(GpuRead(m.vm(g, 0), va, 8)), Errc::kNoEnt);
+    EXPECT_TRUE(GpuMatches(m.vm(g, 1), r1)) << "GPU " << g;
+  }
+  EXPECT_TRUE(CpuMatches(m.as(1), r1));
+  // Closing process 1's Svm leaves no device page; GPU 0 still serves a
+  // new buffer of process 0.
+  USVM_ASSERT_OK(m.vm(0, 1).Prefetch(va, len, Location::Device(0)));
+  ASSERT_GT(m.dev(0).vram_stats().allocations, 0u);
+  m.svm(1).Close();
+  EXPECT_EQ(m.dev(0).vram_stats().allocations + m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_TRUE(CpuMatches(m.as(1), r1));
+  const uint64_t b = m.MmapAligned(k64K, 0);
+  Ref rb(b, k64K);
+  USVM_ASSERT_OK(GpuFill(m.vm(0, 0), b, k64K, 72));
+  rb.Fill(b, k64K, 72);
+  EXPECT_TRUE(CpuMatches(m.as(0), rb));
+}
+
 // ---- explicit binds -----------------------------------------------------------------
 
 TEST(DriverE2e, ExplicitBindServesGpuAccessWithoutSvmRanges) {
@@ -826,7 +877,7 @@ TEST(DriverE2e, ExplicitBindServesGpuAccessWithoutSvmRanges) {
   ASSERT_TRUE(h.has_value()) << h.error().ToString();
   EXPECT_EQ(vm.BindValid(*h).value_or(false), true);
   EXPECT_EQ(vm.stats().binds, 1u);
-  EXPECT_TRUE(GpuPteKind(m.dev(), va).has_value()) << "Bind maps before any fault";
+  EXPECT_TRUE(GpuPteKind(m.vm(), va).has_value()) << "Bind maps before any fault";
   // Mapped up front: no fault, no SVM range.
   auto out = std::make_shared<std::vector<uint64_t>>(len / 8);
   uint64_t* p = out->data();
@@ -846,7 +897,7 @@ TEST(DriverE2e, ExplicitBindServesGpuAccessWithoutSvmRanges) {
   USVM_ASSERT_OK(m.as().Mprotect(va, len, mm::kProtRead));
   EXPECT_EQ(vm.BindValid(*h).value_or(true), false);
   EXPECT_GT(vm.stats().bind_invalidations, s0.bind_invalidations);
-  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "invalidated bind still mapped";
+  EXPECT_FALSE(GpuPteKind(m.vm(), va).has_value()) << "invalidated bind still mapped";
   USVM_ASSERT_OK(m.as().Mprotect(va, len, kRW));
   l = LaunchWords(vm, va, len / 2, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, Word(47, a)); }, false);
   ASSERT_TRUE(l.has_value());
@@ -863,14 +914,14 @@ TEST(DriverE2e, ExplicitBindServesGpuAccessWithoutSvmRanges) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
   // munmap of half: that half fails; once unbound, the rest is served by SVM.
   USVM_ASSERT_OK(m.as().Munmap(va + len / 2, len / 2));
-  EXPECT_FALSE(GpuPteKind(m.dev(), va + len / 2).has_value());
+  EXPECT_FALSE(GpuPteKind(m.vm(), va + len / 2).has_value());
   EXPECT_NE(Code(GpuRead(vm, va + len / 2, k4K)), Errc::kOk);
   EXPECT_EQ(m.svm().stats().ranges, 0u);
   USVM_ASSERT_OK(vm.Unbind(*h));
   EXPECT_EQ(Code(vm.Unbind(*h)), Errc::kNoEnt);
   EXPECT_EQ(Code(vm.BindValid(*h)), Errc::kNoEnt);
   EXPECT_EQ(vm.stats().unbinds, 1u);
-  EXPECT_FALSE(GpuPteKind(m.dev(), va).has_value()) << "Unbind left PTEs";
+  EXPECT_FALSE(GpuPteKind(m.vm(), va).has_value()) << "Unbind left PTEs";
   EXPECT_TRUE(GpuMatchesSpan(vm, ref, va, len / 2));
   EXPECT_GT(m.svm().stats().ranges, 0u);
   EXPECT_EQ(Code(GpuRead(vm, va + len / 2, k4K)), Errc::kNoEnt);
@@ -1020,13 +1071,13 @@ TEST(DriverE2e, TwoGpusShareABufferAndOneMunmapReachesBoth) {
   ref.Fill(va + len / 2, len / 2, 57);
   EXPECT_TRUE(GpuMatches(m.vm(0), ref));
   EXPECT_TRUE(GpuMatches(m.vm(1), ref));
-  EXPECT_TRUE(GpuPteKind(m.dev(0), va).has_value());
-  EXPECT_TRUE(GpuPteKind(m.dev(1), va).has_value());
+  EXPECT_TRUE(GpuPteKind(m.vm(0), va).has_value());
+  EXPECT_TRUE(GpuPteKind(m.vm(1), va).has_value());
   EXPECT_TRUE(CpuMatches(m.as(), ref));
   USVM_ASSERT_OK(m.as().Munmap(va, len));
   for (uint32_t g = 0; g < 2; ++g) {
-    EXPECT_FALSE(GpuPteKind(m.dev(g), va).has_value()) << "GPU " << g;
-    EXPECT_FALSE(GpuPteKind(m.dev(g), va + len / 2).has_value()) << "GPU " << g;
+    EXPECT_FALSE(GpuPteKind(m.vm(g), va).has_value()) << "GPU " << g;
+    EXPECT_FALSE(GpuPteKind(m.vm(g), va + len / 2).has_value()) << "GPU " << g;
     EXPECT_EQ(Code(GpuRead(m.vm(g), va, 8)), Errc::kNoEnt) << "GPU " << g;
   }
   Eventually([&] { return m.svm().stats().ranges == 0; });
@@ -1056,8 +1107,8 @@ TEST(DriverE2e, FourGpusShareABuffer) {
   // One munmap of the middle reaches all four.
   USVM_ASSERT_OK(m.as().Munmap(va + k2M, 2 * k2M));
   for (uint32_t g = 0; g < 4; ++g) {
-    EXPECT_FALSE(GpuPteKind(m.dev(g), va + k2M).has_value()) << "GPU " << g;
-    EXPECT_FALSE(GpuPteKind(m.dev(g), va + 2 * k2M).has_value()) << "GPU " << g;
+    EXPECT_FALSE(GpuPteKind(m.vm(g), va + k2M).has_value()) << "GPU " << g;
+    EXPECT_FALSE(GpuPteKind(m.vm(g), va + 2 * k2M).has_value()) << "GPU " << g;
     EXPECT_EQ(Code(GpuRead(m.vm(g), va + 2 * k2M, 8)), Errc::kNoEnt) << "GPU " << g;
     EXPECT_TRUE(GpuMatchesSpan(m.vm(g), ref, va, k2M)) << "GPU " << g;
     EXPECT_TRUE(GpuMatchesSpan(m.vm(g), ref, va + 3 * k2M, k2M)) << "GPU " << g;
@@ -1089,7 +1140,7 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
   USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 60));
   ref.Fill(va, len, 60);
   ASSERT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
-  ASSERT_EQ(GpuPteKind(m.dev(0), va), PteKind::kLocalVram);
+  ASSERT_EQ(GpuPteKind(m.vm(0), va), PteKind::kLocalVram);
   ASSERT_GT(m.dev(0).vram_stats().allocations, 0u);
   EXPECT_TRUE(GpuMatches(m.vm(1), ref));
   const bool can_map = pc.shared_owner && pc.peer_access;
@@ -1097,7 +1148,7 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
     case PeerPolicy::kMapRemote:
       if (can_map) {
         EXPECT_GT(m.vm(1).stats().peer_maps, 0u);
-        EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kPeerVram);
+        EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kPeerVram);
         EXPECT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
         EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
         EXPECT_GT(m.dev(0).vram_stats().allocations, 0u);
@@ -1106,25 +1157,25 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
         // DRIVER BUG? the fault handler ignores the peer policy here and
         // the default placement moves the range to GPU 1's VRAM instead.
         EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
-        EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kSystem);
+        EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kSystem);
         EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
         EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
       }
       break;
     case PeerPolicy::kMigrate:
       EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
-      EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kLocalVram);
+      EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kLocalVram);
       EXPECT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
       EXPECT_GT(m.dev(1).vram_stats().allocations, 0u);
       EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
-      EXPECT_FALSE(GpuPteKind(m.dev(0), va).has_value()) << "GPU 0 still maps the moved range";
+      EXPECT_FALSE(GpuPteKind(m.vm(0), va).has_value()) << "GPU 0 still maps the moved range";
       break;
     case PeerPolicy::kSystem:
       // DRIVER BUG? kSystem behaves as kMigrate: the fault handler only
       // consults the peer policy for kMapRemote, then the default placement
       // (kFaultingGpu) migrates the range into GPU 1's VRAM.
       EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
-      EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kSystem);
+      EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kSystem);
       EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
       EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
       EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
@@ -1168,7 +1219,7 @@ TEST(DriverE2e, AccessInPlaceMapsPeerVramDespiteMigratePolicy) {
   USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 61));
   ref.Fill(va, len, 61);
   EXPECT_TRUE(GpuMatches(m.vm(1), ref));
-  EXPECT_EQ(GpuPteKind(m.dev(1), va), PteKind::kPeerVram);
+  EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kPeerVram);
   EXPECT_GT(m.vm(1).stats().peer_maps, 0u);
   EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
   EXPECT_TRUE(CpuMatches(m.as(), ref));

@@ -152,7 +152,7 @@ inline Result<gpu::Launch> LaunchWords(Vm& vm, uint64_t va, uint64_t len, F per_
     }
   };
   if (through_vm) return vm.LaunchKernel(fn, {.threads = threads});
-  return vm.device().gpu().LaunchKernel(fn, {.threads = threads});
+  return vm.context().LaunchKernel(fn, {.threads = threads});
 }
 
 // Waits for a launch; a launch that has not finished after 30 s is a hang:
@@ -229,7 +229,15 @@ inline uint64_t DevicePages(AddressSpace& as, uint64_t va, uint64_t len) {
   for (uint64_t a = va; a < va + len; a += mm::kPageSize) n += InDeviceMemory(as, a);
   return n;
 }
-// The GPU PTE kind at va, or nullopt when nothing is mapped.
+// The GPU PTE kind at va in the Vm's GPU context, or nullopt when nothing
+// is mapped.
+inline std::optional<gpu::PteKind> GpuPteKind(Vm& vm, uint64_t va) {
+  auto m = vm.context().page_table().Walk(va);
+  if (!m) return std::nullopt;
+  return m->pte.kind();
+}
+// The same in the device's default context (the first address space
+// attached), usable after the Vm is gone.
 inline std::optional<gpu::PteKind> GpuPteKind(Device& d, uint64_t va) {
   auto m = d.gpu().page_table().Walk(va);
   if (!m) return std::nullopt;
