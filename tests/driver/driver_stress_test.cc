@@ -98,9 +98,11 @@ TEST_P(DriverStressTest, CpuThreadsMunmapForkAndGpuKernels) {
   std::atomic<uint64_t> forks{0}, churns{0}, attr_flips{0};
   std::vector<std::thread> threads;
 
-  // GPU drivers: each adds 1 to its own slice, and now and then reads the
-  // CPU slices (migrating the range under the CPU writers) and the frozen
-  // buffer (checked exactly).
+  // GPU drivers: each adds 1 to its own slice (migrating the 2 MiB range
+  // under the CPU writers: the slices share it) and now and then reads the
+  // frozen buffer (checked exactly). (No GPU reads of the CPU slices while
+  // they are written: a CPU memcpy racing a GPU load is a data race of the
+  // test itself.)
   for (uint32_t g = 0; g < kGpus; ++g) {
     threads.emplace_back([&, g] {
       Vm& vm = m.vm(g);
@@ -111,10 +113,6 @@ TEST_P(DriverStressTest, CpuThreadsMunmapForkAndGpuKernels) {
           return;
         }
         ++gpu_adds[g];
-        if (i % 3 == 0) {
-          auto rd = GpuRead(vm, shared, kCpuThreads * kSlice);
-          if (!rd) fail.Add("GPU " + std::to_string(g) + " read of CPU slices: " + rd.error().ToString());
-        }
         if (i % 4 == 1) {
           auto ok = GpuMatches(vm, frozen_ref);
           if (!ok) fail.Add("GPU " + std::to_string(g) + " frozen: " + ok.message());
