@@ -253,6 +253,7 @@ struct MachineConfig {
   uint32_t exec_threads = 2;
   bool shared_owner = false;  // every device shares one owner
   bool peer_access = false;   // every pair of devices has peer access
+  bool fault_thread = true;   // DeviceConfig::fault_thread
   // One address space with an Svm attached to every device (false: none;
   // the test adds its own with AddProcess).
   bool default_process = true;
@@ -276,6 +277,7 @@ class Machine {
       dc.gpu.exec_threads = c.exec_threads;
       dc.gpu.copy_engines = 2;
       dc.gpu.latency = gpu::LatencyModel::Zero();
+      dc.fault_thread = c.fault_thread;
       dc.owner = c.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
       auto d = Device::TryCreate(i, dc, sysmem_.get(), *env_);
       EXPECT_TRUE(d.has_value()) << "Device::TryCreate: " << d.error().ToString();
