@@ -270,6 +270,16 @@ class Vm::Impl {
 
   // REQUIRES: the driver lock.
   Result<void> HandleFaultLocked(uint64_t va, uint8_t access) USVM_REQUIRES(svm.svm->driver_lock());
+  // The xe flow for one page: find or insert its range, move it where it
+  // should be (`force`: a prefetch's location, else attributes and
+  // policy), and with map_here get its pages and commit them on this GPU.
+  Result<void> ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
+                             bool prefetch) USVM_REQUIRES(svm.svm->driver_lock());
+  // The attached device at `loc` (kDevice), or null.
+  Device::Impl* DeviceAt(const Location& loc) const;
+  // Whether this GPU maps `owner`'s VRAM directly (itself, or a peer of
+  // the same owner with peer access).
+  bool CanReach(const Device::Impl* owner) const;
   Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where)
       USVM_REQUIRES(svm.svm->driver_lock());
   // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
@@ -283,7 +293,7 @@ class Vm::Impl {
 
   // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
   // lock and the notifier lock (read); pages valid.
-  Result<void> CommitRange(DrvRange* r, bool need_atomic);
+  Result<void> CommitRange(DrvRange* r);
 
   // Fault servicing of this Vm's context: one batch (waiting up to
   // timeout_ns for the first fault). The faults answered.

@@ -114,6 +114,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
   // The Vm's fault thread stops first (a context of its own), or the
   // device's thread leaves its batch (the default context).
   vi->fault_stop.store(true, std::memory_order_release);
+  if (vi->own_ctx) vi->own_ctx->fault_unit().Shutdown();  // wakes its thread
   if (vi->fault_thread.joinable()) vi->fault_thread.join();
   WriteLock al(d.attach_lock_);
   {
@@ -449,7 +450,9 @@ Result<void> Svm::Impl::CollectLocked() {
     if (r->present.load()) InvalidateRangeNow(r);
     if (lo < hi) ResetAttributes(lo, hi);
     if (r->in_tree()) {
-      auto res = svm->RangeRemove(r);
+      // Fault site "driver.gc": the collector fails to remove the range.
+      auto res = env.ShouldFail("driver.gc") ? Result<void>(Err(Errc::kIo, "injected"))
+                                            : svm->RangeRemove(r);
       if (!res) {
         MutexLock l(error_lock);
         if (!has_error.load()) {
