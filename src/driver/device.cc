@@ -35,6 +35,16 @@ Device::Device(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Device::~Device() {
   Impl& d = *impl_;
+  // Still attached somewhere: detach (as Svm::Detach would).
+  for (;;) {
+    Vm::Impl* vi = nullptr;
+    {
+      ReadLock l(d.attach_lock_);
+      if (!d.attached_.empty()) vi = d.attached_.front();
+    }
+    if (!vi) break;
+    vi->svm.DetachVm(vi);
+  }
   d.stop_.store(true, std::memory_order_release);
   // Wakes the fault thread (its Fetch fails with ECANCELED); kernels still
   // blocked on faults end with ECANCELED.

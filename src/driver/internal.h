@@ -110,6 +110,9 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // spaces have contexts and fault threads of their own.)
   RwSemaphore attach_lock_;
   Vm::Impl* vm_ USVM_GUARDED_BY(attach_lock_) = nullptr;
+  // Every Vm of this device (default context or not), so the device's
+  // destructor can detach those still attached.
+  std::vector<Vm::Impl*> attached_ USVM_GUARDED_BY(attach_lock_);
 
   // The VRAM manager.
   mutable Mutex lock_;
