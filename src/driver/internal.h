@@ -168,7 +168,8 @@ struct Binding final : mm::MmuIntervalNotifierOps {
   // Mapped on the GPU and not invalidated since: written under the bind
   // GpuSvm's notifier lock.
   std::atomic<bool> valid{false};
-  std::atomic<bool> mapped{false};  // PTEs present (to zap)
+  std::atomic<bool> mapped{false};    // PTEs present (to zap)
+  std::atomic<bool> writable{false};  // ... and writable
 };
 
 // Set around a migration this driver starts, on the migrating thread, so
@@ -286,7 +287,8 @@ class Vm::Impl {
   Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where)
       USVM_REQUIRES(svm.svm->driver_lock());
   // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
-  Result<void> ValidateBinding(Binding* b);
+  // need_write: the access writes (EPERM if the mapping is read-only).
+  Result<void> ValidateBinding(Binding* b, bool need_write);
   // Drops a binding: removes its notifier, zaps, flushes, frees pages.
   void DestroyBinding(Binding* b);
   // Zaps [start, end) on this GPU and waits for the TLB flush.
