@@ -35,7 +35,20 @@ Device::Device(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Device::~Device() {
   Impl& d = *impl_;
+  // Still attached somewhere: detach (as Svm::Detach would).
+  for (;;) {
+    Vm::Impl* vi = nullptr;
+    {
+      ReadLock l(d.attach_lock_);
+      if (!d.attached_.empty()) vi = d.attached_.front();
+    }
+    if (!vi) break;
+    vi->svm.DetachVm(vi);
+  }
   d.stop_.store(true, std::memory_order_release);
+  // Wakes the fault thread (its Fetch fails with ECANCELED); kernels still
+  // blocked on faults end with ECANCELED.
+  d.gpu->default_context().fault_unit().Shutdown();
   if (d.fault_thread_.joinable()) d.fault_thread_.join();
   // No device page survives: evict everything, then unregister the pages
   // (the pagemap's destructor waits for the last ones), then the GPU.

@@ -110,6 +110,9 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // spaces have contexts and fault threads of their own.)
   RwSemaphore attach_lock_;
   Vm::Impl* vm_ USVM_GUARDED_BY(attach_lock_) = nullptr;
+  // Every Vm of this device (default context or not), so the device's
+  // destructor can detach those still attached.
+  std::vector<Vm::Impl*> attached_ USVM_GUARDED_BY(attach_lock_);
 
   // The VRAM manager.
   mutable Mutex lock_;
@@ -165,7 +168,8 @@ struct Binding final : mm::MmuIntervalNotifierOps {
   // Mapped on the GPU and not invalidated since: written under the bind
   // GpuSvm's notifier lock.
   std::atomic<bool> valid{false};
-  std::atomic<bool> mapped{false};  // PTEs present (to zap)
+  std::atomic<bool> mapped{false};    // PTEs present (to zap)
+  std::atomic<bool> writable{false};  // ... and writable
 };
 
 // Set around a migration this driver starts, on the migrating thread, so
@@ -270,10 +274,21 @@ class Vm::Impl {
 
   // REQUIRES: the driver lock.
   Result<void> HandleFaultLocked(uint64_t va, uint8_t access) USVM_REQUIRES(svm.svm->driver_lock());
+  // The xe flow for one page: find or insert its range, move it where it
+  // should be (`force`: a prefetch's location, else attributes and
+  // policy), and with map_here get its pages and commit them on this GPU.
+  Result<void> ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
+                             bool prefetch) USVM_REQUIRES(svm.svm->driver_lock());
+  // The attached device at `loc` (kDevice), or null.
+  Device::Impl* DeviceAt(const Location& loc) const;
+  // Whether this GPU maps `owner`'s VRAM directly (itself, or a peer of
+  // the same owner with peer access).
+  bool CanReach(const Device::Impl* owner) const;
   Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where)
       USVM_REQUIRES(svm.svm->driver_lock());
   // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
-  Result<void> ValidateBinding(Binding* b);
+  // need_write: the access writes (EPERM if the mapping is read-only).
+  Result<void> ValidateBinding(Binding* b, bool need_write);
   // Drops a binding: removes its notifier, zaps, flushes, frees pages.
   void DestroyBinding(Binding* b);
   // Zaps [start, end) on this GPU and waits for the TLB flush.
@@ -283,7 +298,7 @@ class Vm::Impl {
 
   // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
   // lock and the notifier lock (read); pages valid.
-  Result<void> CommitRange(DrvRange* r, bool need_atomic);
+  Result<void> CommitRange(DrvRange* r);
 
   // Fault servicing of this Vm's context: one batch (waiting up to
   // timeout_ns for the first fault). The faults answered.

@@ -95,6 +95,7 @@ Result<Vm*> Svm::Attach(Device& dev) {
     WriteLock nl(s.svm->notifier_lock());
     s.vms[d.id].store(vi);
   }
+  d.attached_.push_back(vi);
   s.vm_objs.push_back(std::move(vm));
   return s.vm_objs.back().get();
 }
@@ -114,6 +115,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
   // The Vm's fault thread stops first (a context of its own), or the
   // device's thread leaves its batch (the default context).
   vi->fault_stop.store(true, std::memory_order_release);
+  if (vi->own_ctx) vi->own_ctx->fault_unit().Shutdown();  // wakes its thread
   if (vi->fault_thread.joinable()) vi->fault_thread.join();
   WriteLock al(d.attach_lock_);
   {
@@ -143,6 +145,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
     vi->detached_.store(true);
   }
   if (d.vm_ == vi) d.vm_ = nullptr;
+  std::erase(d.attached_, vi);
   // A context of its own goes now (kernels still blocked in it end with
   // ECANCELED); the Vm object stays until the Svm goes (a caller may
   // still hold it: its calls then fail with ENODEV).
@@ -152,6 +155,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
 
 Vm* Svm::vm(uint32_t gpu_id) const {
   if (gpu_id >= kMaxGpus) return nullptr;
+  gpusvm::DriverLockGuard g(impl_->svm->driver_lock());
   Vm::Impl* vi = impl_->vms[gpu_id].load();
   if (!vi) return nullptr;
   for (auto& v : impl_->vm_objs)
@@ -449,7 +453,9 @@ Result<void> Svm::Impl::CollectLocked() {
     if (r->present.load()) InvalidateRangeNow(r);
     if (lo < hi) ResetAttributes(lo, hi);
     if (r->in_tree()) {
-      auto res = svm->RangeRemove(r);
+      // Fault site "driver.gc": the collector fails to remove the range.
+      auto res = env.ShouldFail("driver.gc") ? Result<void>(Err(Errc::kIo, "injected"))
+                                            : svm->RangeRemove(r);
       if (!res) {
         MutexLock l(error_lock);
         if (!has_error.load()) {

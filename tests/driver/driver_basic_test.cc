@@ -90,9 +90,15 @@ TEST_F(DriverBasicTest, GpuWritesMigrateToVramAndCpuReadsThemBack) {
   EXPECT_EQ(st.by_size[2].migrations, 2u);  // two 2 MiB ranges went to VRAM
   EXPECT_GT(st.leaves_2m, 0u);
   EXPECT_EQ(d.vram_stats().allocations, 2u);
-  // The CPU touch brings them home, bytes intact.
+  // Our own migrations' MIGRATE events were skipped (the driver had
+  // invalidated the ranges itself first).
+  EXPECT_EQ(s.stats().own_migrate_ignored, 2u);
+  ASSERT_TRUE(vm->context().page_table().Walk(kBuf).has_value());
+  // The CPU touch brings them home, bytes intact -- a migration that is
+  // not ours: its invalidation zapped the GPU mapping.
   EXPECT_EQ(CpuCheck(kBuf, len, 0x1234), 0u);
   EXPECT_EQ(d.vram_stats().allocations, 0u);
+  EXPECT_FALSE(vm->context().page_table().Walk(kBuf).has_value());
 }
 
 TEST_F(DriverBasicTest, SystemPlacementMapsSystemPages) {
@@ -243,6 +249,214 @@ TEST_F(DriverBasicTest, WorkingSetTwiceVramRunsWithEviction) {
   ASSERT_TRUE(GpuFill(*vm, kBuf, len, 0xdef).has_value());
   EXPECT_GT(d.vram_stats().evictions, 0u);
   EXPECT_EQ(CpuCheck(kBuf, len, 0xdef), 0u);
+}
+
+}  // namespace
+}  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+class DriverPeerTest : public DriverBasicTest, public ::testing::WithParamInterface<PeerPolicy> {};
+
+// A range in GPU 0's VRAM read by GPU 1 of the same owner with peer access.
+TEST_P(DriverPeerTest, PeerPolicyDecidesWhereAPeersPagesGo) {
+  static const char kOwner = 0;
+  Device& d0 = AddGpu(uint64_t{64} << 20, &kOwner);
+  Device& d1 = AddGpu(uint64_t{64} << 20, &kOwner);
+  ASSERT_TRUE(d0.EnablePeerAccess(d1).has_value());
+  SvmConfig c;
+  c.peer_policy = GetParam();
+  Svm& s = MakeSvm(c);
+  Vm* v0 = s.Attach(d0).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 42).has_value());
+  ASSERT_EQ(d0.vram_stats().allocations, 1u);
+  auto sum = GpuSum(*v1, kBuf, len);
+  ASSERT_TRUE(sum.has_value());
+  uint64_t want = 0;
+  for (uint64_t off = 0; off < len; off += 8) want += 42 ^ off;
+  EXPECT_EQ(*sum, want);
+  auto m = v1->context().page_table().Walk(kBuf).value();
+  switch (GetParam()) {
+    case PeerPolicy::kMapRemote:
+      EXPECT_EQ(v1->stats().peer_maps, 1u);
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kPeerVram);
+      EXPECT_EQ(d0.vram_stats().allocations, 1u);
+      EXPECT_TRUE(v0->context().page_table().Walk(kBuf).has_value());  // still mapped on 0
+      break;
+    case PeerPolicy::kMigrate:
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kLocalVram);
+      EXPECT_EQ(d0.vram_stats().allocations, 0u);
+      EXPECT_EQ(d1.vram_stats().allocations, 1u);
+      EXPECT_FALSE(v0->context().page_table().Walk(kBuf).has_value());  // invalidated on 0
+      break;
+    case PeerPolicy::kSystem:
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kSystem);
+      EXPECT_EQ(d0.vram_stats().allocations + d1.vram_stats().allocations, 0u);
+      break;
+  }
+  EXPECT_EQ(CpuCheck(kBuf, len, 42), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, DriverPeerTest,
+                         ::testing::Values(PeerPolicy::kMapRemote, PeerPolicy::kMigrate, PeerPolicy::kSystem),
+                         [](const auto& info) { return std::string(PeerPolicyName(info.param)) == "map-remote"
+                                                           ? std::string("MapRemote")
+                                                           : std::string(PeerPolicyName(info.param)) == "migrate"
+                                                                 ? std::string("Migrate")
+                                                                 : std::string("System"); });
+
+TEST_F(DriverBasicTest, DevicesOfDifferentOwnersNeverMapEachOther) {
+  Device& d0 = AddGpu();
+  Device& d1 = AddGpu();  // owners differ (each its own)
+  Svm& s = MakeSvm();
+  Vm* v0 = s.Attach(d0).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 7).has_value());
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 8).has_value());
+  EXPECT_EQ(d0.vram_stats().allocations, 0u);
+  EXPECT_EQ(d1.vram_stats().allocations, 1u);
+  EXPECT_EQ(v1->context().page_table().Walk(kBuf).value().pte.kind(), gpu::PteKind::kLocalVram);
+  EXPECT_FALSE(v0->context().page_table().Walk(kBuf).has_value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 8), 0u);
+}
+
+TEST_F(DriverBasicTest, PrefetchMovesRangesAndSkipsThoseAlreadyThere) {
+  Device& d = AddGpu();
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{4} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  std::vector<uint64_t> b(len / 8);
+  for (uint64_t i = 0; i < b.size(); ++i) b[i] = 3 ^ (i * 8);
+  ASSERT_TRUE(as_->Write(kBuf, b.data(), len).has_value());
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::Device(0)).has_value());
+  EXPECT_EQ(vm->stats().by_size[2].migrations, 2u);
+  EXPECT_EQ(d.vram_stats().allocations, 2u);
+  const uint64_t raised = vm->context().fault_unit().Stats().raised;
+  auto sum = GpuSum(*vm, kBuf, len);
+  ASSERT_TRUE(sum.has_value());
+  EXPECT_EQ(vm->context().fault_unit().Stats().raised, raised);  // mapped: no fault
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::Device(0)).has_value());
+  EXPECT_EQ(vm->stats().by_size[2].migrations, 2u);  // skipped: already there
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::System()).has_value());
+  EXPECT_EQ(d.vram_stats().allocations, 0u);
+  EXPECT_EQ(vm->context().page_table().Walk(kBuf).value().pte.kind(), gpu::PteKind::kSystem);
+  EXPECT_EQ(CpuCheck(kBuf, len, 3), 0u);
+  EXPECT_EQ(vm->Prefetch(kBuf, len, Location::Device(5)).error(), Errc::kInval);
+  EXPECT_EQ(vm->Prefetch(kBuf + 1, len, Location::System()).error(), Errc::kInval);
+}
+
+TEST_F(DriverBasicTest, CollectorFailurePutsTheVmInAnErrorState) {
+  Device& d = AddGpu();
+  SvmConfig c;
+  c.gc_worker = false;
+  c.placement = Placement::kSystem;
+  c.env = &env_;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 1).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len / 2).has_value());
+  env_.faults().FailNth("driver.gc", 1);
+  auto r = s.CollectGarbage();
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(s.error().error(), Errc::kIo);
+  // Later faults report it; nothing crashed.
+  auto f = GpuFill(*vm, kBuf + len / 2, 4096, 2);
+  ASSERT_FALSE(f.has_value());
+  EXPECT_EQ(f.error(), Errc::kIo);
+  env_.faults().ClearAll();
+}
+
+TEST_F(DriverBasicTest, UserptrIsRevalidatedBeforeTheNextLaunch) {
+  Device& d = AddGpu();
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{256} << 10;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  auto h = vm->Bind(kBuf, len, {.userptr = true}).value();
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 10).has_value());
+  // MADV_DONTNEED drops the pages: the userptr is invalidated...
+  ASSERT_TRUE(as_->Madvise(kBuf, len, mm::kMadvDontNeed).has_value());
+  EXPECT_FALSE(vm->BindValid(h).value());
+  EXPECT_EQ(vm->stats().bind_invalidations, 1u);
+  // ... and revalidated by the next launch, before any GPU access.
+  const uint64_t raised = vm->context().fault_unit().Stats().raised;
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 11).has_value());
+  EXPECT_EQ(vm->context().fault_unit().Stats().raised, raised);
+  EXPECT_EQ(vm->stats().rebinds, 1u);
+  EXPECT_TRUE(vm->BindValid(h).value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 11), 0u);
+  EXPECT_EQ(vm->Bind(kBuf + 4096, 4096).error(), Errc::kExist);
+}
+
+}  // namespace
+}  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+TEST_F(DriverBasicTest, ADeviceDestroyedFirstDetachesItself) {
+  AddGpu();
+  Device& d1 = AddGpu();
+  SvmConfig c;
+  c.placement = Placement::kSystem;
+  Svm& s = MakeSvm(c);
+  Vm* v0 = s.Attach(*devs_[0]).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{1} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 4).has_value());
+  devs_[0].reset();
+  EXPECT_EQ(s.vm(0), nullptr);
+  EXPECT_EQ(v0->HandleFault(kBuf, gpu::kAccessRead).error(), Errc::kNoDev);
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 5).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len).has_value());  // reaches only GPU 1 now
+  EXPECT_EQ(s.Detach(d1).has_value(), true);
+  EXPECT_EQ(s.Detach(d1).error(), Errc::kNoEnt);
+}
+
+TEST_F(DriverBasicTest, BadInputIsRefusedWithAnErrorCode) {
+  Device& d = AddGpu();
+  EXPECT_EQ(Svm::TryCreate(nullptr, {}).error(), Errc::kInval);
+  SvmConfig bad;
+  bad.chunk_sizes = {k64K, k2M, k4K};
+  EXPECT_EQ(Svm::TryCreate(as_, bad).error(), Errc::kInval);
+  bad = {};
+  bad.va_size = 0;
+  EXPECT_EQ(Svm::TryCreate(as_, bad).error(), Errc::kInval);
+  DeviceConfig dc;
+  dc.gpu.vram_bytes = 12345;
+  EXPECT_EQ(Device::TryCreate(7, dc, mem_.get(), env_).error(), Errc::kInval);
+  dc = {};
+  dc.fault_batch = 0;
+  EXPECT_EQ(Device::TryCreate(7, dc, mem_.get(), env_).error(), Errc::kInval);
+  SvmConfig c;
+  c.va_start = uint64_t{1} << 40;
+  c.va_size = uint64_t{1} << 30;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  EXPECT_EQ(s.SetAttributes(kBuf + 1, 4096, {}).error(), Errc::kInval);
+  EXPECT_EQ(s.SetAttributes(kBuf, 4096, {}).error(), Errc::kInval);  // outside the window
+  EXPECT_EQ(s.SetAttributes(c.va_start, 4096, {.preferred = Location::Device(9)}).error(), Errc::kInval);
+  EXPECT_EQ(s.QueryAttributes(c.va_start, 0).error(), Errc::kInval);
+  EXPECT_EQ(vm->Bind(kBuf, 4096).error(), Errc::kInval);
+  EXPECT_EQ(vm->Bind(c.va_start, 4096).error(), Errc::kFault);  // no VMA there (userptr: EFAULT)
+  EXPECT_EQ(vm->Unbind(99).error(), Errc::kNoEnt);
+  EXPECT_EQ(vm->BindValid(99).error(), Errc::kNoEnt);
+  EXPECT_EQ(vm->HandleFault(kBuf, gpu::kAccessRead).error(), Errc::kInval);  // outside the window
+  EXPECT_EQ(vm->HandleFault(c.va_start, gpu::kAccessRead).error(), Errc::kNoEnt);
+  ASSERT_TRUE(as_->Mmap(c.va_start, 4096, mm::kProtRead, kAnon).has_value());
+  EXPECT_EQ(vm->HandleFault(c.va_start, gpu::kAccessWrite).error(), Errc::kPerm);
+  EXPECT_TRUE(vm->HandleFault(c.va_start, gpu::kAccessRead).has_value());
+  EXPECT_EQ(vm->stats().faults_cancelled, 3u);
 }
 
 }  // namespace
