@@ -116,6 +116,10 @@ TEST(DriverMore, PeerAccessErrorsAndCanMapVramOf) {
 
 // MADV_DONTNEED of memory in VRAM: it reads as zero afterwards, on the GPU
 // and the CPU; the rest of the range keeps its data.
+// DRIVER BUG? since e995607 the GPU *read* of the range afterwards fails
+// with EAGAIN "the fault kept racing" (GetPages' new EOPNOTSUPP for device
+// pages without kPfnWrite under !ctx.read_only; passes with that hunk
+// reverted).
 TEST(DriverMore, MadvDontNeedOfMemoryInVram) {
   Machine m;
   const uint64_t len = k2M;
@@ -294,6 +298,8 @@ TEST(DriverMore, PinnedPagesStayAndTheGpuStillWorks) {
 
 // A fork child gets an Svm and a GPU of its own: the two processes' GPU
 // writes stay apart.
+// DRIVER BUG? since e995607: the child's GPU write to the COW-shared
+// device pages fails with EAGAIN "the fault kept racing".
 TEST(DriverMore, ForkChildWithItsOwnGpu) {
   MachineConfig c;
   c.gpus = 2;
