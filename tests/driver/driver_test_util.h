@@ -333,6 +333,8 @@ class Machine {
     procs_.push_back(std::move(p));
     return procs_.back();
   }
+  // Destroys device i before the Svms (Device's destructor detaches it).
+  void DestroyDevice(uint32_t i) { devs_.at(i).reset(); }
   // Keeps an address space (a fork child) alive until teardown.
   void Keep(std::shared_ptr<AddressSpace> as) { extra_spaces_.push_back(std::move(as)); }
 
