@@ -71,8 +71,8 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // A GPU used the allocation: most recently used.
   void LruTouch(gpusvm::Devmem* dm);
   // Evicts the least recently used allocation (of `mm` if not null).
-  // False when there is none.
-  bool EvictOne(const mm::Mm* mm);
+  enum class Evict { kEvicted, kFailed, kNone };
+  Evict EvictOne(const mm::Mm* mm);
   mm::DevicePfn PfnOfOffset(uint64_t offset) const {
     return pagemap->pgmap().base() + (offset >> 12);
   }

@@ -189,10 +189,7 @@ void Svm::Close() {
   // notifier removed.
   s.svm->Fini();
   // No device page of this address space stays in any VRAM.
-  for (Device::Impl* d : devs) {
-    while (d->EvictOne(s.mm.get())) {
-    }
-  }
+  for (Device::Impl* d : devs) (void)d->pub->EvictAll(s.mm.get());
   s.bind_svm->Fini();
 }
 

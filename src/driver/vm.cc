@@ -347,8 +347,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         tls_self_migration = {&svm, r->start(), r->end()};
         m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
         tls_self_migration = {};
+        // Even a failed migration may leave pages in the allocation (a race
+        // at commit): while any is there it is evictable.
+        if (!keep->detached()) target->LruAdd(keep);
         if (m) {
-          target->LruAdd(keep);
           Bump(c.by_size[si][kMigrations]);
           Bump(c.by_size[si][kBytesCopied], r->size());
         } else if (m.error() == Errc::kBusy && !evicted_for_busy) {
