@@ -413,5 +413,79 @@ TEST(DriverMore, MremapShrinkOfMemoryInVram) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+
+// A page GPU 1 maps over the peer link from GPU 0's VRAM: when GPU 0
+// evicts it and reuses the VRAM for other data, GPU 1 must not read the
+// new owner's bytes through a stale peer PTE.
+TEST(DriverMore, EvictionZapsPeerMappings) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  c.vram_bytes = 4 * k2M;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 94));
+  ref.Fill(va, len, 94);
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  ASSERT_EQ(GpuPteKind(m.vm(1), va), PteKind::kPeerVram) << "precondition: a peer mapping";
+  EXPECT_EQ(m.dev(0).EvictAll(), 0u);
+  EXPECT_NE(GpuPteKind(m.vm(1), va), PteKind::kPeerVram) << "stale peer PTE after eviction";
+  // GPU 0 fills its VRAM with other data.
+  const uint64_t other = m.MmapAligned(4 * k2M);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), other, 4 * k2M, 95));
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  Ref rother(other, 4 * k2M);
+  rother.Fill(other, 4 * k2M, 95);
+  EXPECT_TRUE(CpuMatches(m.as(), rother));
+}
+
+// Preferred location: another GPU's VRAM. GPU 0's faults place the data
+// in GPU 1's VRAM (and map it over the link).
+TEST(DriverMore, PreferredLocationIsAnotherGpu) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  AttributeUpdate u;
+  u.preferred = Location::Device(1);
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, len, u));
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 96));
+  ref.Fill(va, len, 96);
+  EXPECT_EQ(DevicePages(m.as(), va, len), len / k4K);
+  EXPECT_GT(m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
+  EXPECT_EQ(GpuPteKind(m.vm(0), va), PteKind::kPeerVram);
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kLocalVram);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// Prefetch over a span with a hole: ENOENT, and what was prefetched before
+// the hole is correct.
+TEST(DriverMore, PrefetchAcrossAHole) {
+  Machine m;
+  const uint64_t len = 2 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 97));
+  ref.Fill(va, len, 97);
+  USVM_ASSERT_OK(m.as().Munmap(va + k2M, k64K));
+  EXPECT_EQ(Code(m.vm().Prefetch(va, len, Location::Device(0))), Errc::kNoEnt);
+  EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va, k2M));
+  EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va + k2M + k64K, k2M - k64K));
+  EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va, k2M));
+  EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va + k2M + k64K, k2M - k64K));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
