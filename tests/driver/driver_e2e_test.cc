@@ -138,6 +138,50 @@ TEST(DriverE2e, ManyExecsOnOneBuffer) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// IGT "free-race": a kernel keeps storing into a buffer while the CPU
+// unmaps it; the frames and VRAM it had are reused by another buffer. The
+// kernel ends (cancelled with ENOENT, or done before the munmap) and no
+// stale GPU mapping writes into the reused memory.
+TEST(DriverE2e, FreeRaceMunmapWhileTheGpuWrites) {
+  Machine m;
+  int cancelled = 0;
+  for (int round = 0; round < 4; ++round) {
+    const uint64_t len = k2M;
+    const uint64_t a = m.MmapAligned(len);
+    std::atomic<bool> started{false};
+    auto l = m.vm().LaunchKernel(
+        [a, len, &started](gpu::KernelContext& k) {
+          for (int it = 0; it < 20000 && !k.cancelled(); ++it) {
+            for (uint64_t off = k.thread_id() * 8; off < len && !k.cancelled(); off += 8 * k.num_threads() * 61)
+              k.Store(a + off, 0xdeadbeef00000000ull | it);
+            started.store(true);
+          }
+        },
+        {.threads = 4});
+    ASSERT_TRUE(l.has_value());
+    while (!started.load()) std::this_thread::yield();
+    USVM_ASSERT_OK(m.as().Munmap(a, len));
+    // Reuse: a CPU buffer (frames) and a GPU buffer (VRAM).
+    const uint64_t b = m.MmapAligned(len), c = m.MmapAligned(len);
+    Ref rb(b, len), rc(c, len);
+    USVM_ASSERT_OK(CpuFill(m.as(), b, len, 40 + round));
+    rb.Fill(b, len, 40 + round);
+    USVM_ASSERT_OK(GpuFill(m.vm(), c, len, 50 + round));
+    rc.Fill(c, len, 50 + round);
+    auto r = WaitLaunch(*l);
+    if (!r) {
+      EXPECT_EQ(r.error().code(), Errc::kNoEnt) << r.error().ToString();
+      ++cancelled;
+    }
+    EXPECT_TRUE(GpuMatches(m.vm(), rc)) << "round " << round;
+    EXPECT_TRUE(CpuMatches(m.as(), rb)) << "round " << round;
+    EXPECT_TRUE(CpuMatches(m.as(), rc)) << "round " << round;
+    USVM_ASSERT_OK(m.as().Munmap(b, len));
+    USVM_ASSERT_OK(m.as().Munmap(c, len));
+  }
+  EXPECT_GT(cancelled, 0) << "the kernel always finished before the munmap: no race tested";
+}
+
 // ---- race -------------------------------------------------------------------
 
 // IGT "race": CPU threads write one half of a 2 MiB range while a GPU
