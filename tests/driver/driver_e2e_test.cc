@@ -551,14 +551,9 @@ TEST(DriverE2e, GpuFirstTouchOfUntouchedMemory) {
 
 // ---- fork ---------------------------------------------------------------------
 
-// DRIVER BUG? After fork the range's device-private pages are shared
-// copy-on-write (read-only entries in both). Up to main 68f7f32 the
-// parent's GPU write fault mapped them writable anyway (hmm reports the
-// owner's read-only device page without kPfnWrite and leaves the decision
-// to the driver): the child read the parent's post-fork GPU writes. Since
-// e995607 GetPages refuses such pages with EOPNOTSUPP and the driver's
-// evict-and-retry never succeeds: the GPU write fails with EAGAIN ("the
-// fault kept racing"). Either way this test fails.
+// After fork the range's device-private pages are shared copy-on-write
+// (read-only in both): the parent's GPU write must break the COW, not
+// write into the page the child still maps.
 TEST(DriverE2e, ForkChildSeesPreForkDataAndNotLaterGpuWrites) {
   Machine m;
   const uint64_t len = k2M;
@@ -584,8 +579,6 @@ TEST(DriverE2e, ForkChildSeesPreForkDataAndNotLaterGpuWrites) {
   EXPECT_TRUE(GpuMatches(m.vm(), after));
 }
 
-// DRIVER BUG? since e995607: the parent's GPU write after fork fails with
-// EAGAIN "the fault kept racing" (see the test above).
 TEST(DriverE2e, ForkChildReadsFirstThenParentGpuWrites) {
   Machine m;
   const uint64_t len = 512 * 1024;
@@ -1358,7 +1351,6 @@ TEST(DriverE2e, AddressSpaceExitWithDataInVramThenClose) {
   EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
 }
 
-// DRIVER BUG? since e995607: the GPU add after fork fails with EAGAIN.
 TEST(DriverE2e, TeardownAfterHeavyUseFreesEveryFrame) {
   MachineConfig c;
   c.gpus = 2;

@@ -116,10 +116,6 @@ TEST(DriverMore, PeerAccessErrorsAndCanMapVramOf) {
 
 // MADV_DONTNEED of memory in VRAM: it reads as zero afterwards, on the GPU
 // and the CPU; the rest of the range keeps its data.
-// DRIVER BUG? since e995607 the GPU *read* of the range afterwards fails
-// with EAGAIN "the fault kept racing" (GetPages' new EOPNOTSUPP for device
-// pages without kPfnWrite under !ctx.read_only; passes with that hunk
-// reverted).
 TEST(DriverMore, MadvDontNeedOfMemoryInVram) {
   Machine m;
   const uint64_t len = k2M;
@@ -155,12 +151,6 @@ TEST(DriverMore, MadvFreeThenReclaim) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
-// DRIVER BUG? mprotect(PROT_READ) of the first half of a 2 MiB range
-// (PROTECTION_VMA: the range survives, now straddling two VMAs): a GPU
-// write to the still-writable second half fails with EPERM ("range fault:
-// write requested on a read-only mapping") -- the fault handler keeps
-// faulting the whole old range for write instead of dropping it and
-// making a range inside the new VMA (fault_retry_budget retries the same).
 TEST(DriverMore, MprotectOfSvmMemory) {
   Machine m;
   const uint64_t len = k2M;
@@ -298,8 +288,6 @@ TEST(DriverMore, PinnedPagesStayAndTheGpuStillWorks) {
 
 // A fork child gets an Svm and a GPU of its own: the two processes' GPU
 // writes stay apart.
-// DRIVER BUG? since e995607: the child's GPU write to the COW-shared
-// device pages fails with EAGAIN "the fault kept racing".
 TEST(DriverMore, ForkChildWithItsOwnGpu) {
   MachineConfig c;
   c.gpus = 2;
