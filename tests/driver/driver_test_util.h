@@ -254,6 +254,8 @@ struct MachineConfig {
   bool shared_owner = false;  // every device shares one owner
   bool peer_access = false;   // every pair of devices has peer access
   bool fault_thread = true;   // DeviceConfig::fault_thread
+  uint32_t fault_batch = 256;            // DeviceConfig::fault_batch
+  uint32_t fault_buffer_entries = 0;     // GpuConfig::fault_buffer_entries
   // One address space with an Svm attached to every device (false: none;
   // the test adds its own with AddProcess).
   bool default_process = true;
@@ -278,6 +280,8 @@ class Machine {
       dc.gpu.copy_engines = 2;
       dc.gpu.latency = gpu::LatencyModel::Zero();
       dc.fault_thread = c.fault_thread;
+      dc.fault_batch = c.fault_batch;
+      dc.gpu.fault_buffer_entries = c.fault_buffer_entries;
       dc.owner = c.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
       auto d = Device::TryCreate(i, dc, sysmem_.get(), *env_);
       EXPECT_TRUE(d.has_value()) << "Device::TryCreate: " << d.error().ToString();
