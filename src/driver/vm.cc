@@ -372,9 +372,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
           Bump(c.migrate_failures);
           MutexLock ml(svm.migrate_lock);
           (void)svm.svm->RangeEvict(r);
-          // Another owner's device pages went home: the peer policy
-          // "system" keeps them there.
-          if (target == &dev && !atomic && !force && svm.config.peer_policy == PeerPolicy::kSystem)
+          // Another owner's device pages went home: the peer policies
+          // "system" and "map-remote" (which cannot map another owner's
+          // memory) keep them there.
+          if (target == &dev && !atomic && !force && svm.config.peer_policy != PeerPolicy::kMigrate)
             target = nullptr;
           continue;
         }
@@ -470,9 +471,11 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         return {};
       }
     }
-    // Device pages this GPU may not use from here: home, then again.
+    // Device pages this GPU may not use from here: home, then again. A
+    // peer's pages this GPU cannot reach under "map-remote" stay home.
     Bump(c.evict_retries);
     (void)svm.svm->RangeEvict(r);
+    if (remote_ok && target == &dev && !atomic) target = nullptr;
     if (atomic && ++atomic_try >= svm.config.atomic_tries)
       return Err(Errc::kAcces, "driver: GPU atomic could not get device memory");
   }
