@@ -112,8 +112,9 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r) {
     if (b->end > r->start()) cuts.emplace_back(std::max(b->start, r->start()), std::min(b->end, r->end()));
   }
   const bool writable = !p.read_only();
-  std::vector<gpu::BindOp> ops;
-  ops.reserve(std::min<uint64_t>(p.npages(), 512));
+  // Reused per thread: most commits are a handful of leaves.
+  thread_local std::vector<gpu::BindOp> ops;
+  ops.clear();
   uint64_t leaves[3] = {0, 0, 0};
   Run run;
   bool peer = false;
