@@ -112,8 +112,9 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r) {
     if (b->end > r->start()) cuts.emplace_back(std::max(b->start, r->start()), std::min(b->end, r->end()));
   }
   const bool writable = !p.read_only();
-  std::vector<gpu::BindOp> ops;
-  ops.reserve(std::min<uint64_t>(p.npages(), 512));
+  // Reused per thread: most commits are a handful of leaves.
+  thread_local std::vector<gpu::BindOp> ops;
+  ops.clear();
   uint64_t leaves[3] = {0, 0, 0};
   Run run;
   bool peer = false;
@@ -372,9 +373,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
           Bump(c.migrate_failures);
           MutexLock ml(svm.migrate_lock);
           (void)svm.svm->RangeEvict(r);
-          // Another owner's device pages went home: the peer policy
-          // "system" keeps them there.
-          if (target == &dev && !atomic && !force && svm.config.peer_policy == PeerPolicy::kSystem)
+          // Another owner's device pages went home: the peer policies
+          // "system" and "map-remote" (which cannot map another owner's
+          // memory) keep them there.
+          if (target == &dev && !atomic && !force && svm.config.peer_policy != PeerPolicy::kMigrate)
             target = nullptr;
           continue;
         }
@@ -470,9 +472,11 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         return {};
       }
     }
-    // Device pages this GPU may not use from here: home, then again.
+    // Device pages this GPU may not use from here: home, then again. A
+    // peer's pages this GPU cannot reach under "map-remote" stay home.
     Bump(c.evict_retries);
     (void)svm.svm->RangeEvict(r);
+    if (remote_ok && target == &dev && !atomic) target = nullptr;
     if (atomic && ++atomic_try >= svm.config.atomic_tries)
       return Err(Errc::kAcces, "driver: GPU atomic could not get device memory");
   }

@@ -671,7 +671,11 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
   } busy_release{pages};
 
   const uint64_t deadline = env_->NowNs() + kHmmTimeoutNs;
-  std::unique_ptr<uint64_t[]> pfns;
+  // The range fault's output: on the stack for small ranges (most GPU
+  // faults), else allocated once.
+  uint64_t pfns_small[16];
+  std::unique_ptr<uint64_t[]> pfns_heap;
+  uint64_t* pfns = nullptr;
   std::unique_ptr<DeviceAddr[]> fresh;
   for (;;) {
     uint64_t seq = notifier->ReadBegin();
@@ -695,12 +699,19 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       }
     }
     if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
-    if (!pfns) pfns = std::make_unique<uint64_t[]>(npages);
+    if (!pfns) {
+      if (npages <= std::size(pfns_small)) {
+        pfns = pfns_small;
+      } else {
+        pfns_heap = std::make_unique<uint64_t[]>(npages);
+        pfns = pfns_heap.get();
+      }
+    }
     mm::HmmRange r;
     r.notifier = notifier;
     r.start = start;
     r.end = end;
-    r.hmm_pfns = pfns.get();
+    r.hmm_pfns = pfns;
     r.default_flags = mm::kPfnReqFault | (ctx.read_only ? 0 : mm::kPfnReqWrite);
     r.dev_private_owner = ctx.device_private_page_owner;
     for (;;) {
