@@ -704,13 +704,19 @@ TEST(DriverE2e, PartialMunmapOfTheMiddleOfARangeThenCpuFault) { PartialMunmap(tr
 // IGT "partial-remap-{cpu,no-cpu}-fault": the middle of a 2 MiB range in
 // VRAM is mremap'ed elsewhere; both the moved piece and what stayed are
 // intact for the GPU and the CPU; the hole is gone.
-// DRIVER BUG? Both abort: the collector (CollectLocked, gc worker) calls
+// DRIVER BUG? Both abort intermittently (about one run in three at main
+// 0c2e581; the test repeats 4 times to hit it): the collector (CollectLocked, gc worker) calls
 // GpuSvm::RangeEvict on a queued partially-unmapped range that is no longer
 // in the tree -- its notifier already removed -- and MmuIntervalNotifier::
 // ReadBegin asserts "ReadBegin on a subscription that is not inserted".
 // (CollectLocked checks r->in_tree() only before RangeRemove, not before
 // RangeEvict.)
+void PartialRemapOnce(bool cpu_fault_after);
 void PartialRemap(bool cpu_fault_after) {
+  for (int round = 0; round < 4 && !::testing::Test::HasFailure(); ++round) PartialRemapOnce(cpu_fault_after);
+}
+
+void PartialRemapOnce(bool cpu_fault_after) {
   Machine m;
   const uint64_t len = k2M;
   const uint64_t va = m.MmapAligned(len);
@@ -1326,9 +1332,6 @@ TEST_P(DriverPeerTest, PageInGpuAVramTouchedByGpuB) {
         EXPECT_GT(m.dev(0).vram_stats().allocations, 0u);
       } else {
         // Not mappable: "else migrate to system memory" (driver.h).
-        // DRIVER BUG? the range goes to GPU 1's VRAM instead (own owners:
-        // ScanMm does not report kOther, so the placement migrates it; same
-        // owner without peer access: likewise after get-pages).
         EXPECT_EQ(m.vm(1).stats().peer_maps, 0u);
         EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kSystem);
         EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
