@@ -5,6 +5,7 @@
 // HandleFault called directly, mremap shrink. Every byte is checked.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -473,6 +474,122 @@ TEST(DriverMore, PrefetchAcrossAHole) {
   EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va + k2M + k64K, k2M - k64K));
   EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va, k2M));
   EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va + k2M + k64K, k2M - k64K));
+}
+
+// The atomic timeslice: memory an atomic fault moved to VRAM stays there at
+// least atomic_timeslice_ms against a CPU touch (the CPU fault waits).
+TEST(DriverMore, AtomicTimesliceHoldsOffTheCpu) {
+  MachineConfig c;
+  c.svm.atomic_timeslice_ms = 60;
+  Machine m(c);
+  const uint64_t va = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, k64K, Atomic(AtomicMode::kGlobal)));
+  USVM_ASSERT_OK(CpuFill(m.as(), va, k64K, 1));
+  const uint64_t before = Word(1, va);
+  USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); })));
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(InDeviceMemory(m.as(), va));
+  auto v = m.as().AtomicLoad(va);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, before + 1);
+  // The launch's own wait already took some of the 60 ms: ask for half.
+  EXPECT_GE(std::chrono::duration_cast<std::chrono::milliseconds>(waited).count(), 20)
+      << "the CPU took the page back inside the atomic timeslice";
+}
+
+// Vm::LaunchPattern through the Vm (pattern kernels fault like any other).
+TEST(DriverMore, PatternKernelsThroughTheVm) {
+  Machine m;
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  gpu::PatternParams p;
+  p.pattern = gpu::Pattern::kStreamWrite;
+  p.va = va;
+  p.length = len;
+  p.value = 1000;
+  p.threads = 8;
+  USVM_ASSERT_OK(Wait(m.vm().LaunchPattern(p)));
+  Ref ref(va, len);
+  for (uint64_t i = 0; i < len / 8; ++i) ref.Set64(va + 8 * i, 1000 + i);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  p.pattern = gpu::Pattern::kReadModifyWrite;
+  p.value = 5;
+  USVM_ASSERT_OK(Wait(m.vm().LaunchPattern(p)));
+  for (uint64_t i = 0; i < len / 8; ++i) ref.Set64(va + 8 * i, 1005 + i);
+  p.pattern = gpu::Pattern::kStreamRead;
+  auto l = m.vm().LaunchPattern(p);
+  ASSERT_TRUE(l.has_value());
+  USVM_ASSERT_OK(WaitLaunch(*l));
+  uint64_t sum = 0;
+  for (uint64_t i = 0; i < len / 8; ++i) sum += 1005 + i;
+  EXPECT_EQ(l->stats().checksum, sum);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// Window checks of the other entry points.
+TEST(DriverMore, EntryPointsOutsideTheWindow) {
+  MachineConfig c;
+  c.svm.va_start = uint64_t{1} << 44;
+  c.svm.va_size = uint64_t{1} << 46;
+  Machine m(c);
+  const uint64_t low = m.Mmap(k64K, uint64_t{1} << 32);
+  EXPECT_EQ(Code(m.vm().Bind(low, k64K)), Errc::kInval);
+  EXPECT_EQ(Code(m.vm().Prefetch(low, k64K, Location::Device(0))), Errc::kInval);
+  EXPECT_EQ(Code(m.svm().SetAttributes(low, k64K, Atomic(AtomicMode::kCpu))), Errc::kInval);
+  EXPECT_EQ(Code(m.svm().QueryAttributes(low, k64K)), Errc::kInval);
+}
+
+// Attributes of a range the GPU used are reset when it is unmapped (the
+// collector, as xe's garbage collector does): a new buffer at the same VA
+// starts from the defaults.
+TEST(DriverMore, UnmapResetsTheAttributesOfUsedRanges) {
+  Machine m;
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, len, Atomic(AtomicMode::kCpu)));
+  USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 1));
+  USVM_ASSERT_OK(m.as().Munmap(va, len));
+  Eventually([&] { return m.svm().stats().ranges == 0; });
+  auto spans = m.svm().QueryAttributes(va, len);
+  ASSERT_TRUE(spans.has_value());
+  for (const AttributeSpan& sp : *spans) EXPECT_EQ(sp.attrs, Attributes{}) << std::hex << sp.start;
+  ASSERT_EQ(m.Mmap(len, va), va);
+  USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 3); })));
+  auto v = m.as().AtomicLoad(va);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, 3u);
+}
+
+// A bind over memory the SVM path put in VRAM: the bind maps system
+// memory (the pages come home), the data is intact; a munmap reaches the
+// bind on GPU 0 and the SVM mapping on GPU 1 alike.
+TEST(DriverMore, BindOverSvmMemoryInVram) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 256 * 1024;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 2));
+  ref.Fill(va, len, 2);
+  ASSERT_GT(DevicePages(m.as(), va, len), 0u);
+  auto h = m.vm(0).Bind(va, len);
+  ASSERT_TRUE(h.has_value()) << h.error().ToString();
+  EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
+  EXPECT_EQ(GpuPteKind(m.vm(0), va), PteKind::kSystem);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  USVM_ASSERT_OK(GpuAdd(m.vm(0), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref)) << "GPU 1 misses GPU 0's writes through its bind";
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  USVM_ASSERT_OK(m.as().Munmap(va, len));
+  EXPECT_FALSE(GpuPteKind(m.vm(0), va).has_value());
+  EXPECT_FALSE(GpuPteKind(m.vm(1), va).has_value());
+  EXPECT_NE(Code(GpuRead(m.vm(0), va, 8)), Errc::kOk);
+  EXPECT_EQ(Code(GpuRead(m.vm(1), va, 8)), Errc::kNoEnt);
+  USVM_ASSERT_OK(m.vm(0).Unbind(*h));
 }
 
 }  // namespace
