@@ -710,7 +710,11 @@ TEST(DriverE2e, PartialMunmapOfTheMiddleOfARangeThenCpuFault) { PartialMunmap(tr
 // in the tree -- its notifier already removed -- and MmuIntervalNotifier::
 // ReadBegin asserts "ReadBegin on a subscription that is not inserted".
 // (CollectLocked checks r->in_tree() only before RangeRemove, not before
-// RangeEvict.)
+// RangeEvict.) Under TSan: heap-use-after-free -- RangeEvict reads the
+// Notifier a RangeRemove of the same CollectLocked pass just destroyed
+// (GpuSvm::NotifierDestroy): a range already out of the tree (removed by
+// the fault path's FitsVma -> RangeRemove, or queued twice) still points
+// at it.
 void PartialRemapOnce(bool cpu_fault_after);
 void PartialRemap(bool cpu_fault_after) {
   for (int round = 0; round < 4 && !::testing::Test::HasFailure(); ++round) PartialRemapOnce(cpu_fault_after);
