@@ -915,8 +915,10 @@ TEST(DriverE2e, EvictAllAndEvictForKeepTheData) {
   USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 39));
   ref.Fill(va, len, 39);
   ASSERT_GT(m.dev().vram_stats().allocations, 0u);
+  EXPECT_EQ(Code(m.dev().EvictFor(2 * m.dev().vram_stats().bytes_total)), Errc::kNoMem);
   USVM_ASSERT_OK(m.dev().EvictFor(m.dev().vram_stats().bytes_total));
   EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
+  USVM_EXPECT_OK(m.dev().EvictFor(k2M));  // nothing to evict, room enough
   EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
   EXPECT_TRUE(GpuMatches(m.vm(), ref));
   ASSERT_GT(m.dev().vram_stats().allocations, 0u);
