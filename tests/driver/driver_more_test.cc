@@ -635,5 +635,31 @@ TEST(DriverMore, FaultStormFromTwoGpus) {
   USVM_EXPECT_OK(m.svm().error());
 }
 
+// ignore_own_migrate: the MIGRATE events of the driver's own migrations
+// are skipped (counted) when set, handled as invalidations when not; the
+// data is the same either way.
+TEST(DriverMore, OwnMigrateEvents) {
+  for (bool ignore : {true, false}) {
+    MachineConfig c;
+    c.svm.ignore_own_migrate = ignore;
+    Machine m(c);
+    const uint64_t len = k2M;
+    const uint64_t va = m.MmapAligned(len);
+    Ref ref(va, len);
+    USVM_ASSERT_OK(CpuFill(m.as(), va, len, 1));
+    USVM_ASSERT_OK(GpuAdd(m.vm(), va, len, 1));
+    ref.Fill(va, len, 1);
+    for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+    ASSERT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
+    if (ignore) {
+      EXPECT_GT(m.svm().stats().own_migrate_ignored, 0u);
+    } else {
+      EXPECT_EQ(m.svm().stats().own_migrate_ignored, 0u);
+    }
+    EXPECT_TRUE(GpuMatches(m.vm(), ref)) << "ignore " << ignore;
+    EXPECT_TRUE(CpuMatches(m.as(), ref)) << "ignore " << ignore;
+  }
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
