@@ -281,5 +281,63 @@ TEST(DriverConcurrency, DetachWithKernelsInFlight) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// Svm::Close while other threads keep calling into the Svm and its Vms
+// (prefetch, attributes, binds, launches): every call returns (success or
+// an error), nothing crashes or hangs, and Close leaves no device page.
+TEST(DriverConcurrency, CloseRacesApiCalls) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 4 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 1));
+  Ref ref(va, len);
+  ref.Fill(va, len, 1);
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> calls{0};
+  std::vector<std::thread> threads;
+  Svm& svm = m.svm();
+  Vm& vm0 = m.vm(0);
+  Vm& vm1 = m.vm(1);
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls)
+      (void)vm0.Prefetch(va + (i % 4) * k2M, k2M, i % 2 ? Location::System() : Location::Device(0));
+  });
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls) {
+      AttributeUpdate u;
+      u.preferred = i % 2 ? Location::Device(1) : Location::Default();
+      (void)svm.SetAttributes(va + k2M, k2M, u);
+    }
+  });
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls) {
+      auto h = vm1.Bind(va + 3 * k2M, k64K, {.userptr = (i % 2) == 1});
+      if (h) (void)vm1.Unbind(*h);
+    }
+  });
+  for (Vm* vm : {&vm0, &vm1}) {
+    threads.emplace_back([&, vm] {
+      while (!stop.load()) {
+        (void)GpuRead(*vm, va, len);
+        ++calls;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  svm.Close();
+  const uint64_t at_close = calls.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  EXPECT_GT(at_close, 5u);
+  EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
+  EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_EQ(svm.stats().ranges, 0u);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
