@@ -17,6 +17,7 @@ namespace {
 using gpu::PteKind;
 
 constexpr uint64_t kPagesPer2M = k2M / k4K;
+constexpr uint64_t k1M = uint64_t{1} << 20;
 
 AttributeUpdate Atomic(AtomicMode a) {
   AttributeUpdate u;
@@ -659,6 +660,86 @@ TEST(DriverMore, OwnMigrateEvents) {
     EXPECT_TRUE(GpuMatches(m.vm(), ref)) << "ignore " << ignore;
     EXPECT_TRUE(CpuMatches(m.as(), ref)) << "ignore " << ignore;
   }
+}
+
+// MADV_COLLAPSE copies 512 small pages into a new THP and frees the old
+// frames: a GPU mapping of the old frames must not survive (CLEAR event),
+// the GPU then sees the CPU's later writes.
+TEST(DriverMore, CollapseReplacesFramesUnderAGpuMapping) {
+  MachineConfig c;
+  c.svm.placement = Placement::kSystem;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 1));
+  ref.Fill(va, len, 1);
+  ASSERT_FALSE(m.as().QueryPte(va).huge);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  ASSERT_TRUE(GpuPteKind(m.vm(), va).has_value());
+  USVM_ASSERT_OK(m.as().Madvise(va, len, mm::kMadvCollapse));
+  ASSERT_TRUE(m.as().QueryPte(va).huge);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 2));
+  ref.Fill(va, len, 2);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref)) << "the GPU reads the frames collapse freed";
+  USVM_ASSERT_OK(GpuAdd(m.vm(), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// A THP the GPU maps with one 2 MiB leaf is split by a munmap of 4 KiB in
+// its middle: the leaf goes, the rest is mapped again correctly, later CPU
+// writes are seen.
+TEST(DriverMore, ThpSplitUnderA2MLeaf) {
+  MachineConfig c;
+  c.svm.placement = Placement::kSystem;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  USVM_ASSERT_OK(m.as().Madvise(va, len, mm::kMadvHugePage));
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 3));
+  ref.Fill(va, len, 3);
+  ASSERT_TRUE(m.as().QueryPte(va).huge);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  auto w = m.vm().context().page_table().Walk(va);
+  ASSERT_TRUE(w.has_value());
+  ASSERT_EQ(w->size, k2M);
+  const uint64_t hole = va + k1M;
+  USVM_ASSERT_OK(m.as().Munmap(hole, k4K));
+  EXPECT_FALSE(m.as().QueryPte(va).huge);
+  EXPECT_FALSE(GpuPteKind(m.vm(), va).has_value()) << "the 2 MiB leaf survived the split";
+  EXPECT_EQ(Code(GpuRead(m.vm(), hole, 8)), Errc::kNoEnt);
+  EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va, hole - va));
+  EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, hole + k4K, va + len - hole - k4K));
+  USVM_ASSERT_OK(CpuFill(m.as(), va, k64K, 4));
+  ref.Fill(va, k64K, 4);
+  EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va, hole - va));
+}
+
+// Pinning memory that is in VRAM brings it home first (the GPU mapping of
+// the device pages goes); later GPU writes land in the pinned frames.
+TEST(DriverMore, PinningMemoryInVram) {
+  Machine m;
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 5));
+  ref.Fill(va, len, 5);
+  ASSERT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
+  std::vector<mm::Pfn> pins(16);
+  USVM_ASSERT_OK(m.as().PinUserPages(va, pins.size(), true, pins.data()));
+  EXPECT_EQ(DevicePages(m.as(), va, 16 * k4K), 0u);
+  EXPECT_NE(GpuPteKind(m.vm(), va), PteKind::kLocalVram);
+  USVM_ASSERT_OK(GpuAdd(m.vm(), va, len, 7));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 7);
+  for (uint64_t i = 0; i < pins.size(); ++i) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(m.pool().Data(pins[i]));
+    EXPECT_EQ(Diff(va + i * k4K, p, ref.bytes.data() + i * k4K, k4K), "") << "pinned page " << i;
+  }
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  for (mm::Pfn p : pins) m.as().UnpinUserPage(p);
 }
 
 }  // namespace
