@@ -679,6 +679,7 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
   std::unique_ptr<DeviceAddr[]> fresh;
   for (;;) {
     uint64_t seq = notifier->ReadBegin();
+    bool stale_mapping;
     {
       ReadLock l(notifier_lock_);
       if (PagesValid(*pages) && pages->npages_ == npages &&
@@ -688,8 +689,11 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
         stats_.get_pages.fetch_add(1, std::memory_order_relaxed);
         return {};
       }
+      // Only this call maps these pages (busy_); an invalidation can only
+      // empty them: nothing mapped now stays so.
+      stale_mapping = pages->mapped_ > 0;
     }
-    {
+    if (stale_mapping) {
       // Mapped, but not as this call needs (read-only, or another extent):
       // drop that mapping and map afresh.
       WriteLock l(notifier_lock_);
