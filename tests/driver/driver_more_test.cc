@@ -742,5 +742,65 @@ TEST(DriverMore, PinningMemoryInVram) {
   for (mm::Pfn p : pins) m.as().UnpinUserPage(p);
 }
 
+// Without fault threads, each address space's context is served by its
+// own Vm::ServiceFaults; Device::ServiceFaults serves the default one.
+TEST(DriverMore, ServiceFaultsPerContext) {
+  MachineConfig c;
+  c.fault_thread = false;
+  c.default_process = false;
+  Machine m(c);
+  m.AddProcess({0});
+  m.AddProcess({0});
+  ASSERT_NE(m.vm(0, 0).context().asid(), m.vm(0, 1).context().asid());
+  const uint64_t len = 256 * 1024;
+  std::vector<uint64_t> va(2);
+  std::vector<gpu::Launch> ls;
+  for (uint32_t p = 0; p < 2; ++p) {
+    va[p] = m.ReserveVa(len);
+    ASSERT_EQ(m.Mmap(len, va[p], kRW, kAnonPrivate, p), va[p]);
+    auto l = LaunchWords(m.vm(0, p), va[p], len, [p](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, Word(p + 1, a)); });
+    ASSERT_TRUE(l.has_value());
+    ls.push_back(*l);
+  }
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  uint64_t served[2] = {0, 0};
+  while (!ls[0].fence().IsSignalled() || !ls[1].fence().IsSignalled()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), end) << "kernels never finished";
+    // Process 1's context first through its Vm, process 0's through the device.
+    if (auto r = m.vm(0, 1).ServiceFaults(200'000); r) served[1] += *r;
+    if (auto r = m.dev(0).ServiceFaults(200'000); r) served[0] += *r;
+  }
+  for (uint32_t p = 0; p < 2; ++p) {
+    USVM_ASSERT_OK(ls[p].Wait());
+    EXPECT_GT(served[p], 0u) << "process " << p;
+    Ref ref(va[p], len);
+    ref.Fill(va[p], len, p + 1);
+    EXPECT_TRUE(CpuMatches(m.as(p), ref)) << "process " << p;
+  }
+}
+
+// Small notifiers: buffers spread over several; unmapping them all
+// removes every notifier.
+TEST(DriverMore, NotifiersComeAndGo) {
+  MachineConfig c;
+  c.svm.notifier_size = 2 * k2M;
+  Machine m(c);
+  std::vector<uint64_t> bufs;
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t va = m.MmapAligned(k2M);
+    USVM_ASSERT_OK(GpuFill(m.vm(), va, k2M, i + 1));
+    bufs.push_back(va);
+  }
+  EXPECT_GE(m.svm().stats().notifiers, 4u);
+  for (int i = 0; i < 4; ++i) {
+    Ref ref(bufs[i], k2M);
+    ref.Fill(bufs[i], k2M, i + 1);
+    EXPECT_TRUE(CpuMatches(m.as(), ref));
+    USVM_ASSERT_OK(m.as().Munmap(bufs[i], k2M));
+  }
+  Eventually([&] { return m.svm().stats().ranges == 0; });
+  Eventually([&] { return m.svm().stats().notifiers == 0; });
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
