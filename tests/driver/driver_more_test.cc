@@ -802,5 +802,24 @@ TEST(DriverMore, NotifiersComeAndGo) {
   Eventually([&] { return m.svm().stats().notifiers == 0; });
 }
 
+// GPU atomics need device memory: on memory that cannot migrate (shared,
+// hugetlb) they fail with EACCES; plain accesses still work there.
+TEST(DriverMore, GpuAtomicsOnMemoryThatCannotMigrate) {
+  Machine m;
+  ASSERT_EQ(m.pool().SetHugetlbPages(1), 1u);
+  const uint64_t shared = m.Mmap(k64K, 0, kRW, mm::kMapShared | mm::kMapAnonymous);
+  const uint64_t huge = m.Mmap(k2M, 0, kRW, kAnonPrivate | mm::kMapHugetlb);
+  for (uint64_t va : {shared, huge}) {
+    ASSERT_NE(va, 0u);
+    auto r = Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); }));
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code(), Errc::kAcces) << r.error().ToString();
+    USVM_ASSERT_OK(GpuAdd(m.vm(), va, k4K, 2));
+    auto v = m.as().AtomicLoad(va);
+    ASSERT_TRUE(v.has_value());
+    EXPECT_EQ(*v, 2u);
+  }
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
