@@ -344,10 +344,15 @@ TEST(DriverConcurrency, CloseRacesApiCalls) {
 // the CPU, check it, munmap it -- all at once on one Svm with two GPUs.
 // A stale GPU mapping of someone else's freed buffer shows up as a wrong
 // byte.
-// DRIVER BUG? Crashes intermittently (assertion or SIGSEGV) in the
-// collector: CollectLocked -> GpuSvm::RangeEvict on a queued range whose
-// Notifier was already destroyed (the use-after-free DriverE2e.PartialRemap*
-// hits; no mremap needed here, plain mmap/munmap churn).
+// DRIVER BUG? Crashes about one run in two (assertion or SIGSEGV) in the
+// collector: CollectLocked -> GpuSvm::RangeEvict on a range no longer in
+// the tree whose Notifier was already destroyed (the use-after-free
+// DriverE2e.PartialRemap* hits; here plain mmap/munmap churn). Adjacent
+// buffers merge into one VMA, so one range can span two threads' buffers;
+// each munmap queues it (QueueGc dedupes only while it is linked, so it is
+// queued again after a pass popped it), one pass removes it -- and its
+// notifier -- and the next evicts it. CollectLocked should skip ranges
+// that are no longer in the tree.
 TEST(DriverConcurrency, ThreadsNewBufferEachIteration) {
   MachineConfig c;
   c.gpus = 2;
