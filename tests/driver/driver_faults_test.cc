@@ -5,6 +5,7 @@
 // byte-exact wherever an operation reports success.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -209,6 +210,60 @@ TEST(DriverFaults, ExitWithKernelsInFlight) {
   for (auto& l : launches) (void)WaitLaunch(l);
   EXPECT_NE(Code(GpuRead(m.vm(), va, 8)), Errc::kOk);
   Eventually([&] { return m.dev().vram_stats().allocations == 0; });
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+// GPU 1 maps GPU 0's VRAM over the peer link; GPU 0 goes away. Its pages
+// come home first and GPU 1's peer mappings of them are gone: GPU 1 reads
+// the data from system memory.
+TEST(DriverFaults, DeviceDestroyedWhileAPeerMapsItsVram) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 11));
+  ref.Fill(va, len, 11);
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  ASSERT_EQ(GpuPteKind(m.vm(1), va), PteKind::kPeerVram);
+  m.DestroyDevice(0);
+  EXPECT_NE(GpuPteKind(m.vm(1), va), PteKind::kPeerVram) << "peer PTE into a destroyed GPU";
+  EXPECT_EQ(DevicePages(m.as(), va, len), 0u) << "device pages of a destroyed GPU";
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+// A device destroyed while its kernels fault: they end (ECANCELED or
+// done), their fences stay valid, the Svm and the other GPU go on.
+TEST(DriverFaults, DeviceDestroyedWithKernelsInFlight) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 8 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  std::vector<gpu::Launch> launches;
+  for (uint64_t off = 0; off < len; off += k2M) {
+    auto l = LaunchWords(m.vm(1), va + off, k2M, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, a); });
+    ASSERT_TRUE(l.has_value());
+    launches.push_back(*l);
+  }
+  m.DestroyDevice(1);
+  for (auto& l : launches) (void)WaitLaunch(l);
+  EXPECT_EQ(m.svm().vm(1), nullptr);
+  EXPECT_EQ(DevicePages(m.as(), va, len), 0u) << "device pages of a destroyed GPU";
+  auto got = GpuRead(m.vm(0), va, len);
+  ASSERT_TRUE(got.has_value()) << got.error().ToString();
+  for (uint64_t i = 0; i < len / 8; ++i) {
+    uint64_t w;
+    std::memcpy(&w, got->data() + i * 8, 8);
+    ASSERT_TRUE(w == 0 || w == va + i * 8) << "word " << i;
+  }
   m.Teardown();
   EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
 }
