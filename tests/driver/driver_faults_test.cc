@@ -268,5 +268,59 @@ TEST(DriverFaults, DeviceDestroyedWithKernelsInFlight) {
   EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
 }
 
+// "gpu.copy" failing while pages leave VRAM (a CPU touch, an eviction):
+// the move fails, the data stays where it was; nothing is lost, and once
+// copies work again everything comes home intact.
+TEST(DriverFaults, CopyFailuresOnTheWayHomeLoseNothing) {
+  Machine m;
+  const uint64_t len = 2 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 12));
+  ref.Fill(va, len, 12);
+  ASSERT_EQ(DevicePages(m.as(), va, len), len / k4K);
+  m.env().faults().FailEvery("gpu.copy", 1);
+  uint64_t w = 0;
+  auto r = m.as().Read(va + 8, &w, 8);
+  if (r) {
+    EXPECT_EQ(w, ref.Get64(va + 8));
+  }
+  const uint64_t stayed = m.dev().EvictAll();
+  printf("copies failing: CPU read %s, EvictAll left %llu allocations, %llu device pages\n",
+         r ? "ok" : r.error().ToString().c_str(), (unsigned long long)stayed,
+         (unsigned long long)DevicePages(m.as(), va, len));
+  m.env().faults().ClearAll();
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  USVM_EXPECT_OK(m.svm().error());
+}
+
+// "gpusvm.dma_map" / "gpusvm.device_map" failing once: that access may
+// fail (or be retried); afterwards everything works and no byte is wrong.
+TEST(DriverFaults, MapFailuresOnce) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  for (const char* site : {"gpusvm.dma_map", "gpusvm.device_map"}) {
+    const uint64_t len = k2M;
+    const uint64_t va = m.MmapAligned(len);
+    Ref ref(va, len);
+    USVM_ASSERT_OK(CpuFill(m.as(), va, len, 13));
+    ref.Fill(va, len, 13);
+    USVM_ASSERT_OK(GpuAdd(m.vm(0), va, len / 2, 1));  // half in VRAM 0
+    for (uint64_t a = va; a < va + len / 2; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+    m.env().faults().FailNth(site, 1);
+    (void)GpuRead(m.vm(1), va, len);  // peer / system mappings of GPU 1
+    (void)GpuRead(m.vm(0), va, len);
+    m.env().faults().ClearAll();
+    EXPECT_TRUE(GpuMatches(m.vm(1), ref)) << site;
+    EXPECT_TRUE(GpuMatches(m.vm(0), ref)) << site;
+    EXPECT_TRUE(CpuMatches(m.as(), ref)) << site;
+  }
+  USVM_EXPECT_OK(m.svm().error());
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
