@@ -1,0 +1,292 @@
+// The driver layer's private structures (driver.h has the public API).
+#ifndef USVM_SRC_DRIVER_INTERNAL_H_
+#define USVM_SRC_DRIVER_INTERNAL_H_
+
+#include <array>
+#include <atomic>
+#include <list>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "usvm/base/intrusive_list.h"
+#include "usvm/base/mutex.h"
+#include "usvm/base/wait_queue.h"
+#include "usvm/driver/driver.h"
+#include "usvm/gpusvm/gpusvm.h"
+#include "usvm/gpusvm/pagemap.h"
+#include "usvm/mm/mm.h"
+#include "usvm/mm/mmu_interval_notifier.h"
+
+namespace usvm::driver {
+
+using gpu::kMaxGpus;
+
+// A counter bumped from many threads, read as a racy snapshot.
+using Counter = std::atomic<uint64_t>;
+inline void Bump(Counter& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
+inline uint64_t Load(const Counter& c) { return c.load(std::memory_order_relaxed); }
+
+// Size class of a range for the per-size counters.
+inline int SizeIndex(uint64_t size) { return size >= k2M ? 2 : size >= k64K ? 1 : 0; }
+
+// How the driver encodes a VRAM page in a gpusvm::DeviceAddr: the owning
+// GPU id in the top byte, the VRAM byte offset below.
+inline uint64_t EncodeVram(uint32_t gpu, uint64_t offset) { return (uint64_t(gpu) << 56) | offset; }
+inline uint32_t VramGpu(uint64_t addr) { return uint32_t(addr >> 56); }
+inline uint64_t VramOffset(uint64_t addr) { return addr & ((uint64_t{1} << 56) - 1); }
+
+// One VRAM allocation (a buffer object embedding the drm_pagemap_devmem).
+struct VramBo final : gpusvm::Devmem {
+  VramBo(gpusvm::Pagemap& pm, gpusvm::DevmemOps* ops, std::shared_ptr<mm::Mm> mm, uint64_t size,
+         uint64_t offset)
+      : Devmem(pm, ops, std::move(mm), size), offset(offset) {}
+  const uint64_t offset;  // VRAM byte offset of the block
+  // Guarded by the owning Device::Impl::lock_.
+  std::list<std::shared_ptr<VramBo>>::iterator lru_it;
+  bool in_lru = false;
+  bool freed = false;  // the VRAM block went back (Release)
+};
+
+struct CounterSet {
+  std::array<std::array<Counter, 7>, 3> by_size{};  // SizeCounters fields, in order
+  Counter faults{0}, faults_cancelled{0}, commit_retries{0}, evict_retries{0}, migrate_failures{0},
+      leaves_4k{0}, leaves_64k{0}, leaves_2m{0}, peer_maps{0}, prefetches{0}, binds{0}, unbinds{0},
+      rebinds{0}, bind_invalidations{0};
+};
+enum SizeField { kFaults, kValidFaults, kMigrations, kGetPages, kBinds, kBytesCopied, kTlbInvals };
+
+class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
+ public:
+  Impl(uint32_t id, const DeviceConfig& config, Env& env) : id(id), config(config), env(env) {}
+
+  // A VRAM allocation of `size` bytes (a power of two) for `mm`, evicting
+  // least recently used allocations while VRAM is full. ENOMEM when
+  // nothing is left to evict.
+  Result<std::shared_ptr<VramBo>> AllocBo(const std::shared_ptr<mm::Mm>& mm, uint64_t size);
+  // After a successful migration: the allocation joins the LRU (as most
+  // recently used).
+  void LruAdd(const std::shared_ptr<VramBo>& bo);
+  // A GPU used the allocation: most recently used.
+  void LruTouch(gpusvm::Devmem* dm);
+  // Evicts the least recently used allocation (of `mm` if not null).
+  // False when there is none.
+  bool EvictOne(const mm::Mm* mm);
+  mm::DevicePfn PfnOfOffset(uint64_t offset) const {
+    return pagemap->pgmap().base() + (offset >> 12);
+  }
+
+  // gpusvm::PagemapOps.
+  Result<gpusvm::DeviceAddr> DeviceMap(gpusvm::Pagemap& pm, const void* device, mm::DevicePfn pfn,
+                                       unsigned order) override;
+  void DeviceUnmap(gpusvm::Pagemap& pm, const void* device, const gpusvm::DeviceAddr& addr) override {}
+  Result<void> PopulateMm(gpusvm::Pagemap& pm, uint64_t start, uint64_t end,
+                          const std::shared_ptr<mm::Mm>& mm, uint64_t timeslice_ms) override;
+  // gpusvm::DevmemOps.
+  void Release(gpusvm::Devmem& devmem) override;
+  Result<void> PopulateDevmemPfn(gpusvm::Devmem& devmem, uint64_t npages, mm::DevicePfn* pfns) override;
+  Result<void> CopyToDevmem(gpusvm::Devmem& devmem, const mm::DevicePfn* dst, std::byte* const* src,
+                            uint64_t n) override;
+  Result<void> CopyToRam(gpusvm::Devmem& devmem, const mm::DevicePfn* src, std::byte* const* dst,
+                         uint64_t n) override;
+  Result<void> CopyFromPeer(gpusvm::Devmem& devmem, const mm::DevicePfn* dst, gpusvm::Pagemap& from,
+                            const mm::DevicePfn* src, uint64_t n) override;
+
+  // The fault loop of the device's thread.
+  void FaultLoop();
+  Result<size_t> ServiceBatch(uint64_t timeout_ns);
+
+  // Constant after TryCreate.
+  Device* pub = nullptr;  // the public object owning this
+  const uint32_t id;
+  const DeviceConfig config;
+  Env& env;
+  std::unique_ptr<gpu::Gpu> gpu;
+  std::unique_ptr<gpusvm::Pagemap> pagemap;
+
+  // The Vm of the address space this GPU runs: written under attach_lock_
+  // for write, read by the fault thread under it for read.
+  RwSemaphore attach_lock_;
+  Vm::Impl* vm_ USVM_GUARDED_BY(attach_lock_) = nullptr;
+
+  // The VRAM manager.
+  mutable Mutex lock_;
+  std::list<std::shared_ptr<VramBo>> lru_ USVM_GUARDED_BY(lock_);  // front: least recent
+  uint64_t live_ USVM_GUARDED_BY(lock_) = 0;
+  Counter evictions{0}, evict_failures{0}, bytes_evicted{0}, bytes_to_vram{0}, bytes_to_ram{0};
+
+  std::atomic<bool> stop_{false};
+  std::thread fault_thread_;
+};
+
+// The driver's range: the framework's range with the pages it owns and
+// the per-GPU masks.
+struct DrvRange final : gpusvm::Range {
+  gpusvm::Pages rpages;  // the range's pages (Range::pages() once initialised)
+  // GPUs whose page table maps the range (bit per GPU id), and GPUs whose
+  // mapping an invalidation removed. Written under the GpuSvm notifier lock
+  // (read by commits, which the driver lock serialises; write by
+  // invalidations); atomics so stats may read them.
+  std::atomic<uint32_t> present{0};
+  std::atomic<uint32_t> invalidated{0};
+  // The spans a GPU mapped when one of its binds cut the range (rare):
+  // null when every mapping covers the whole range. Guarded by the
+  // notifier lock (written by commits, read by invalidations).
+  std::unique_ptr<std::array<std::vector<gpu::VaRange>, kMaxGpus>> cut;
+  // The collector's queue (Svm::Impl::gc_lock_); the queue holds a
+  // reference (RangeGet) while linked.
+  ListNode gc_link;
+  // The union of UNMAP events seen (notifier lock, write), for the
+  // collector's attribute reset.
+  uint64_t unmap_lo = UINT64_MAX, unmap_hi = 0;
+};
+
+// The second pass of a two-pass invalidation: waits for the TLB fences
+// the first pass started.
+struct InvalFinish final : mm::MmuIntervalFinish {
+  void Finish(const mm::NotifierRange& range, uint64_t cur_seq) override;
+  Svm::Impl* svm = nullptr;
+  std::array<gpu::Fence, kMaxGpus> fences{};
+  uint32_t nfences = 0;
+};
+
+// An explicit bind or userptr of one Vm: its own interval notifier, pages
+// of the Svm's pages-only GpuSvm.
+struct Binding final : mm::MmuIntervalNotifierOps {
+  bool Invalidate(mm::MmuIntervalNotifier* sub, const mm::NotifierRange& range,
+                  uint64_t cur_seq) override;
+  Vm::Impl* vm = nullptr;
+  uint64_t handle = 0, start = 0, end = 0;
+  BindFlags flags;
+  mm::MmuIntervalNotifier sub;
+  gpusvm::Pages pages;
+  // Mapped on the GPU and not invalidated since: written under the bind
+  // GpuSvm's notifier lock.
+  std::atomic<bool> valid{false};
+  std::atomic<bool> mapped{false};  // PTEs present (to zap)
+};
+
+class Vm::Impl {
+ public:
+  Impl(Svm::Impl& svm, Device::Impl& dev) : svm(svm), dev(dev) {}
+
+  // REQUIRES: the driver lock.
+  Result<void> HandleFaultLocked(uint64_t va, uint8_t access);
+  Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where);
+  // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
+  Result<void> ValidateBinding(Binding* b);
+  // Drops a binding: removes its notifier, zaps, flushes, frees pages.
+  void DestroyBinding(Binding* b);
+  // Zaps [start, end) on this GPU and waits for the TLB flush.
+  void ZapAndFlush(uint64_t start, uint64_t end);
+  // The first bind of this Vm overlapping [start, end), if any.
+  Binding* FindBinding(uint64_t start, uint64_t end) const;
+
+  // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
+  // lock and the notifier lock (read); pages valid.
+  Result<void> CommitRange(DrvRange* r, bool need_atomic);
+
+  Svm::Impl& svm;
+  Device::Impl& dev;
+  CounterSet c;
+  // Guarded by the Svm's driver lock.
+  std::map<uint64_t, std::unique_ptr<Binding>> binds_;  // by start
+  std::map<uint64_t, Binding*> by_handle_;
+  uint64_t next_handle_ = 1;
+  std::atomic<bool> detached_{false};
+};
+
+// Set around a migration this driver starts, on the migrating thread, so
+// the MIGRATE invalidation it causes is recognised as our own.
+struct SelfMigration {
+  const Svm::Impl* svm = nullptr;
+  uint64_t start = 0, end = 0;
+};
+extern thread_local SelfMigration tls_self_migration;
+
+class Svm::Impl final : public gpusvm::GpuSvmOps {
+ public:
+  Impl(std::shared_ptr<mm::Mm> mm, const SvmConfig& config)
+      : mm(std::move(mm)), config(config), env(config.env ? *config.env : Env::Default()),
+        finish_pool(env) {}
+
+  // gpusvm::GpuSvmOps.
+  gpusvm::Range* RangeAlloc() override { return new DrvRange; }
+  void RangeFree(gpusvm::Range* r) override;
+  void Invalidate(gpusvm::GpuSvm& s, gpusvm::Notifier& n, const mm::NotifierRange& range) override {
+    DoInvalidate(n, range, nullptr);
+  }
+  void InvalidateStart(gpusvm::GpuSvm& s, gpusvm::Notifier& n, const mm::NotifierRange& range,
+                       mm::MmuIntervalFinish** finish) override {
+    *finish = nullptr;
+    DoInvalidate(n, range, config.invalidation == InvalidationMode::kTwoPass ? finish : nullptr);
+  }
+  // The callback body. finish == null: single pass (each GPU in turn).
+  void DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range, mm::MmuIntervalFinish** finish)
+      USVM_REQUIRES(svm->notifier_lock());
+
+  // Zaps `r` on every GPU mapping it, flushes their TLBs and waits, then
+  // unmaps its pages: the driver's own invalidation (before a migration it
+  // starts, on an attribute change, before a bind). REQUIRES: the driver
+  // lock; not the notifier lock.
+  void InvalidateRangeNow(DrvRange* r);
+  // Zaps r on GPU `g` (under the notifier lock for write); the span zapped.
+  void ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) USVM_REQUIRES(svm->notifier_lock());
+
+  // The collector. REQUIRES: the driver lock.
+  Result<void> CollectLocked() USVM_REQUIRES(svm->driver_lock());
+  void GcLoop();
+  void QueueGc(DrvRange* r);
+
+  // Attributes at va and the span [lo, hi) around va where they are equal.
+  Attributes AttrsAt(uint64_t va, uint64_t* lo, uint64_t* hi) const;
+  void ResetAttributes(uint64_t start, uint64_t end);
+
+  // The device whose pagemap is `pm`, among the attached ones (null if none).
+  Device::Impl* DeviceOfPagemap(const gpusvm::Pagemap* pm) const;
+
+  Svm* pub = nullptr;  // the public object owning this
+  const std::shared_ptr<mm::Mm> mm;
+  const SvmConfig config;
+  Env& env;
+  std::unique_ptr<gpusvm::GpuSvm> svm;       // the ranges
+  std::unique_ptr<gpusvm::GpuSvm> bind_svm;  // pages-only: binds and userptrs
+
+  // Attached VMs by GPU id: written under the driver lock and the notifier
+  // lock (write); read by callbacks under the notifier lock and by the
+  // driver under the driver lock.
+  std::array<std::atomic<Vm::Impl*>, kMaxGpus> vms{};
+  std::vector<std::unique_ptr<Vm>> vm_objs;  // driver lock
+
+  // Taken around "EBUSY -> evict -> migrate again" (xe's migrate lock).
+  Mutex migrate_lock;
+
+  // madvise attributes: non-default spans by start (value: end, attrs).
+  mutable Mutex attr_lock;
+  std::map<uint64_t, std::pair<uint64_t, Attributes>> attrs USVM_GUARDED_BY(attr_lock);
+
+  // Garbage collector queue and worker.
+  Mutex gc_lock;
+  IntrusiveList<DrvRange, &DrvRange::gc_link> gc_queue USVM_GUARDED_BY(gc_lock);
+  std::atomic<uint64_t> gc_pending{0};
+  WaitQueue gc_wake;
+  std::atomic<bool> gc_stop{false};
+  std::thread gc_thread;
+
+  // The VM error state (a collector failure): set once.
+  mutable Mutex error_lock;
+  Error error_ USVM_GUARDED_BY(error_lock){Errc::kOk};
+  std::atomic<bool> has_error{false};
+  std::atomic<bool> closed{false};
+
+  mm::MmuIntervalFinishPool<InvalFinish, 64> finish_pool;
+
+  Counter invalidations{0}, ranges_zapped{0}, tlb_flushes{0}, two_pass_finishes{0},
+      single_pass_fallbacks{0}, own_migrate_ignored{0}, unmap_events{0}, gc_runs{0},
+      ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0};
+};
+
+}  // namespace usvm::driver
+
+#endif  // USVM_SRC_DRIVER_INTERNAL_H_

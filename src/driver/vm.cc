@@ -1,0 +1,726 @@
+// Vm: one GPU in one address space -- the fault handler (xe's flow),
+// PTE building with the largest leaves (seed 001's build_sg), prefetch,
+// explicit binds and userptrs, and the device's fault-servicing loop.
+#include <algorithm>
+#include <bit>
+
+#include "internal.h"
+
+namespace usvm::driver {
+
+namespace {
+
+constexpr uint64_t kFetchTimeoutNs = 20'000'000;  // the fault thread rechecks stop
+constexpr int kMaxFaultPasses = 64;               // EAGAIN after this many retries
+
+struct Run {
+  uint64_t va = 0;
+  gpu::PhysAddr pa;
+  uint64_t bytes = 0;
+  bool valid = false;
+};
+
+// Emits the leaves of one physically contiguous run: the largest page
+// size that VA and PA alignment and the remaining length allow.
+void EmitRun(const Run& run, uint32_t prot, std::vector<gpu::BindOp>* ops, uint64_t* leaves) {
+  uint64_t off = 0;
+  while (off < run.bytes) {
+    const uint64_t va = run.va + off;
+    const uint64_t pa = run.pa.addr + off;
+    const uint64_t left = run.bytes - off;
+    gpu::PageSize sz = gpu::PageSize::k4K;
+    if (((va | pa) & (k2M - 1)) == 0 && left >= k2M)
+      sz = gpu::PageSize::k2M;
+    else if (((va | pa) & (k64K - 1)) == 0 && left >= k64K)
+      sz = gpu::PageSize::k64K;
+    ops->push_back({va, sz, run.pa + off, prot});
+    ++leaves[static_cast<int>(sz)];
+    off += gpu::PageBytes(sz);
+  }
+}
+
+}  // namespace
+
+// ---- Vm ---------------------------------------------------------------------
+
+Vm::Vm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Vm::~Vm() = default;
+
+Device& Vm::device() const { return *impl_->dev.pub; }
+Svm& Vm::svm() const { return *impl_->svm.pub; }
+uint32_t Vm::gpu_id() const { return impl_->dev.id; }
+
+Result<void> Vm::HandleFault(uint64_t va, uint8_t access) {
+  Impl& v = *impl_;
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  (void)v.svm.CollectLocked();
+  return v.HandleFaultLocked(va, access);
+}
+
+Result<void> Vm::Prefetch(uint64_t start, uint64_t len, Location where) {
+  Impl& v = *impl_;
+  const uint64_t end = start + len;
+  if (len == 0 || (start | len) & (k4K - 1) || end < start)
+    return Err(Errc::kInval, "driver: prefetch range empty or not page aligned");
+  if (where.kind == Location::Kind::kDevice &&
+      (where.gpu >= kMaxGpus || !v.svm.vms[where.gpu].load()))
+    return Err(Errc::kInval, "driver: prefetch to a GPU not attached");
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  (void)v.svm.CollectLocked();
+  return v.PrefetchLocked(start, end, where);
+}
+
+VmStats Vm::stats() const {
+  const CounterSet& c = impl_->c;
+  VmStats s;
+  for (int i = 0; i < 3; ++i) {
+    const auto& b = c.by_size[i];
+    s.by_size[i] = {Load(b[kFaults]), Load(b[kValidFaults]), Load(b[kMigrations]), Load(b[kGetPages]),
+                    Load(b[kBinds]), Load(b[kBytesCopied]), Load(b[kTlbInvals])};
+  }
+  s.faults = Load(c.faults);
+  s.faults_cancelled = Load(c.faults_cancelled);
+  s.commit_retries = Load(c.commit_retries);
+  s.evict_retries = Load(c.evict_retries);
+  s.migrate_failures = Load(c.migrate_failures);
+  s.leaves_4k = Load(c.leaves_4k);
+  s.leaves_64k = Load(c.leaves_64k);
+  s.leaves_2m = Load(c.leaves_2m);
+  s.peer_maps = Load(c.peer_maps);
+  s.prefetches = Load(c.prefetches);
+  s.binds = Load(c.binds);
+  s.unbinds = Load(c.unbinds);
+  s.rebinds = Load(c.rebinds);
+  s.bind_invalidations = Load(c.bind_invalidations);
+  return s;
+}
+
+// ---- PTE commit ---------------------------------------------------------------
+
+Result<void> Vm::Impl::CommitRange(DrvRange* r, bool need_atomic) {
+  const gpusvm::Pages& p = r->rpages;
+  const uint32_t g = dev.id;
+  // This GPU's binds inside the range cut it: those pages are theirs.
+  std::vector<std::pair<uint64_t, uint64_t>> cuts;
+  auto first = binds_.upper_bound(r->start());
+  if (first != binds_.begin()) --first;
+  for (auto it = first; it != binds_.end(); ++it) {
+    const Binding* b = it->second.get();
+    if (b->start >= r->end()) break;
+    if (b->end > r->start()) cuts.emplace_back(std::max(b->start, r->start()), std::min(b->end, r->end()));
+  }
+  const bool writable = !p.read_only();
+  std::vector<gpu::BindOp> ops;
+  ops.reserve(std::min<uint64_t>(p.npages(), 512));
+  uint64_t leaves[3] = {0, 0, 0};
+  Run run;
+  bool peer = false;
+  auto prot_for = [&](const gpu::PhysAddr& pa) -> uint32_t {
+    uint32_t prot = gpu::kProtRead;
+    if (writable) prot |= gpu::kProtWrite;
+    // Atomics only in local VRAM (system and peer memory: migrate first).
+    if (writable && pa.kind == gpu::MemKind::kVram && pa.gpu == g) prot |= gpu::kProtAtomic;
+    return prot;
+  };
+  uint32_t run_prot = 0;
+  auto flush = [&] {
+    if (run.valid) EmitRun(run, run_prot, &ops, leaves);
+    run.valid = false;
+  };
+  size_t ci = 0;
+  const gpusvm::DeviceAddr* a = p.addrs();
+  for (uint64_t i = 0; i < p.npages();) {
+    const gpusvm::DeviceAddr d = a[i];
+    const uint64_t n = uint64_t{1} << d.order;
+    gpu::PhysAddr pa;
+    if (d.proto == gpusvm::AddrProto::kSystem) {
+      pa = gpu::PhysAddr::System(d.addr >> 12);
+    } else {
+      pa = gpu::PhysAddr::Vram(VramGpu(d.addr), VramOffset(d.addr));
+      if (pa.gpu != g) peer = true;
+    }
+    const uint32_t prot = prot_for(pa);
+    for (uint64_t k = 0; k < n; ++k) {
+      const uint64_t va = r->start() + (i + k) * k4K;
+      while (ci < cuts.size() && cuts[ci].second <= va) ++ci;
+      if (ci < cuts.size() && va >= cuts[ci].first) {
+        flush();
+        continue;
+      }
+      const gpu::PhysAddr pk = pa + k * k4K;
+      if (run.valid && prot == run_prot && pk.kind == run.pa.kind && pk.gpu == run.pa.gpu &&
+          pk.addr == run.pa.addr + run.bytes && va == run.va + run.bytes) {
+        run.bytes += k4K;
+      } else {
+        flush();
+        run = {va, pk, k4K, true};
+        run_prot = prot;
+      }
+    }
+    i += n;
+  }
+  flush();
+  (void)need_atomic;
+  gpu::PageTable& pt = dev.gpu->page_table();
+  // A mapping of the range left by an earlier commit may use other leaf
+  // sizes: clear it first (binds never split a larger leaf).
+  if (r->present.load() & (1u << g)) {
+    if (r->cut && !(*r->cut)[g].empty()) {
+      for (const gpu::VaRange& v : (*r->cut)[g]) (void)pt.Zap(v.start, v.size);
+    } else {
+      (void)pt.Zap(r->start(), r->size());
+    }
+  }
+  if (!ops.empty()) USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
+  if (!cuts.empty()) {
+    if (!r->cut) r->cut = std::make_unique<std::array<std::vector<gpu::VaRange>, kMaxGpus>>();
+    auto& spans = (*r->cut)[g];
+    spans.clear();
+    for (const gpu::BindOp& op : ops) {
+      const uint64_t sz = gpu::PageBytes(op.size);
+      if (!spans.empty() && spans.back().start + spans.back().size == op.va)
+        spans.back().size += sz;
+      else
+        spans.push_back({op.va, sz});
+    }
+  } else if (r->cut) {
+    (*r->cut)[g].clear();
+  }
+  r->present.fetch_or(1u << g);
+  r->invalidated.fetch_and(~(1u << g));
+  Bump(c.leaves_4k, leaves[0]);
+  Bump(c.leaves_64k, leaves[1]);
+  Bump(c.leaves_2m, leaves[2]);
+  Bump(c.by_size[SizeIndex(r->size())][kBinds]);
+  if (peer) Bump(c.peer_maps);
+  return {};
+}
+
+// ---- the fault handler ------------------------------------------------------
+
+Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
+  Bump(c.faults);
+  auto fail = [&](Error e) -> Result<void> {
+    Bump(c.faults_cancelled);
+    return Err(std::move(e));
+  };
+  if (detached_.load()) return fail(Error(Errc::kNoDev, "driver: the VM was detached"));
+  if (svm.has_error.load(std::memory_order_acquire)) {
+    MutexLock l(svm.error_lock);
+    return fail(svm.error_);
+  }
+  va &= ~(k4K - 1);
+  const uint64_t win_lo = svm.config.va_start, win_hi = svm.config.va_start + svm.config.va_size;
+  if (va < win_lo || va >= win_hi) return fail(Error(Errc::kInval, "driver: GPU VA outside the SVM window"));
+  const bool write = access & (gpu::kAccessWrite | gpu::kAccessAtomic);
+  const bool atomic = access & gpu::kAccessAtomic;
+
+  // A bind of this GPU covers it: revalidate the bind.
+  if (Binding* b = FindBinding(va, va + k4K)) {
+    if (write && b->flags.read_only) return fail(Error(Errc::kPerm, "driver: write to a read-only bind"));
+    auto r = ValidateBinding(b);
+    if (!r) return fail(r.error());
+    return {};
+  }
+
+  uint64_t alo, ahi;
+  const Attributes attrs = svm.AttrsAt(va, &alo, &ahi);
+  if (atomic && attrs.atomic == AtomicMode::kCpu)
+    return fail(Error(Errc::kAcces, "driver: GPU atomics refused by the range's atomic attribute (cpu)"));
+  // The range's window: inside the SVM window, one attribute span, and
+  // between this GPU's binds.
+  uint64_t lo = std::max(win_lo, alo), hi = std::min(win_hi, ahi);
+  {
+    auto it = binds_.upper_bound(va);
+    if (it != binds_.end()) hi = std::min(hi, it->second->start);
+    if (it != binds_.begin()) lo = std::max(lo, std::prev(it)->second->end);
+  }
+
+  gpusvm::Ctx ctx;
+  ctx.device_private_page_owner = dev.pagemap->owner();
+  ctx.check_pages_threshold = svm.config.check_pages_threshold;
+  ctx.devmem_possible = true;
+  ctx.read_only = false;
+  ctx.devmem_only = atomic;
+  uint32_t budget = svm.config.fault_retry_budget;
+  uint32_t atomic_try = 0;
+  bool evicted_for_busy = false;
+  for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
+    auto found = svm.svm->FindOrInsert(va, lo, hi, ctx);
+    if (!found && found.error() == Errc::kPerm && !write && !ctx.read_only) {
+      // A read of a read-only mapping: map it read-only.
+      ctx.read_only = true;
+      found = svm.svm->FindOrInsert(va, lo, hi, ctx);
+    }
+    if (!found) return fail(found.error());
+    auto* r = static_cast<DrvRange*>(*found);
+    if (!r->pages()) svm.svm->InitPages(&r->rpages, r);
+    const int si = SizeIndex(r->size());
+    if (pass == 0) Bump(c.by_size[si][kFaults]);
+
+    // Already valid for this GPU (as this access needs): replay.
+    {
+      ReadLock nl(svm.svm->notifier_lock());
+      if ((r->present.load() & (1u << dev.id)) && svm.svm->PagesValid(r->rpages) &&
+          (!write || !r->rpages.read_only())) {
+        bool ok = true;
+        if (atomic) {
+          const gpusvm::Pagemap* pm = r->rpages.dpagemap();
+          ok = pm == dev.pagemap.get() && r->rpages.has_devmem_pages();
+        }
+        if (ok) {
+          if (pass == 0) Bump(c.by_size[si][kValidFaults]);
+          return {};
+        }
+      }
+    }
+    if (atomic && !r->migrate_devmem())
+      return fail(Error(Errc::kAcces, "driver: GPU atomic on memory that cannot move to device memory"));
+
+    // The target: atomics need this GPU's memory; else the preferred
+    // location; else the placement policy.
+    Device::Impl* target = nullptr;  // null: system memory
+    if (atomic) {
+      target = &dev;
+    } else if (attrs.preferred.kind == Location::Kind::kSystem) {
+      target = nullptr;
+    } else if (attrs.preferred.kind == Location::Kind::kDevice) {
+      Vm::Impl* pv = svm.vms[attrs.preferred.gpu].load();
+      target = pv ? &pv->dev : nullptr;
+    } else {
+      target = svm.config.placement == Placement::kFaultingGpu ? &dev : nullptr;
+    }
+    if (target && !r->migrate_devmem()) target = nullptr;  // shared, file, hugetlb: system
+
+    // Where the pages are now, as this GPU's owner sees them.
+    const gpusvm::ScanResult scan = svm.svm->ScanMm(r, dev.pagemap->owner(), &dev.pagemap->pgmap());
+    // kOther: every page in one other pagemap of our owner -- a peer.
+    bool keep_remote = false;
+    if (scan == gpusvm::ScanResult::kOther && !atomic &&
+        (attrs.access_in_place || svm.config.peer_policy == PeerPolicy::kMapRemote)) {
+      // Mapped over the link only if this GPU can reach that VRAM; found
+      // after get-pages (the pages tell which pagemap).
+      keep_remote = true;
+    }
+    if (target && !keep_remote) {
+      const gpusvm::ScanResult tscan =
+          target == &dev ? scan : svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap());
+      if (tscan != gpusvm::ScanResult::kEqual) {
+        // Migrate the whole range (all or nothing) to the target's VRAM.
+        svm.InvalidateRangeNow(r);
+        auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
+        Result<void> m;
+        if (!bo) {
+          m = Err(bo.error());
+        } else {
+          std::shared_ptr<VramBo> keep = *bo;
+          gpusvm::MigrateDetails md;
+          md.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
+          md.source_peer_migrates = true;
+          tls_self_migration = {&svm, r->start(), r->end()};
+          m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
+          tls_self_migration = {};
+          if (m) {
+            target->LruAdd(keep);
+            Bump(c.by_size[si][kMigrations]);
+            Bump(c.by_size[si][kBytesCopied], r->size());
+          } else if (m.error() == Errc::kBusy && !evicted_for_busy) {
+            // Pages of another device or busy: evict, then once more.
+            evicted_for_busy = true;
+            MutexLock ml(svm.migrate_lock);
+            (void)svm.svm->RangeEvict(r);
+            Bump(c.migrate_failures);
+            continue;
+          }
+        }
+        if (!m) {
+          Bump(c.migrate_failures);
+          if (atomic) {
+            if (++atomic_try >= svm.config.atomic_tries)
+              return fail(Error(Errc::kAcces, "driver: no device memory for a GPU atomic"));
+            continue;
+          }
+          // Not an atomic: serve it from system memory.
+        }
+      }
+    } else if (!target && !keep_remote &&
+               (scan == gpusvm::ScanResult::kEqual || scan == gpusvm::ScanResult::kOther ||
+                scan == gpusvm::ScanResult::kMixed || scan == gpusvm::ScanResult::kMixedDevice)) {
+      // System memory is the place: device pages go home.
+      (void)svm.svm->RangeEvict(r);
+    }
+
+    ctx.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
+    auto gp = svm.svm->GetPages(r, ctx);
+    if (!gp) {
+      const Errc e = gp.error().code();
+      if (e == Errc::kOpNotSupp) {
+        Bump(c.evict_retries);
+        (void)svm.svm->RangeEvict(r);
+        continue;
+      }
+      if ((e == Errc::kFault || e == Errc::kPerm) && budget > 0) {
+        --budget;
+        bool unmapped;
+        {
+          ReadLock nl(svm.svm->notifier_lock());
+          unmapped = r->unmapped();
+        }
+        if (atomic && e == Errc::kFault && !unmapped) {
+          // devmem_only found a system page: migrate again, longer slice.
+          if (++atomic_try >= svm.config.atomic_tries)
+            return fail(Error(Errc::kAcces, "driver: GPU atomic could not keep device memory"));
+          continue;
+        }
+        // Unmapped under us: the collector removes it, then fault again.
+        (void)svm.CollectLocked();
+        continue;
+      }
+      if (e == Errc::kBusy) continue;
+      return fail(gp.error());
+    }
+    Bump(c.by_size[si][kGetPages]);
+
+    // Device pages this GPU cannot reach (another owner, no peer link):
+    // home first, then again.
+    gpusvm::Devmem* touched = nullptr;
+    Device::Impl* owner_dev = nullptr;
+    {
+      ReadLock nl(svm.svm->notifier_lock());
+      if (!svm.svm->PagesValid(r->rpages)) {
+        Bump(c.commit_retries);
+        continue;
+      }
+      if (r->rpages.has_devmem_pages()) {
+        owner_dev = svm.DeviceOfPagemap(r->rpages.dpagemap());
+        const bool reach = owner_dev && (owner_dev == &dev ||
+                                         (owner_dev->pagemap->owner() == dev.pagemap->owner() &&
+                                          dev.gpu->HasPeerAccess(owner_dev->id)));
+        if (!reach || (atomic && owner_dev != &dev)) {
+          owner_dev = nullptr;
+        } else {
+          USVM_TRY(CommitRange(r, atomic));
+          const gpusvm::DeviceAddr d0 = r->rpages.addrs()[0];
+          touched = owner_dev->pagemap->DevmemOf(owner_dev->PfnOfOffset(VramOffset(d0.addr)));
+          if (touched) owner_dev->LruTouch(touched);
+          return {};
+        }
+      } else {
+        if (atomic) {
+          owner_dev = nullptr;
+        } else {
+          USVM_TRY(CommitRange(r, atomic));
+          return {};
+        }
+      }
+    }
+    // Unreachable device pages (or an atomic that needs ours): home, again.
+    Bump(c.evict_retries);
+    (void)svm.svm->RangeEvict(r);
+    if (atomic && ++atomic_try >= svm.config.atomic_tries)
+      return fail(Error(Errc::kAcces, "driver: GPU atomic could not get device memory"));
+  }
+  return fail(Error(Errc::kAgain, "driver: the fault kept racing"));
+}
+
+Result<void> Vm::Impl::PrefetchLocked(uint64_t start, uint64_t end, Location where) {
+  // Each chunk of the span: the range is found or made, moved to `where`
+  // and mapped here, unless already valid there.
+  uint64_t va = start;
+  while (va < end) {
+    // Temporarily steer placement by the requested location.
+    uint64_t alo, ahi;
+    Attributes attrs = svm.AttrsAt(va, &alo, &ahi);
+    Location loc = where.kind == Location::Kind::kDefault ? attrs.preferred : where;
+    gpusvm::Ctx ctx;
+    ctx.device_private_page_owner = dev.pagemap->owner();
+    ctx.devmem_possible = true;
+    auto found = svm.svm->FindOrInsert(va, std::max(svm.config.va_start, alo),
+                                       std::min(svm.config.va_start + svm.config.va_size, ahi), ctx);
+    if (!found && found.error() == Errc::kPerm) {
+      ctx.read_only = true;
+      found = svm.svm->FindOrInsert(va, std::max(svm.config.va_start, alo),
+                                    std::min(svm.config.va_start + svm.config.va_size, ahi), ctx);
+    }
+    if (!found) return Err(found.error());
+    auto* r = static_cast<DrvRange*>(*found);
+    if (!r->pages()) svm.svm->InitPages(&r->rpages, r);
+    Device::Impl* target = nullptr;
+    if (loc.kind == Location::Kind::kDevice) {
+      Vm::Impl* pv = svm.vms[loc.gpu].load();
+      target = pv ? &pv->dev : nullptr;
+    } else if (loc.kind == Location::Kind::kDefault) {
+      target = svm.config.placement == Placement::kFaultingGpu ? &dev : nullptr;
+    }
+    if (target && !r->migrate_devmem()) target = nullptr;
+    const gpusvm::ScanResult scan =
+        target ? svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap())
+               : svm.svm->ScanMm(r, dev.pagemap->owner(), &dev.pagemap->pgmap());
+    if (target && scan != gpusvm::ScanResult::kEqual) {
+      svm.InvalidateRangeNow(r);
+      auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
+      if (bo) {
+        std::shared_ptr<VramBo> keep = *bo;
+        gpusvm::MigrateDetails md;
+        md.source_peer_migrates = true;
+        tls_self_migration = {&svm, r->start(), r->end()};
+        auto m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
+        tls_self_migration = {};
+        if (!m && m.error() == Errc::kBusy) {
+          MutexLock ml(svm.migrate_lock);
+          (void)svm.svm->RangeEvict(r);
+          auto bo2 = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
+          if (bo2) {
+            keep = *bo2;
+            tls_self_migration = {&svm, r->start(), r->end()};
+            m = target->pagemap->MigrateToDevmem(std::move(*bo2), *svm.mm, r->start(), r->end(), md);
+            tls_self_migration = {};
+          }
+        }
+        if (m) {
+          target->LruAdd(keep);
+          Bump(c.by_size[SizeIndex(r->size())][kMigrations]);
+          Bump(c.by_size[SizeIndex(r->size())][kBytesCopied], r->size());
+        } else {
+          Bump(c.migrate_failures);
+        }
+      } else {
+        Bump(c.migrate_failures);
+      }
+    } else if (!target && scan != gpusvm::ScanResult::kSystem &&
+               scan != gpusvm::ScanResult::kUnpopulated) {
+      (void)svm.svm->RangeEvict(r);
+    }
+    Bump(c.prefetches);
+    // Map it here (the fault handler's get-pages and commit).
+    const uint64_t next = r->end();
+    if (target == &dev || !target) {
+      auto h = HandleFaultLocked(va, ctx.read_only ? gpu::kAccessRead : gpu::kAccessWrite);
+      if (!h && h.error() != Errc::kPerm) return h;
+    }
+    va = next;
+  }
+  return {};
+}
+
+// ---- binds and userptrs -----------------------------------------------------
+
+Binding* Vm::Impl::FindBinding(uint64_t start, uint64_t end) const {
+  auto it = binds_.upper_bound(start);
+  if (it != binds_.begin()) {
+    auto p = std::prev(it);
+    if (p->second->end > start) return p->second.get();
+  }
+  if (it != binds_.end() && it->second->start < end) return it->second.get();
+  return nullptr;
+}
+
+void Vm::Impl::ZapAndFlush(uint64_t start, uint64_t end) {
+  (void)dev.gpu->page_table().Zap(start, end - start);
+  auto f = dev.gpu->InvalidateTlb(start, end - start);
+  if (f) (void)f->Wait();
+}
+
+bool Binding::Invalidate(mm::MmuIntervalNotifier* s, const mm::NotifierRange& range, uint64_t cur_seq) {
+  if (!range.blockable) return false;
+  gpusvm::GpuSvm& bs = *vm->svm.bind_svm;
+  WriteLock l(bs.notifier_lock());
+  s->SetSeq(cur_seq);
+  if (mapped.exchange(false)) vm->ZapAndFlush(start, end);
+  gpusvm::Ctx ctx;
+  ctx.in_notifier = true;
+  bs.UnmapPages(&pages, ctx);
+  valid.store(false);
+  Bump(vm->c.bind_invalidations);
+  return true;
+}
+
+Result<void> Vm::Impl::ValidateBinding(Binding* b) {
+  gpusvm::GpuSvm& bs = *svm.bind_svm;
+  gpusvm::Ctx ctx;
+  ctx.read_only = b->flags.read_only;
+  // No device owner: device pages are brought home (binds map system memory).
+  for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
+    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, ctx));
+    ReadLock nl(bs.notifier_lock());
+    if (!bs.PagesValid(b->pages)) continue;
+    if (b->valid.load()) return {};
+    // Build the leaves of [start, end) from the pages.
+    std::vector<gpu::BindOp> ops;
+    uint64_t leaves[3] = {0, 0, 0};
+    const gpusvm::DeviceAddr* a = b->pages.addrs();
+    Run run;
+    const uint32_t prot = b->flags.read_only || b->pages.read_only() ? gpu::kProtRead
+                                                                      : uint32_t(gpu::kProtRead | gpu::kProtWrite);
+    for (uint64_t i = 0; i < b->pages.npages();) {
+      const gpusvm::DeviceAddr d = a[i];
+      const uint64_t n = uint64_t{1} << d.order;
+      if (d.proto != gpusvm::AddrProto::kSystem) return Err(Errc::kFault, "driver: bind found a device page");
+      const gpu::PhysAddr pa = gpu::PhysAddr::System(d.addr >> 12);
+      const uint64_t va = b->start + i * k4K;
+      if (run.valid && pa.addr == run.pa.addr + run.bytes && va == run.va + run.bytes) {
+        run.bytes += n * k4K;
+      } else {
+        if (run.valid) EmitRun(run, prot, &ops, leaves);
+        run = {va, pa, n * k4K, true};
+      }
+      i += n;
+    }
+    if (run.valid) EmitRun(run, prot, &ops, leaves);
+    gpu::PageTable& pt = dev.gpu->page_table();
+    if (b->mapped.load()) (void)pt.Zap(b->start, b->end - b->start);
+    USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
+    b->mapped.store(true);
+    b->valid.store(true);
+    Bump(c.leaves_4k, leaves[0]);
+    Bump(c.leaves_64k, leaves[1]);
+    Bump(c.leaves_2m, leaves[2]);
+    return {};
+  }
+  return Err(Errc::kAgain, "driver: the bind kept being invalidated");
+}
+
+void Vm::Impl::DestroyBinding(Binding* b) {
+  (void)b->sub.Remove();
+  {
+    WriteLock l(svm.bind_svm->notifier_lock());
+    if (b->mapped.exchange(false)) ZapAndFlush(b->start, b->end);
+    b->valid.store(false);
+  }
+  svm.bind_svm->FreePages(&b->pages);
+  by_handle_.erase(b->handle);
+  binds_.erase(b->start);
+}
+
+Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
+  Impl& v = *impl_;
+  const uint64_t end = start + len;
+  if (len == 0 || (start | len) & (k4K - 1) || end < start)
+    return Err(Errc::kInval, "driver: bind range empty or not page aligned");
+  if (start < v.svm.config.va_start || end > v.svm.config.va_start + v.svm.config.va_size)
+    return Err(Errc::kInval, "driver: bind range outside the GPU VA window");
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  if (v.FindBinding(start, end)) return Err(Errc::kExist, "driver: overlaps another bind");
+  auto b = std::make_unique<Binding>();
+  b->vm = &v;
+  b->start = start;
+  b->end = end;
+  b->flags = flags;
+  b->handle = v.next_handle_++;
+  v.svm.bind_svm->InitPages(&b->pages);
+  USVM_TRY(v.svm.mm->InsertIntervalNotifier(&b->sub, start, len, b.get()));
+  Binding* raw = b.get();
+  v.binds_.emplace(start, std::move(b));
+  v.by_handle_.emplace(raw->handle, raw);
+  // SVM ranges this GPU maps there give way to the bind.
+  v.svm.svm->ForEachNotifierSafe(start, end, [&](gpusvm::Notifier* n) {
+    gpusvm::GpuSvm::ForEachRangeSafe(n, start, end, [&](gpusvm::Range* gr) {
+      auto* r = static_cast<DrvRange*>(gr);
+      if (r->present.load() & (1u << v.dev.id)) {
+        {
+          WriteLock nl(v.svm.svm->notifier_lock());
+          uint64_t lo = UINT64_MAX, hi = 0;
+          v.svm.ZapRangeOn(r, v.dev.id, &lo, &hi);
+          r->present.fetch_and(~(1u << v.dev.id));
+          if (lo < hi) {
+            auto f = v.dev.gpu->InvalidateTlb(lo, hi - lo);
+            if (f) (void)f->Wait();
+          }
+        }
+      }
+    });
+  });
+  auto r = v.ValidateBinding(raw);
+  if (!r) {
+    v.DestroyBinding(raw);
+    return Err(r.error());
+  }
+  Bump(v.c.binds);
+  return raw->handle;
+}
+
+Result<void> Vm::Unbind(uint64_t handle) {
+  Impl& v = *impl_;
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  auto it = v.by_handle_.find(handle);
+  if (it == v.by_handle_.end()) return Err(Errc::kNoEnt, "driver: no such bind");
+  v.DestroyBinding(it->second);
+  Bump(v.c.unbinds);
+  return {};
+}
+
+Result<bool> Vm::BindValid(uint64_t handle) const {
+  Impl& v = *impl_;
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  auto it = v.by_handle_.find(handle);
+  if (it == v.by_handle_.end()) return Err(Errc::kNoEnt, "driver: no such bind");
+  return it->second->valid.load();
+}
+
+Result<void> Vm::RevalidateUserptrs() {
+  Impl& v = *impl_;
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  for (auto& [s, b] : v.binds_) {
+    if (!b->flags.userptr || b->valid.load()) continue;
+    USVM_TRY(v.ValidateBinding(b.get()));
+    Bump(v.c.rebinds);
+  }
+  return {};
+}
+
+Result<gpu::Launch> Vm::LaunchKernel(gpu::KernelFn fn, const gpu::LaunchParams& params) {
+  USVM_TRY(RevalidateUserptrs());
+  return impl_->dev.gpu->LaunchKernel(std::move(fn), params);
+}
+
+Result<gpu::Launch> Vm::LaunchPattern(const gpu::PatternParams& params) {
+  USVM_TRY(RevalidateUserptrs());
+  return impl_->dev.gpu->LaunchPattern(params);
+}
+
+// ---- the device's fault loop ------------------------------------------------
+
+Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
+  gpu::FaultUnit& fu = gpu->fault_unit();
+  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
+  // Coalesce: in address order, so faults of one range are served together
+  // and the later ones find it valid.
+  std::sort(batch.begin(), batch.end(),
+            [](const gpu::Fault& a, const gpu::Fault& b) { return a.va < b.va; });
+  std::vector<std::pair<uint64_t, Error>> failed;
+  std::vector<uint64_t> ok;
+  ok.reserve(batch.size());
+  {
+    ReadLock al(attach_lock_);
+    Vm::Impl* vm = vm_;
+    if (!vm) {
+      for (const gpu::Fault& f : batch)
+        failed.emplace_back(f.id, Error(Errc::kNoDev, "driver: the GPU runs no address space"));
+    } else {
+      gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
+      // The collector runs first (xe: garbage collection before faults).
+      (void)vm->svm.CollectLocked();
+      for (const gpu::Fault& f : batch) {
+        auto r = vm->HandleFaultLocked(f.va, f.access);
+        if (r) ok.push_back(f.id);
+        else failed.emplace_back(f.id, r.error());
+      }
+    }
+  }
+  for (uint64_t id : ok) (void)fu.Replay(id);
+  for (auto& [id, e] : failed) (void)fu.Cancel(id, e);
+  return batch.size();
+}
+
+void Device::Impl::FaultLoop() {
+  while (!stop_.load(std::memory_order_acquire)) {
+    auto r = ServiceBatch(kFetchTimeoutNs);
+    if (!r && r.error() == Errc::kCanceled) return;
+  }
+}
+
+}  // namespace usvm::driver
