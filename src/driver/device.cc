@@ -36,6 +36,9 @@ Device::Device(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Device::~Device() {
   Impl& d = *impl_;
   d.stop_.store(true, std::memory_order_release);
+  // Wakes the fault thread (its Fetch fails with ECANCELED); kernels still
+  // blocked on faults end with ECANCELED.
+  d.gpu->default_context().fault_unit().Shutdown();
   if (d.fault_thread_.joinable()) d.fault_thread_.join();
   // No device page survives: evict everything, then unregister the pages
   // (the pagemap's destructor waits for the last ones), then the GPU.

@@ -93,7 +93,7 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   Result<void> CopyFromPeer(gpusvm::Devmem& devmem, const mm::DevicePfn* dst, gpusvm::Pagemap& from,
                             const mm::DevicePfn* src, uint64_t n) override;
 
-  // The fault loop of the device's thread.
+  // The fault loop of the device's thread (the default context).
   void FaultLoop();
   Result<size_t> ServiceBatch(uint64_t timeout_ns);
 
@@ -105,8 +105,9 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   std::unique_ptr<gpu::Gpu> gpu;
   std::unique_ptr<gpusvm::Pagemap> pagemap;
 
-  // The Vm of the address space this GPU runs: written under attach_lock_
-  // for write, read by the fault thread under it for read.
+  // The Vm on the default context: written under attach_lock_ for write,
+  // read by the fault thread under it for read. (Vms of other address
+  // spaces have contexts and fault threads of their own.)
   RwSemaphore attach_lock_;
   Vm::Impl* vm_ USVM_GUARDED_BY(attach_lock_) = nullptr;
 
@@ -167,36 +168,6 @@ struct Binding final : mm::MmuIntervalNotifierOps {
   std::atomic<bool> mapped{false};  // PTEs present (to zap)
 };
 
-class Vm::Impl {
- public:
-  Impl(Svm::Impl& svm, Device::Impl& dev) : svm(svm), dev(dev) {}
-
-  // REQUIRES: the driver lock.
-  Result<void> HandleFaultLocked(uint64_t va, uint8_t access);
-  Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where);
-  // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
-  Result<void> ValidateBinding(Binding* b);
-  // Drops a binding: removes its notifier, zaps, flushes, frees pages.
-  void DestroyBinding(Binding* b);
-  // Zaps [start, end) on this GPU and waits for the TLB flush.
-  void ZapAndFlush(uint64_t start, uint64_t end);
-  // The first bind of this Vm overlapping [start, end), if any.
-  Binding* FindBinding(uint64_t start, uint64_t end) const;
-
-  // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
-  // lock and the notifier lock (read); pages valid.
-  Result<void> CommitRange(DrvRange* r, bool need_atomic);
-
-  Svm::Impl& svm;
-  Device::Impl& dev;
-  CounterSet c;
-  // Guarded by the Svm's driver lock.
-  std::map<uint64_t, std::unique_ptr<Binding>> binds_;  // by start
-  std::map<uint64_t, Binding*> by_handle_;
-  uint64_t next_handle_ = 1;
-  std::atomic<bool> detached_{false};
-};
-
 // Set around a migration this driver starts, on the migrating thread, so
 // the MIGRATE invalidation it causes is recognised as our own.
 struct SelfMigration {
@@ -215,11 +186,13 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   gpusvm::Range* RangeAlloc() override { return new DrvRange; }
   void RangeFree(gpusvm::Range* r) override;
   void Invalidate(gpusvm::GpuSvm& s, gpusvm::Notifier& n, const mm::NotifierRange& range) override {
+    svm->notifier_lock().AssertHeld();  // the GpuSvm's callback holds it for write
     DoInvalidate(n, range, nullptr);
   }
   void InvalidateStart(gpusvm::GpuSvm& s, gpusvm::Notifier& n, const mm::NotifierRange& range,
                        mm::MmuIntervalFinish** finish) override {
     *finish = nullptr;
+    svm->notifier_lock().AssertHeld();
     DoInvalidate(n, range, config.invalidation == InvalidationMode::kTwoPass ? finish : nullptr);
   }
   // The callback body. finish == null: single pass (each GPU in turn).
@@ -233,6 +206,10 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   void InvalidateRangeNow(DrvRange* r);
   // Zaps r on GPU `g` (under the notifier lock for write); the span zapped.
   void ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) USVM_REQUIRES(svm->notifier_lock());
+
+  // Detaches a Vm: stops its fault thread, removes its binds, zaps its
+  // page table. REQUIRES: neither the driver lock nor the notifier lock.
+  void DetachVm(Vm::Impl* vi);
 
   // The collector. REQUIRES: the driver lock.
   Result<void> CollectLocked() USVM_REQUIRES(svm->driver_lock());
@@ -285,6 +262,60 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   Counter invalidations{0}, ranges_zapped{0}, tlb_flushes{0}, two_pass_finishes{0},
       single_pass_fallbacks{0}, own_migrate_ignored{0}, unmap_events{0}, gc_runs{0},
       ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0};
+};
+
+class Vm::Impl {
+ public:
+  Impl(Svm::Impl& svm, Device::Impl& dev) : svm(svm), dev(dev) {}
+
+  // REQUIRES: the driver lock.
+  Result<void> HandleFaultLocked(uint64_t va, uint8_t access) USVM_REQUIRES(svm.svm->driver_lock());
+  // The xe flow for one page: find or insert its range, move it where it
+  // should be (`force`: a prefetch's location, else attributes and
+  // policy), and with map_here get its pages and commit them on this GPU.
+  Result<void> ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
+                             bool prefetch) USVM_REQUIRES(svm.svm->driver_lock());
+  // The attached device at `loc` (kDevice), or null.
+  Device::Impl* DeviceAt(const Location& loc) const;
+  // Whether this GPU maps `owner`'s VRAM directly (itself, or a peer of
+  // the same owner with peer access).
+  bool CanReach(const Device::Impl* owner) const;
+  Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where)
+      USVM_REQUIRES(svm.svm->driver_lock());
+  // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
+  Result<void> ValidateBinding(Binding* b);
+  // Drops a binding: removes its notifier, zaps, flushes, frees pages.
+  void DestroyBinding(Binding* b);
+  // Zaps [start, end) on this GPU and waits for the TLB flush.
+  void ZapAndFlush(uint64_t start, uint64_t end);
+  // The first bind of this Vm overlapping [start, end), if any.
+  Binding* FindBinding(uint64_t start, uint64_t end) const;
+
+  // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
+  // lock and the notifier lock (read); pages valid.
+  Result<void> CommitRange(DrvRange* r);
+
+  // Fault servicing of this Vm's context: one batch (waiting up to
+  // timeout_ns for the first fault). The faults answered.
+  Result<size_t> ServiceBatch(uint64_t timeout_ns);
+  // The thread of a Vm with a context of its own.
+  void FaultLoop();
+
+  Svm::Impl& svm;
+  Device::Impl& dev;
+  Vm* pub = nullptr;
+  // The GPU context (address space) this Vm runs in: the device's default
+  // one, or own_ctx. Set at attach; reset to the default at detach.
+  gpu::GpuContext* ctx = nullptr;
+  std::unique_ptr<gpu::GpuContext> own_ctx;
+  std::thread fault_thread;
+  std::atomic<bool> fault_stop{false};
+  CounterSet c;
+  // Guarded by the Svm's driver lock.
+  std::map<uint64_t, std::unique_ptr<Binding>> binds_;  // by start
+  std::map<uint64_t, Binding*> by_handle_;
+  uint64_t next_handle_ = 1;
+  std::atomic<bool> detached_{false};
 };
 
 }  // namespace usvm::driver

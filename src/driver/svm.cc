@@ -72,59 +72,83 @@ Result<Vm*> Svm::Attach(Device& dev) {
   Impl& s = *impl_;
   if (s.closed.load()) return Err(Errc::kInval, "driver: the SVM is closed");
   Device::Impl& d = dev.impl();
+  if (d.id >= kMaxGpus) return Err(Errc::kInval, "driver: GPU id out of range");
   WriteLock al(d.attach_lock_);
-  if (d.vm_) {
-    if (&d.vm_->svm == &s) return Err(Errc::kExist, "driver: device already attached");
-    return Err(Errc::kBusy, "driver: the device runs another address space");
-  }
   gpusvm::DriverLockGuard g(s.svm->driver_lock());
   if (s.vms[d.id].load()) return Err(Errc::kExist, "driver: a GPU with this id is attached");
   auto vm = std::unique_ptr<Vm>(new Vm(std::make_unique<Vm::Impl>(s, d)));
   Vm::Impl* vi = &vm->impl();
+  vi->pub = vm.get();
+  if (!d.vm_) {
+    // The GPU's default context runs this address space; the device's
+    // fault thread serves it.
+    vi->ctx = &d.gpu->default_context();
+    d.vm_ = vi;
+  } else {
+    // The GPU already runs another address space: a context of its own,
+    // with its own fault thread.
+    vi->own_ctx = USVM_TRY(d.gpu->CreateContext());
+    vi->ctx = vi->own_ctx.get();
+    if (d.config.fault_thread) vi->fault_thread = std::thread([vi] { vi->FaultLoop(); });
+  }
   {
     WriteLock nl(s.svm->notifier_lock());
     s.vms[d.id].store(vi);
   }
   s.vm_objs.push_back(std::move(vm));
-  d.vm_ = vi;
   return s.vm_objs.back().get();
 }
 
 Result<void> Svm::Detach(Device& dev) {
   Impl& s = *impl_;
   Device::Impl& d = dev.impl();
-  // Waits for the device's fault thread to leave its batch.
+  if (d.id >= kMaxGpus) return Err(Errc::kNoEnt, "driver: device not attached here");
+  Vm::Impl* vi = s.vms[d.id].load();
+  if (!vi || &vi->dev != &d) return Err(Errc::kNoEnt, "driver: device not attached here");
+  s.DetachVm(vi);
+  return {};
+}
+
+void Svm::Impl::DetachVm(Vm::Impl* vi) {
+  Device::Impl& d = vi->dev;
+  // The Vm's fault thread stops first (a context of its own), or the
+  // device's thread leaves its batch (the default context).
+  vi->fault_stop.store(true, std::memory_order_release);
+  if (vi->own_ctx) vi->own_ctx->fault_unit().Shutdown();  // wakes its thread
+  if (vi->fault_thread.joinable()) vi->fault_thread.join();
   WriteLock al(d.attach_lock_);
-  if (!d.vm_ || &d.vm_->svm != &s) return Err(Errc::kNoEnt, "driver: device not attached here");
-  Vm::Impl* vi = d.vm_;
   {
-    gpusvm::DriverLockGuard g(s.svm->driver_lock());
+    gpusvm::DriverLockGuard g(svm->driver_lock());
     // Binds and userptrs go (their notifiers removed, PTEs zapped).
     while (!vi->binds_.empty()) vi->DestroyBinding(vi->binds_.begin()->second.get());
     vi->by_handle_.clear();
     {
-      WriteLock nl(s.svm->notifier_lock());
-      // Every range this GPU maps is zapped; the TLB flush follows.
-      s.svm->ForEachNotifierSafe(0, UINT64_MAX, [&](gpusvm::Notifier* n) {
+      WriteLock nl(svm->notifier_lock());
+      // No range is mapped on this GPU any more.
+      svm->ForEachNotifierSafe(0, UINT64_MAX, [&](gpusvm::Notifier* n) {
         gpusvm::GpuSvm::ForEachRangeSafe(n, 0, UINT64_MAX, [&](gpusvm::Range* r) {
+          svm->notifier_lock().AssertHeld();
           auto* dr = static_cast<DrvRange*>(r);
           if (dr->present.load() & (1u << d.id)) {
             uint64_t lo = UINT64_MAX, hi = 0;
-            s.ZapRangeOn(dr, d.id, &lo, &hi);
+            ZapRangeOn(dr, d.id, &lo, &hi);
             dr->present.fetch_and(~(1u << d.id));
           }
         });
       });
-      s.vms[d.id].store(nullptr);
+      vms[d.id].store(nullptr);
     }
-    auto f = d.gpu->tlb().InvalidateAll();
+    (void)vi->ctx->page_table().Unbind(0, gpu::kVaLimit);
+    auto f = vi->ctx->tlb().InvalidateAll();
     (void)f.Wait();
     vi->detached_.store(true);
   }
-  d.vm_ = nullptr;
-  // The Vm object stays until the Svm goes (a caller may still hold it;
-  // its calls then fail with ENODEV).
-  return {};
+  if (d.vm_ == vi) d.vm_ = nullptr;
+  // A context of its own goes now (kernels still blocked in it end with
+  // ECANCELED); the Vm object stays until the Svm goes (a caller may
+  // still hold it: its calls then fail with ENODEV).
+  vi->ctx = &d.gpu->default_context();
+  vi->own_ctx.reset();
 }
 
 Vm* Svm::vm(uint32_t gpu_id) const {
@@ -145,25 +169,10 @@ void Svm::Close() {
   // Every GPU detached (binds gone, page tables zapped and flushed).
   std::vector<Device::Impl*> devs;
   for (uint32_t g = 0; g < kMaxGpus; ++g)
-    if (Vm::Impl* vi = s.vms[g].load()) devs.push_back(&vi->dev);
-  for (Device::Impl* d : devs) {
-    // Detach through a Device handle: the Impl is all Detach needs.
-    WriteLock al(d->attach_lock_);
-    Vm::Impl* vi = d->vm_;
-    if (!vi || &vi->svm != &s) continue;
-    gpusvm::DriverLockGuard g(s.svm->driver_lock());
-    while (!vi->binds_.empty()) vi->DestroyBinding(vi->binds_.begin()->second.get());
-    vi->by_handle_.clear();
-    {
-      WriteLock nl(s.svm->notifier_lock());
-      s.vms[d->id].store(nullptr);
+    if (Vm::Impl* vi = s.vms[g].load()) {
+      devs.push_back(&vi->dev);
+      s.DetachVm(vi);
     }
-    (void)d->gpu->page_table().Unbind(0, gpu::kVaLimit);
-    auto f = d->gpu->tlb().InvalidateAll();
-    (void)f.Wait();
-    vi->detached_.store(true);
-    d->vm_ = nullptr;
-  }
   // Queued ranges drop the queue's reference.
   {
     std::vector<DrvRange*> q;
@@ -236,7 +245,7 @@ Device::Impl* Svm::Impl::DeviceOfPagemap(const gpusvm::Pagemap* pm) const {
 void Svm::Impl::ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) {
   Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
   if (!vi) return;
-  gpu::PageTable& pt = vi->dev.gpu->page_table();
+  gpu::PageTable& pt = vi->ctx->page_table();
   if (r->cut && !(*r->cut)[g].empty()) {
     for (const gpu::VaRange& v : (*r->cut)[g]) {
       (void)pt.Zap(v.start, v.size);
@@ -292,6 +301,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
   gpusvm::Ctx ctx;
   ctx.in_notifier = true;
   auto flush_hits = [&]() {
+    svm->notifier_lock().AssertHeld();
     if (finish == nullptr) {
       // Single pass: each GPU in turn -- zap, flush, wait.
       for (uint32_t g = 0; g < kMaxGpus; ++g) {
@@ -301,7 +311,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
         if (l >= h) continue;
         Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
         if (!vi) continue;
-        auto f = vi->dev.gpu->InvalidateTlb(l, h - l);
+        auto f = vi->ctx->InvalidateTlb(l, h - l);
         Bump(tlb_flushes);
         if (f) (void)f->Wait();
       }
@@ -339,7 +349,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
       const uint32_t g = std::countr_zero(m);
       Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
       if (!vi) continue;
-      auto fe = vi->dev.gpu->InvalidateTlb(lo[g], hi[g] - lo[g]);
+      auto fe = vi->ctx->InvalidateTlb(lo[g], hi[g] - lo[g]);
       Bump(tlb_flushes);
       if (fe) fences[nf++] = *fe;
     }
@@ -358,6 +368,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
   // now (their frames are not freed before the whole invalidation --
   // finish pass included -- has returned to the mm).
   gpusvm::GpuSvm::ForEachRangeSafe(&n, range.start, range.end, [&](gpusvm::Range* gr) {
+    svm->notifier_lock().AssertHeld();
     auto* r = static_cast<DrvRange*>(gr);
     if (r->pages()) svm->UnmapPages(&r->rpages, ctx);
     if (unmap) {
@@ -382,7 +393,7 @@ void Svm::Impl::InvalidateRangeNow(DrvRange* r) {
       ZapRangeOn(r, g, &lo, &hi);
       Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
       if (!vi || lo >= hi) continue;
-      auto f = vi->dev.gpu->InvalidateTlb(lo, hi - lo);
+      auto f = vi->ctx->InvalidateTlb(lo, hi - lo);
       Bump(tlb_flushes);
       Bump(vi->c.by_size[SizeIndex(r->size())][kTlbInvals]);
       if (f) fences[nf++] = *f;
@@ -439,7 +450,9 @@ Result<void> Svm::Impl::CollectLocked() {
     if (r->present.load()) InvalidateRangeNow(r);
     if (lo < hi) ResetAttributes(lo, hi);
     if (r->in_tree()) {
-      auto res = svm->RangeRemove(r);
+      // Fault site "driver.gc": the collector fails to remove the range.
+      auto res = env.ShouldFail("driver.gc") ? Result<void>(Err(Errc::kIo, "injected"))
+                                            : svm->RangeRemove(r);
       if (!res) {
         MutexLock l(error_lock);
         if (!has_error.load()) {
@@ -562,9 +575,11 @@ Result<void> Svm::SetAttributes(uint64_t start, uint64_t len, const AttributeUpd
   // Ranges over changed spans: placement is decided again on the next
   // fault. A range straddling a changed span's edge goes (ranges never
   // cross attribute boundaries, as xe's never cross GPU VMAs).
-  for (auto [a, b] : changed) {
+  for (const auto& span : changed) {
+    const uint64_t a = span.first, b = span.second;
     s.svm->ForEachNotifierSafe(a, b, [&](gpusvm::Notifier* n) {
       gpusvm::GpuSvm::ForEachRangeSafe(n, a, b, [&](gpusvm::Range* gr) {
+        s.svm->driver_lock().AssertHeld();
         auto* r = static_cast<DrvRange*>(gr);
         s.InvalidateRangeNow(r);
         Bump(s.attribute_invalidations);

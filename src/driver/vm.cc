@@ -99,7 +99,7 @@ VmStats Vm::stats() const {
 
 // ---- PTE commit ---------------------------------------------------------------
 
-Result<void> Vm::Impl::CommitRange(DrvRange* r, bool need_atomic) {
+Result<void> Vm::Impl::CommitRange(DrvRange* r) {
   const gpusvm::Pages& p = r->rpages;
   const uint32_t g = dev.id;
   // This GPU's binds inside the range cut it: those pages are theirs.
@@ -162,8 +162,7 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool need_atomic) {
     i += n;
   }
   flush();
-  (void)need_atomic;
-  gpu::PageTable& pt = dev.gpu->page_table();
+  gpu::PageTable& pt = ctx->page_table();
   // A mapping of the range left by an earlier commit may use other leaf
   // sizes: clear it first (binds never split a larger leaf).
   if (r->present.load() & (1u << g)) {
@@ -202,33 +201,45 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool need_atomic) {
 
 Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
   Bump(c.faults);
-  auto fail = [&](Error e) -> Result<void> {
-    Bump(c.faults_cancelled);
-    return Err(std::move(e));
-  };
-  if (detached_.load()) return fail(Error(Errc::kNoDev, "driver: the VM was detached"));
+  auto r = ServiceLocked(va, access, nullptr, true, /*prefetch=*/false);
+  if (!r) Bump(c.faults_cancelled);
+  return r;
+}
+
+Device::Impl* Vm::Impl::DeviceAt(const Location& loc) const {
+  if (loc.kind != Location::Kind::kDevice || loc.gpu >= kMaxGpus) return nullptr;
+  Vm::Impl* pv = svm.vms[loc.gpu].load();
+  return pv ? &pv->dev : nullptr;
+}
+
+bool Vm::Impl::CanReach(const Device::Impl* owner) const {
+  return owner && (owner == &dev || (owner->pagemap->owner() == dev.pagemap->owner() &&
+                                     dev.gpu->HasPeerAccess(owner->id)));
+}
+
+Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
+                                     bool prefetch) {
+  if (detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
   if (svm.has_error.load(std::memory_order_acquire)) {
     MutexLock l(svm.error_lock);
-    return fail(svm.error_);
+    return Err(svm.error_);
   }
   va &= ~(k4K - 1);
   const uint64_t win_lo = svm.config.va_start, win_hi = svm.config.va_start + svm.config.va_size;
-  if (va < win_lo || va >= win_hi) return fail(Error(Errc::kInval, "driver: GPU VA outside the SVM window"));
+  if (va < win_lo || va >= win_hi) return Err(Errc::kInval, "driver: GPU VA outside the SVM window");
   const bool write = access & (gpu::kAccessWrite | gpu::kAccessAtomic);
   const bool atomic = access & gpu::kAccessAtomic;
 
   // A bind of this GPU covers it: revalidate the bind.
   if (Binding* b = FindBinding(va, va + k4K)) {
-    if (write && b->flags.read_only) return fail(Error(Errc::kPerm, "driver: write to a read-only bind"));
-    auto r = ValidateBinding(b);
-    if (!r) return fail(r.error());
-    return {};
+    if (write && b->flags.read_only) return Err(Errc::kPerm, "driver: write to a read-only bind");
+    return ValidateBinding(b);
   }
 
   uint64_t alo, ahi;
   const Attributes attrs = svm.AttrsAt(va, &alo, &ahi);
   if (atomic && attrs.atomic == AtomicMode::kCpu)
-    return fail(Error(Errc::kAcces, "driver: GPU atomics refused by the range's atomic attribute (cpu)"));
+    return Err(Errc::kAcces, "driver: GPU atomics refused by the range's atomic attribute (cpu)");
   // The range's window: inside the SVM window, one attribute span, and
   // between this GPU's binds.
   uint64_t lo = std::max(win_lo, alo), hi = std::min(win_hi, ahi);
@@ -236,6 +247,21 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
     auto it = binds_.upper_bound(va);
     if (it != binds_.end()) hi = std::min(hi, it->second->start);
     if (it != binds_.begin()) lo = std::max(lo, std::prev(it)->second->end);
+  }
+
+  // Where the range should live: atomics need this GPU's memory; a
+  // prefetch names its place; else the preferred location; else the
+  // placement policy. A device this GPU cannot reach is no place to map
+  // from: system memory is (xe refuses such a preference with ENOLINK).
+  Device::Impl* target = nullptr;  // null: system memory
+  if (atomic) {
+    target = &dev;
+  } else {
+    const Location loc = force && force->kind != Location::Kind::kDefault ? *force : attrs.preferred;
+    if (loc.kind == Location::Kind::kDevice) target = DeviceAt(loc);
+    else if (loc.kind == Location::Kind::kDefault)
+      target = svm.config.placement == Placement::kFaultingGpu ? &dev : nullptr;
+    if (target && map_here && !CanReach(target)) target = nullptr;
   }
 
   gpusvm::Ctx ctx;
@@ -247,6 +273,7 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
   uint32_t budget = svm.config.fault_retry_budget;
   uint32_t atomic_try = 0;
   bool evicted_for_busy = false;
+  bool counted = false;
   for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
     auto found = svm.svm->FindOrInsert(va, lo, hi, ctx);
     if (!found && found.error() == Errc::kPerm && !write && !ctx.read_only) {
@@ -254,109 +281,104 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
       ctx.read_only = true;
       found = svm.svm->FindOrInsert(va, lo, hi, ctx);
     }
-    if (!found) return fail(found.error());
+    if (!found) return Err(found.error());
     auto* r = static_cast<DrvRange*>(*found);
     if (!r->pages()) svm.svm->InitPages(&r->rpages, r);
     const int si = SizeIndex(r->size());
-    if (pass == 0) Bump(c.by_size[si][kFaults]);
+    if (!counted && !prefetch) Bump(c.by_size[si][kFaults]);
+    if (target && !r->migrate_devmem()) {
+      // Shared, file-backed or hugetlb memory stays in system memory.
+      if (atomic) return Err(Errc::kAcces, "driver: GPU atomic on memory that cannot move to device memory");
+      target = nullptr;
+    }
 
-    // Already valid for this GPU (as this access needs): replay.
+    // Already valid for this GPU as this access (or prefetch) needs: done.
     {
       ReadLock nl(svm.svm->notifier_lock());
-      if ((r->present.load() & (1u << dev.id)) && svm.svm->PagesValid(r->rpages) &&
+      if (map_here && (r->present.load() & (1u << dev.id)) && svm.svm->PagesValid(r->rpages) &&
           (!write || !r->rpages.read_only())) {
-        bool ok = true;
-        if (atomic) {
-          const gpusvm::Pagemap* pm = r->rpages.dpagemap();
-          ok = pm == dev.pagemap.get() && r->rpages.has_devmem_pages();
-        }
+        const gpusvm::Pagemap* pm = r->rpages.has_devmem_pages() ? r->rpages.dpagemap() : nullptr;
+        bool ok = !atomic || pm == dev.pagemap.get();
+        if (force && force->kind != Location::Kind::kDefault)
+          ok = ok && pm == (target ? target->pagemap.get() : nullptr);
         if (ok) {
-          if (pass == 0) Bump(c.by_size[si][kValidFaults]);
+          if (!counted && !prefetch) Bump(c.by_size[si][kValidFaults]);
           return {};
         }
       }
     }
-    if (atomic && !r->migrate_devmem())
-      return fail(Error(Errc::kAcces, "driver: GPU atomic on memory that cannot move to device memory"));
-
-    // The target: atomics need this GPU's memory; else the preferred
-    // location; else the placement policy.
-    Device::Impl* target = nullptr;  // null: system memory
-    if (atomic) {
-      target = &dev;
-    } else if (attrs.preferred.kind == Location::Kind::kSystem) {
-      target = nullptr;
-    } else if (attrs.preferred.kind == Location::Kind::kDevice) {
-      Vm::Impl* pv = svm.vms[attrs.preferred.gpu].load();
-      target = pv ? &pv->dev : nullptr;
-    } else {
-      target = svm.config.placement == Placement::kFaultingGpu ? &dev : nullptr;
-    }
-    if (target && !r->migrate_devmem()) target = nullptr;  // shared, file, hugetlb: system
+    counted = true;
 
     // Where the pages are now, as this GPU's owner sees them.
-    const gpusvm::ScanResult scan = svm.svm->ScanMm(r, dev.pagemap->owner(), &dev.pagemap->pgmap());
-    // kOther: every page in one other pagemap of our owner -- a peer.
+    const gpusvm::ScanResult scan =
+        target ? svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap())
+               : gpusvm::ScanResult::kUnpopulated;
+    // Every page in one other pagemap of the target's owner (a peer of
+    // ours): mapped where it is when the policy or the attribute says so
+    // and this GPU reaches it (known after get-pages).
+    const bool remote_ok = !atomic && !force &&
+                           (attrs.access_in_place || svm.config.peer_policy == PeerPolicy::kMapRemote);
     bool keep_remote = false;
-    if (scan == gpusvm::ScanResult::kOther && !atomic &&
-        (attrs.access_in_place || svm.config.peer_policy == PeerPolicy::kMapRemote)) {
-      // Mapped over the link only if this GPU can reach that VRAM; found
-      // after get-pages (the pages tell which pagemap).
-      keep_remote = true;
+    if (target == &dev && scan == gpusvm::ScanResult::kOther && !atomic && !force) {
+      // A peer's device pages: the peer policy decides.
+      if (remote_ok) {
+        keep_remote = true;
+      } else if (svm.config.peer_policy == PeerPolicy::kSystem) {
+        (void)svm.svm->RangeEvict(r);
+        target = nullptr;
+      }
     }
-    if (target && !keep_remote) {
-      const gpusvm::ScanResult tscan =
-          target == &dev ? scan : svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap());
-      if (tscan != gpusvm::ScanResult::kEqual) {
-        // Migrate the whole range (all or nothing) to the target's VRAM.
-        svm.InvalidateRangeNow(r);
-        auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
-        Result<void> m;
-        if (!bo) {
-          m = Err(bo.error());
-        } else {
-          std::shared_ptr<VramBo> keep = *bo;
-          gpusvm::MigrateDetails md;
-          md.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
-          md.source_peer_migrates = true;
-          tls_self_migration = {&svm, r->start(), r->end()};
-          m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
-          tls_self_migration = {};
-          if (m) {
-            target->LruAdd(keep);
-            Bump(c.by_size[si][kMigrations]);
-            Bump(c.by_size[si][kBytesCopied], r->size());
-          } else if (m.error() == Errc::kBusy && !evicted_for_busy) {
-            // Pages of another device or busy: evict, then once more.
-            evicted_for_busy = true;
-            MutexLock ml(svm.migrate_lock);
-            (void)svm.svm->RangeEvict(r);
-            Bump(c.migrate_failures);
-            continue;
-          }
-        }
-        if (!m) {
+    if (target && !keep_remote && scan != gpusvm::ScanResult::kEqual) {
+      // Migrate the whole range (all or nothing) to the target's VRAM. Our
+      // own invalidation first: the MIGRATE event it causes is skipped.
+      svm.InvalidateRangeNow(r);
+      auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
+      Result<void> m;
+      if (!bo) {
+        m = Err(bo.error());
+      } else {
+        std::shared_ptr<VramBo> keep = *bo;
+        gpusvm::MigrateDetails md;
+        md.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
+        md.source_peer_migrates = true;
+        tls_self_migration = {&svm, r->start(), r->end()};
+        m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
+        tls_self_migration = {};
+        if (m) {
+          target->LruAdd(keep);
+          Bump(c.by_size[si][kMigrations]);
+          Bump(c.by_size[si][kBytesCopied], r->size());
+        } else if (m.error() == Errc::kBusy && !evicted_for_busy) {
+          // Pages of another owner, or busy: home first, then once more.
+          evicted_for_busy = true;
           Bump(c.migrate_failures);
-          if (atomic) {
-            if (++atomic_try >= svm.config.atomic_tries)
-              return fail(Error(Errc::kAcces, "driver: no device memory for a GPU atomic"));
-            continue;
-          }
-          // Not an atomic: serve it from system memory.
+          MutexLock ml(svm.migrate_lock);
+          (void)svm.svm->RangeEvict(r);
+          // Another owner's device pages went home: the peer policy
+          // "system" keeps them there.
+          if (target == &dev && !atomic && !force && svm.config.peer_policy == PeerPolicy::kSystem)
+            target = nullptr;
+          continue;
         }
       }
-    } else if (!target && !keep_remote &&
-               (scan == gpusvm::ScanResult::kEqual || scan == gpusvm::ScanResult::kOther ||
-                scan == gpusvm::ScanResult::kMixed || scan == gpusvm::ScanResult::kMixedDevice)) {
-      // System memory is the place: device pages go home.
-      (void)svm.svm->RangeEvict(r);
+      if (!m) {
+        Bump(c.migrate_failures);
+        if (atomic) {
+          if (++atomic_try >= svm.config.atomic_tries)
+            return Err(Errc::kAcces, "driver: no device memory for a GPU atomic");
+          continue;
+        }
+        // Not an atomic: served from where the pages are.
+      }
     }
+    if (!map_here) return {};
 
     ctx.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
     auto gp = svm.svm->GetPages(r, ctx);
     if (!gp) {
       const Errc e = gp.error().code();
       if (e == Errc::kOpNotSupp) {
+        // Pages of several allocations or pagemaps: home, then again.
         Bump(c.evict_retries);
         (void)svm.svm->RangeEvict(r);
         continue;
@@ -369,9 +391,10 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
           unmapped = r->unmapped();
         }
         if (atomic && e == Errc::kFault && !unmapped) {
-          // devmem_only found a system page: migrate again, longer slice.
+          // devmem_only met a system page (the CPU took it back): migrate
+          // again, with a longer timeslice.
           if (++atomic_try >= svm.config.atomic_tries)
-            return fail(Error(Errc::kAcces, "driver: GPU atomic could not keep device memory"));
+            return Err(Errc::kAcces, "driver: GPU atomic could not keep device memory");
           continue;
         }
         // Unmapped under us: the collector removes it, then fault again.
@@ -379,128 +402,60 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
         continue;
       }
       if (e == Errc::kBusy) continue;
-      return fail(gp.error());
+      return Err(gp.error());
     }
     Bump(c.by_size[si][kGetPages]);
 
-    // Device pages this GPU cannot reach (another owner, no peer link):
-    // home first, then again.
-    gpusvm::Devmem* touched = nullptr;
-    Device::Impl* owner_dev = nullptr;
+    // Commit, if the pages are still valid and may be used from here.
+    bool evict = false;
     {
       ReadLock nl(svm.svm->notifier_lock());
       if (!svm.svm->PagesValid(r->rpages)) {
         Bump(c.commit_retries);
         continue;
       }
+      Device::Impl* owner_dev = nullptr;
+      if (r->rpages.has_devmem_pages()) owner_dev = svm.DeviceOfPagemap(r->rpages.dpagemap());
       if (r->rpages.has_devmem_pages()) {
-        owner_dev = svm.DeviceOfPagemap(r->rpages.dpagemap());
-        const bool reach = owner_dev && (owner_dev == &dev ||
-                                         (owner_dev->pagemap->owner() == dev.pagemap->owner() &&
-                                          dev.gpu->HasPeerAccess(owner_dev->id)));
-        if (!reach || (atomic && owner_dev != &dev)) {
-          owner_dev = nullptr;
-        } else {
-          USVM_TRY(CommitRange(r, atomic));
-          const gpusvm::DeviceAddr d0 = r->rpages.addrs()[0];
-          touched = owner_dev->pagemap->DevmemOf(owner_dev->PfnOfOffset(VramOffset(d0.addr)));
-          if (touched) owner_dev->LruTouch(touched);
-          return {};
-        }
+        // Device pages: used in place if this GPU reaches them and they are
+        // where they should be (the target, or a peer kept remote).
+        const bool placed = owner_dev == target || (owner_dev != &dev && remote_ok);
+        evict = !CanReach(owner_dev) || (atomic && owner_dev != &dev) || !placed;
       } else {
-        if (atomic) {
-          owner_dev = nullptr;
-        } else {
-          USVM_TRY(CommitRange(r, atomic));
-          return {};
+        evict = atomic;  // devmem_only: cannot happen; be safe
+      }
+      if (!evict) {
+        USVM_TRY(CommitRange(r));
+        if (owner_dev) {
+          const gpusvm::DeviceAddr d0 = r->rpages.addrs()[0];
+          owner_dev->LruTouch(owner_dev->pagemap->DevmemOf(owner_dev->PfnOfOffset(VramOffset(d0.addr))));
         }
+        return {};
       }
     }
-    // Unreachable device pages (or an atomic that needs ours): home, again.
+    // Device pages this GPU may not use from here: home, then again.
     Bump(c.evict_retries);
     (void)svm.svm->RangeEvict(r);
     if (atomic && ++atomic_try >= svm.config.atomic_tries)
-      return fail(Error(Errc::kAcces, "driver: GPU atomic could not get device memory"));
+      return Err(Errc::kAcces, "driver: GPU atomic could not get device memory");
   }
-  return fail(Error(Errc::kAgain, "driver: the fault kept racing"));
+  return Err(Errc::kAgain, "driver: the fault kept racing");
 }
 
 Result<void> Vm::Impl::PrefetchLocked(uint64_t start, uint64_t end, Location where) {
   // Each chunk of the span: the range is found or made, moved to `where`
-  // and mapped here, unless already valid there.
+  // and, when this GPU can reach it there, mapped here; ranges already
+  // valid there are skipped.
   uint64_t va = start;
   while (va < end) {
-    // Temporarily steer placement by the requested location.
-    uint64_t alo, ahi;
-    Attributes attrs = svm.AttrsAt(va, &alo, &ahi);
-    Location loc = where.kind == Location::Kind::kDefault ? attrs.preferred : where;
-    gpusvm::Ctx ctx;
-    ctx.device_private_page_owner = dev.pagemap->owner();
-    ctx.devmem_possible = true;
-    auto found = svm.svm->FindOrInsert(va, std::max(svm.config.va_start, alo),
-                                       std::min(svm.config.va_start + svm.config.va_size, ahi), ctx);
-    if (!found && found.error() == Errc::kPerm) {
-      ctx.read_only = true;
-      found = svm.svm->FindOrInsert(va, std::max(svm.config.va_start, alo),
-                                    std::min(svm.config.va_start + svm.config.va_size, ahi), ctx);
-    }
-    if (!found) return Err(found.error());
-    auto* r = static_cast<DrvRange*>(*found);
-    if (!r->pages()) svm.svm->InitPages(&r->rpages, r);
-    Device::Impl* target = nullptr;
-    if (loc.kind == Location::Kind::kDevice) {
-      Vm::Impl* pv = svm.vms[loc.gpu].load();
-      target = pv ? &pv->dev : nullptr;
-    } else if (loc.kind == Location::Kind::kDefault) {
-      target = svm.config.placement == Placement::kFaultingGpu ? &dev : nullptr;
-    }
-    if (target && !r->migrate_devmem()) target = nullptr;
-    const gpusvm::ScanResult scan =
-        target ? svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap())
-               : svm.svm->ScanMm(r, dev.pagemap->owner(), &dev.pagemap->pgmap());
-    if (target && scan != gpusvm::ScanResult::kEqual) {
-      svm.InvalidateRangeNow(r);
-      auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
-      if (bo) {
-        std::shared_ptr<VramBo> keep = *bo;
-        gpusvm::MigrateDetails md;
-        md.source_peer_migrates = true;
-        tls_self_migration = {&svm, r->start(), r->end()};
-        auto m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
-        tls_self_migration = {};
-        if (!m && m.error() == Errc::kBusy) {
-          MutexLock ml(svm.migrate_lock);
-          (void)svm.svm->RangeEvict(r);
-          auto bo2 = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
-          if (bo2) {
-            keep = *bo2;
-            tls_self_migration = {&svm, r->start(), r->end()};
-            m = target->pagemap->MigrateToDevmem(std::move(*bo2), *svm.mm, r->start(), r->end(), md);
-            tls_self_migration = {};
-          }
-        }
-        if (m) {
-          target->LruAdd(keep);
-          Bump(c.by_size[SizeIndex(r->size())][kMigrations]);
-          Bump(c.by_size[SizeIndex(r->size())][kBytesCopied], r->size());
-        } else {
-          Bump(c.migrate_failures);
-        }
-      } else {
-        Bump(c.migrate_failures);
-      }
-    } else if (!target && scan != gpusvm::ScanResult::kSystem &&
-               scan != gpusvm::ScanResult::kUnpopulated) {
-      (void)svm.svm->RangeEvict(r);
-    }
+    Device::Impl* target = DeviceAt(where);
+    const bool map_here = where.kind != Location::Kind::kDevice || CanReach(target);
+    USVM_TRY(ServiceLocked(va, gpu::kAccessRead, &where, map_here, /*prefetch=*/true));
     Bump(c.prefetches);
-    // Map it here (the fault handler's get-pages and commit).
-    const uint64_t next = r->end();
-    if (target == &dev || !target) {
-      auto h = HandleFaultLocked(va, ctx.read_only ? gpu::kAccessRead : gpu::kAccessWrite);
-      if (!h && h.error() != Errc::kPerm) return h;
-    }
-    va = next;
+    // The next range: the one that now holds va ends where the next starts.
+    auto* n = svm.svm->NotifierFind(va, va + 1);
+    gpusvm::Range* r = n ? gpusvm::GpuSvm::RangeFind(n, va, va + 1) : nullptr;
+    va = r ? r->end() : va + k4K;
   }
   return {};
 }
@@ -518,8 +473,8 @@ Binding* Vm::Impl::FindBinding(uint64_t start, uint64_t end) const {
 }
 
 void Vm::Impl::ZapAndFlush(uint64_t start, uint64_t end) {
-  (void)dev.gpu->page_table().Zap(start, end - start);
-  auto f = dev.gpu->InvalidateTlb(start, end - start);
+  (void)ctx->page_table().Zap(start, end - start);
+  auto f = ctx->InvalidateTlb(start, end - start);
   if (f) (void)f->Wait();
 }
 
@@ -539,11 +494,11 @@ bool Binding::Invalidate(mm::MmuIntervalNotifier* s, const mm::NotifierRange& ra
 
 Result<void> Vm::Impl::ValidateBinding(Binding* b) {
   gpusvm::GpuSvm& bs = *svm.bind_svm;
-  gpusvm::Ctx ctx;
-  ctx.read_only = b->flags.read_only;
+  gpusvm::Ctx gctx;
+  gctx.read_only = b->flags.read_only;
   // No device owner: device pages are brought home (binds map system memory).
   for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
-    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, ctx));
+    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, gctx));
     ReadLock nl(bs.notifier_lock());
     if (!bs.PagesValid(b->pages)) continue;
     if (b->valid.load()) return {};
@@ -569,7 +524,7 @@ Result<void> Vm::Impl::ValidateBinding(Binding* b) {
       i += n;
     }
     if (run.valid) EmitRun(run, prot, &ops, leaves);
-    gpu::PageTable& pt = dev.gpu->page_table();
+    gpu::PageTable& pt = ctx->page_table();
     if (b->mapped.load()) (void)pt.Zap(b->start, b->end - b->start);
     USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
     b->mapped.store(true);
@@ -626,7 +581,7 @@ Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
           v.svm.ZapRangeOn(r, v.dev.id, &lo, &hi);
           r->present.fetch_and(~(1u << v.dev.id));
           if (lo < hi) {
-            auto f = v.dev.gpu->InvalidateTlb(lo, hi - lo);
+            auto f = v.ctx->InvalidateTlb(lo, hi - lo);
             if (f) (void)f->Wait();
           }
         }
@@ -674,45 +629,52 @@ Result<void> Vm::RevalidateUserptrs() {
 
 Result<gpu::Launch> Vm::LaunchKernel(gpu::KernelFn fn, const gpu::LaunchParams& params) {
   USVM_TRY(RevalidateUserptrs());
-  return impl_->dev.gpu->LaunchKernel(std::move(fn), params);
+  return impl_->ctx->LaunchKernel(std::move(fn), params);
 }
 
 Result<gpu::Launch> Vm::LaunchPattern(const gpu::PatternParams& params) {
   USVM_TRY(RevalidateUserptrs());
-  return impl_->dev.gpu->LaunchPattern(params);
+  return impl_->ctx->LaunchPattern(params);
 }
 
 // ---- the device's fault loop ------------------------------------------------
 
-Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
-  gpu::FaultUnit& fu = gpu->fault_unit();
-  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
+namespace {
+
+// Serves one fetched batch on `vm` (null: no address space, cancel them).
+void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch) {
   // Coalesce: in address order, so faults of one range are served together
   // and the later ones find it valid.
-  std::sort(batch.begin(), batch.end(),
-            [](const gpu::Fault& a, const gpu::Fault& b) { return a.va < b.va; });
+  std::sort(batch.begin(), batch.end(), [](const gpu::Fault& a, const gpu::Fault& b) { return a.va < b.va; });
   std::vector<std::pair<uint64_t, Error>> failed;
   std::vector<uint64_t> ok;
   ok.reserve(batch.size());
-  {
-    ReadLock al(attach_lock_);
-    Vm::Impl* vm = vm_;
-    if (!vm) {
-      for (const gpu::Fault& f : batch)
-        failed.emplace_back(f.id, Error(Errc::kNoDev, "driver: the GPU runs no address space"));
-    } else {
-      gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
-      // The collector runs first (xe: garbage collection before faults).
-      (void)vm->svm.CollectLocked();
-      for (const gpu::Fault& f : batch) {
-        auto r = vm->HandleFaultLocked(f.va, f.access);
-        if (r) ok.push_back(f.id);
-        else failed.emplace_back(f.id, r.error());
-      }
+  if (!vm || vm->detached_.load()) {
+    for (const gpu::Fault& f : batch)
+      failed.emplace_back(f.id, Error(Errc::kNoDev, "driver: the GPU context runs no address space"));
+  } else {
+    gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
+    // The collector runs first (xe: garbage collection before faults).
+    (void)vm->svm.CollectLocked();
+    for (const gpu::Fault& f : batch) {
+      auto r = vm->HandleFaultLocked(f.va, f.access);
+      if (r) ok.push_back(f.id);
+      else failed.emplace_back(f.id, r.error());
     }
   }
+  // Replay after the batch (UVM's BATCH_FLUSH); a cancel ends only the
+  // kernels waiting on that fault.
   for (uint64_t id : ok) (void)fu.Replay(id);
   for (auto& [id, e] : failed) (void)fu.Cancel(id, e);
+}
+
+}  // namespace
+
+Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
+  gpu::FaultUnit& fu = gpu->default_context().fault_unit();
+  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
+  ReadLock al(attach_lock_);
+  ServeBatch(vm_, fu, batch);
   return batch.size();
 }
 
@@ -722,5 +684,27 @@ void Device::Impl::FaultLoop() {
     if (!r && r.error() == Errc::kCanceled) return;
   }
 }
+
+Result<size_t> Vm::Impl::ServiceBatch(uint64_t timeout_ns) {
+  gpu::FaultUnit& fu = ctx->fault_unit();
+  std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(dev.config.fault_batch, timeout_ns));
+  ServeBatch(this, fu, batch);
+  return batch.size();
+}
+
+void Vm::Impl::FaultLoop() {
+  while (!fault_stop.load(std::memory_order_acquire)) {
+    auto r = ServiceBatch(kFetchTimeoutNs);
+    if (!r && r.error() == Errc::kCanceled) return;
+  }
+}
+
+Result<size_t> Vm::ServiceFaults(uint64_t timeout_ns) {
+  if (impl_->detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  if (impl_->ctx == &impl_->dev.gpu->default_context()) return impl_->dev.ServiceBatch(timeout_ns);
+  return impl_->ServiceBatch(timeout_ns);
+}
+
+gpu::GpuContext& Vm::context() const { return *impl_->ctx; }
 
 }  // namespace usvm::driver

@@ -9,23 +9,41 @@ Result<std::unique_ptr<Gpu>> Gpu::TryCreate(uint32_t id, const GpuConfig& config
   if (config.copy_engines == 0 || config.copy_engines > 8) return Err(Errc::kInval, "copy_engines out of [1, 8]");
   std::unique_ptr<Gpu> gpu(new Gpu(id, config, sysmem, env));
   gpu->vram_ = USVM_TRY(Vram::TryCreate(config.vram_bytes, env));
-  gpu->tlb_ = USVM_TRY(Tlb::TryCreate(config.tlb, config.exec_threads, config.latency, env));
   Gpu* g = gpu.get();
-  gpu->pt_ = std::make_unique<PageTable>(
-      id, env, [g](const PhysAddr& pa, uint64_t bytes) -> Result<void> {
-        USVM_TRY(g->ResolvePhys(pa, bytes));
-        return {};
-      },
-      config.max_table_pages);
-  gpu->faults_ = std::make_unique<FaultUnit>(env, config.fault_buffer_entries);
   for (uint32_t i = 0; i < config.copy_engines; ++i)
     gpu->copy_engines_.push_back(std::make_unique<CopyEngine>(
         id, i, [g](const PhysAddr& pa, uint64_t bytes) { return g->ResolvePhys(pa, bytes); },
         config.latency, env));
-  gpu->exec_ = std::make_unique<ExecutionEngine>(
-      config.exec_threads, *gpu->pt_, *gpu->tlb_, *gpu->faults_,
-      [g](const Mapping& m, uint64_t va) { return g->ResolveLeaf(m, va); }, config.latency, env);
+  gpu->default_.reset(new GpuContext(*g, 0));
+  USVM_TRY(gpu->InitContext(*gpu->default_));
   return gpu;
+}
+
+Result<void> Gpu::InitContext(GpuContext& c) {
+  c.tlb_ = USVM_TRY(Tlb::TryCreate(config_.tlb, config_.exec_threads, config_.latency, env_));
+  c.pt_ = std::make_unique<PageTable>(
+      id_, env_, [this](const PhysAddr& pa, uint64_t bytes) -> Result<void> {
+        USVM_TRY(ResolvePhys(pa, bytes));
+        return {};
+      },
+      config_.max_table_pages);
+  c.faults_ = std::make_unique<FaultUnit>(env_, config_.fault_buffer_entries);
+  c.exec_ = std::make_unique<ExecutionEngine>(
+      config_.exec_threads, *c.pt_, *c.tlb_, *c.faults_,
+      [this](const Mapping& m, uint64_t va) { return ResolveLeaf(m, va); }, config_.latency, env_);
+  return {};
+}
+
+Result<std::unique_ptr<GpuContext>> Gpu::CreateContext() {
+  std::unique_ptr<GpuContext> c(new GpuContext(*this, next_asid_.fetch_add(1)));
+  USVM_TRY(InitContext(*c));
+  return c;
+}
+
+GpuContext::~GpuContext() {
+  // Blocked kernel threads return (ECANCELED), then the engine stops.
+  if (faults_) faults_->Shutdown();
+  exec_.reset();
 }
 
 Gpu::Gpu(uint32_t id, const GpuConfig& config, SystemMemory* sysmem, Env& env)
@@ -33,8 +51,7 @@ Gpu::Gpu(uint32_t id, const GpuConfig& config, SystemMemory* sysmem, Env& env)
 
 Gpu::~Gpu() {
   // Blocked kernel threads return (ECANCELED), then the engines stop.
-  if (faults_) faults_->Shutdown();
-  exec_.reset();
+  default_.reset();
   copy_engines_.clear();
   for (uint32_t i = 0; i < kMaxGpus; ++i)
     if (Gpu* p = peers_[i].load(std::memory_order_acquire)) (void)DisablePeerAccess(*p);

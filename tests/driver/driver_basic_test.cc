@@ -90,9 +90,15 @@ TEST_F(DriverBasicTest, GpuWritesMigrateToVramAndCpuReadsThemBack) {
   EXPECT_EQ(st.by_size[2].migrations, 2u);  // two 2 MiB ranges went to VRAM
   EXPECT_GT(st.leaves_2m, 0u);
   EXPECT_EQ(d.vram_stats().allocations, 2u);
-  // The CPU touch brings them home, bytes intact.
+  // Our own migrations' MIGRATE events were skipped (the driver had
+  // invalidated the ranges itself first).
+  EXPECT_EQ(s.stats().own_migrate_ignored, 2u);
+  ASSERT_TRUE(vm->context().page_table().Walk(kBuf).has_value());
+  // The CPU touch brings them home, bytes intact -- a migration that is
+  // not ours: its invalidation zapped the GPU mapping.
   EXPECT_EQ(CpuCheck(kBuf, len, 0x1234), 0u);
   EXPECT_EQ(d.vram_stats().allocations, 0u);
+  EXPECT_FALSE(vm->context().page_table().Walk(kBuf).has_value());
 }
 
 TEST_F(DriverBasicTest, SystemPlacementMapsSystemPages) {
@@ -155,6 +161,240 @@ TEST_F(DriverBasicTest, BindMapsAheadOfFaultsAndInvalidationUnbinds) {
   EXPECT_EQ(CpuCheck(kBuf, len, 9), 0u);
   ASSERT_TRUE(vm->Unbind(*h).has_value());
   EXPECT_EQ(vm->Unbind(*h).error(), Errc::kNoEnt);
+}
+
+}  // namespace
+}  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+TEST_F(DriverBasicTest, TwoAddressSpacesShareOneGpuThroughContexts) {
+  Device& d = AddGpu();
+  Svm& s1 = MakeSvm();
+  auto as2 = mm::AddressSpace::TryCreate(*pool_, {}, env_).value();
+  auto s2 = Svm::TryCreate(as2, {}).value();
+  Vm* v1 = s1.Attach(d).value();
+  Vm* v2 = s2->Attach(d).value();
+  EXPECT_EQ(&v1->context(), &d.gpu().default_context());
+  EXPECT_NE(&v2->context(), &v1->context());
+  EXPECT_EQ(s1.Attach(d).error(), Errc::kExist);
+  const uint64_t len = uint64_t{2} << 20;
+  // The same VA in both address spaces, different bytes.
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(as2->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 111).has_value());
+  ASSERT_TRUE(GpuFill(*v2, kBuf, len, 222).has_value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 111), 0u);
+  std::vector<uint64_t> b(len / 8);
+  ASSERT_TRUE(as2->Read(kBuf, b.data(), len).has_value());
+  uint64_t bad = 0;
+  for (uint64_t i = 0; i < b.size(); ++i) bad += b[i] != (222 ^ (i * 8));
+  EXPECT_EQ(bad, 0u);
+  // A munmap in one address space leaves the other's mapping alone.
+  ASSERT_TRUE(GpuSum(*v2, kBuf, len).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len).has_value());
+  EXPECT_TRUE(v2->context().page_table().Walk(kBuf).has_value());
+  EXPECT_FALSE(v1->context().page_table().Walk(kBuf).has_value());
+  s2.reset();
+  EXPECT_EQ(d.vram_stats().allocations, 0u);
+}
+
+TEST_F(DriverBasicTest, GpuAtomicsMigrateOrAreRefusedByTheAttribute) {
+  Device& d = AddGpu();
+  SvmConfig c;
+  c.placement = Placement::kSystem;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{64} << 10;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kCpu}).has_value());
+  auto atomics = [&](uint32_t threads, uint64_t n) {
+    auto l = vm->LaunchKernel(
+        [=](gpu::KernelContext& k) {
+          for (uint64_t i = 0; i < n; ++i) k.AtomicAdd(kBuf, 1);
+        },
+        {.threads = threads});
+    return l.has_value() ? l->Wait() : Result<void>(Err(l.error()));
+  };
+  auto r = atomics(1, 1);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), Errc::kAcces);
+  // Device atomics: the range moves to VRAM (system placement or not).
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kDevice}).has_value());
+  ASSERT_TRUE(atomics(4, 1000).has_value());
+  // Untouched by the CPU, 64 KiB is at the check-pages threshold: a 4 KiB
+  // range around the counter.
+  EXPECT_EQ(vm->stats().by_size[0].migrations, 1u);
+  uint64_t v = 0;
+  ASSERT_TRUE(as_->Read(kBuf, &v, 8).has_value());
+  EXPECT_EQ(v, 4000u);
+  // Setting the same attribute again invalidates nothing.
+  const uint64_t inv = s.stats().attribute_invalidations;
+  ASSERT_TRUE(s.SetAttributes(kBuf, len, {.atomic = AtomicMode::kDevice}).has_value());
+  EXPECT_EQ(s.stats().attribute_invalidations, inv);
+  auto q = s.QueryAttributes(kBuf - 4096, len + 8192).value();
+  ASSERT_EQ(q.size(), 3u);
+  EXPECT_EQ(q[1].attrs.atomic, AtomicMode::kDevice);
+  EXPECT_EQ(q[0].attrs.atomic, AtomicMode::kUndefined);
+}
+
+TEST_F(DriverBasicTest, WorkingSetTwiceVramRunsWithEviction) {
+  Device& d = AddGpu(uint64_t{8} << 20);
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{16} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 0xabc).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 0xdef).has_value());
+  EXPECT_GT(d.vram_stats().evictions, 0u);
+  EXPECT_EQ(CpuCheck(kBuf, len, 0xdef), 0u);
+}
+
+}  // namespace
+}  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+class DriverPeerTest : public DriverBasicTest, public ::testing::WithParamInterface<PeerPolicy> {};
+
+// A range in GPU 0's VRAM read by GPU 1 of the same owner with peer access.
+TEST_P(DriverPeerTest, PeerPolicyDecidesWhereAPeersPagesGo) {
+  static const char kOwner = 0;
+  Device& d0 = AddGpu(uint64_t{64} << 20, &kOwner);
+  Device& d1 = AddGpu(uint64_t{64} << 20, &kOwner);
+  ASSERT_TRUE(d0.EnablePeerAccess(d1).has_value());
+  SvmConfig c;
+  c.peer_policy = GetParam();
+  Svm& s = MakeSvm(c);
+  Vm* v0 = s.Attach(d0).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 42).has_value());
+  ASSERT_EQ(d0.vram_stats().allocations, 1u);
+  auto sum = GpuSum(*v1, kBuf, len);
+  ASSERT_TRUE(sum.has_value());
+  uint64_t want = 0;
+  for (uint64_t off = 0; off < len; off += 8) want += 42 ^ off;
+  EXPECT_EQ(*sum, want);
+  auto m = v1->context().page_table().Walk(kBuf).value();
+  switch (GetParam()) {
+    case PeerPolicy::kMapRemote:
+      EXPECT_EQ(v1->stats().peer_maps, 1u);
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kPeerVram);
+      EXPECT_EQ(d0.vram_stats().allocations, 1u);
+      EXPECT_TRUE(v0->context().page_table().Walk(kBuf).has_value());  // still mapped on 0
+      break;
+    case PeerPolicy::kMigrate:
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kLocalVram);
+      EXPECT_EQ(d0.vram_stats().allocations, 0u);
+      EXPECT_EQ(d1.vram_stats().allocations, 1u);
+      EXPECT_FALSE(v0->context().page_table().Walk(kBuf).has_value());  // invalidated on 0
+      break;
+    case PeerPolicy::kSystem:
+      EXPECT_EQ(m.pte.kind(), gpu::PteKind::kSystem);
+      EXPECT_EQ(d0.vram_stats().allocations + d1.vram_stats().allocations, 0u);
+      break;
+  }
+  EXPECT_EQ(CpuCheck(kBuf, len, 42), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, DriverPeerTest,
+                         ::testing::Values(PeerPolicy::kMapRemote, PeerPolicy::kMigrate, PeerPolicy::kSystem),
+                         [](const auto& info) { return std::string(PeerPolicyName(info.param)) == "map-remote"
+                                                           ? std::string("MapRemote")
+                                                           : std::string(PeerPolicyName(info.param)) == "migrate"
+                                                                 ? std::string("Migrate")
+                                                                 : std::string("System"); });
+
+TEST_F(DriverBasicTest, DevicesOfDifferentOwnersNeverMapEachOther) {
+  Device& d0 = AddGpu();
+  Device& d1 = AddGpu();  // owners differ (each its own)
+  Svm& s = MakeSvm();
+  Vm* v0 = s.Attach(d0).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 7).has_value());
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 8).has_value());
+  EXPECT_EQ(d0.vram_stats().allocations, 0u);
+  EXPECT_EQ(d1.vram_stats().allocations, 1u);
+  EXPECT_EQ(v1->context().page_table().Walk(kBuf).value().pte.kind(), gpu::PteKind::kLocalVram);
+  EXPECT_FALSE(v0->context().page_table().Walk(kBuf).has_value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 8), 0u);
+}
+
+TEST_F(DriverBasicTest, PrefetchMovesRangesAndSkipsThoseAlreadyThere) {
+  Device& d = AddGpu();
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{4} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  std::vector<uint64_t> b(len / 8);
+  for (uint64_t i = 0; i < b.size(); ++i) b[i] = 3 ^ (i * 8);
+  ASSERT_TRUE(as_->Write(kBuf, b.data(), len).has_value());
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::Device(0)).has_value());
+  EXPECT_EQ(vm->stats().by_size[2].migrations, 2u);
+  EXPECT_EQ(d.vram_stats().allocations, 2u);
+  const uint64_t raised = vm->context().fault_unit().Stats().raised;
+  auto sum = GpuSum(*vm, kBuf, len);
+  ASSERT_TRUE(sum.has_value());
+  EXPECT_EQ(vm->context().fault_unit().Stats().raised, raised);  // mapped: no fault
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::Device(0)).has_value());
+  EXPECT_EQ(vm->stats().by_size[2].migrations, 2u);  // skipped: already there
+  ASSERT_TRUE(vm->Prefetch(kBuf, len, Location::System()).has_value());
+  EXPECT_EQ(d.vram_stats().allocations, 0u);
+  EXPECT_EQ(vm->context().page_table().Walk(kBuf).value().pte.kind(), gpu::PteKind::kSystem);
+  EXPECT_EQ(CpuCheck(kBuf, len, 3), 0u);
+  EXPECT_EQ(vm->Prefetch(kBuf, len, Location::Device(5)).error(), Errc::kInval);
+  EXPECT_EQ(vm->Prefetch(kBuf + 1, len, Location::System()).error(), Errc::kInval);
+}
+
+TEST_F(DriverBasicTest, CollectorFailurePutsTheVmInAnErrorState) {
+  Device& d = AddGpu();
+  SvmConfig c;
+  c.gc_worker = false;
+  c.placement = Placement::kSystem;
+  c.env = &env_;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{2} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 1).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len / 2).has_value());
+  env_.faults().FailNth("driver.gc", 1);
+  auto r = s.CollectGarbage();
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(s.error().error(), Errc::kIo);
+  // Later faults report it; nothing crashed.
+  auto f = GpuFill(*vm, kBuf + len / 2, 4096, 2);
+  ASSERT_FALSE(f.has_value());
+  EXPECT_EQ(f.error(), Errc::kIo);
+  env_.faults().ClearAll();
+}
+
+TEST_F(DriverBasicTest, UserptrIsRevalidatedBeforeTheNextLaunch) {
+  Device& d = AddGpu();
+  Svm& s = MakeSvm();
+  Vm* vm = s.Attach(d).value();
+  const uint64_t len = uint64_t{256} << 10;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  auto h = vm->Bind(kBuf, len, {.userptr = true}).value();
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 10).has_value());
+  // MADV_DONTNEED drops the pages: the userptr is invalidated...
+  ASSERT_TRUE(as_->Madvise(kBuf, len, mm::kMadvDontNeed).has_value());
+  EXPECT_FALSE(vm->BindValid(h).value());
+  EXPECT_EQ(vm->stats().bind_invalidations, 1u);
+  // ... and revalidated by the next launch, before any GPU access.
+  const uint64_t raised = vm->context().fault_unit().Stats().raised;
+  ASSERT_TRUE(GpuFill(*vm, kBuf, len, 11).has_value());
+  EXPECT_EQ(vm->context().fault_unit().Stats().raised, raised);
+  EXPECT_EQ(vm->stats().rebinds, 1u);
+  EXPECT_TRUE(vm->BindValid(h).value());
+  EXPECT_EQ(CpuCheck(kBuf, len, 11), 0u);
+  EXPECT_EQ(vm->Bind(kBuf + 4096, 4096).error(), Errc::kExist);
 }
 
 }  // namespace

@@ -248,9 +248,10 @@ class Device {
   // same owner with peer access enabled.
   bool CanMapVramOf(const Device& other) const;
 
-  // Fault servicing without the thread (config.fault_thread false): fetch
-  // one batch (waiting up to timeout_ns for the first fault) and serve it.
-  // The faults answered; ETIME if none came; ECANCELED after shutdown.
+  // Fault servicing of the default context without the thread
+  // (config.fault_thread false): fetch one batch (waiting up to timeout_ns
+  // for the first fault) and serve it. The faults answered; ETIME if none
+  // came; ECANCELED after shutdown.
   Result<size_t> ServiceFaults(uint64_t timeout_ns);
 
   // Evicts allocations, least recently used first, until `bytes` are free
@@ -281,8 +282,11 @@ class Svm {
   Svm(const Svm&) = delete;
   Svm& operator=(const Svm&) = delete;
 
-  // The VM of `dev` in this address space. EBUSY: the device runs another
-  // address space; EEXIST: already attached; EINVAL: closed.
+  // The VM of `dev` in this address space. The first address space a GPU
+  // runs gets its default context (served by the device's fault thread);
+  // others get a context of their own (Vm::context(), with a fault thread
+  // of their own). EEXIST: a GPU with this id is already attached;
+  // EINVAL: closed.
   Result<Vm*> Attach(Device& dev);
   // Unbinds everything of the device's Vm, zaps its page table and detaches
   // it. ENOENT: not attached.
@@ -369,6 +373,14 @@ class Vm {
   Result<void> RevalidateUserptrs();
   // Whether the bind is mapped (not invalidated since its last validation).
   Result<bool> BindValid(uint64_t handle) const;
+
+  // The GPU context this address space runs in on the GPU (the GPU's
+  // default context for the first address space attached, a context of
+  // its own for others). Launch through it (or the calls below).
+  gpu::GpuContext& context() const;
+  // Fault servicing without threads (DeviceConfig::fault_thread false):
+  // one batch of this Vm's context. ETIME if none came within timeout_ns.
+  Result<size_t> ServiceFaults(uint64_t timeout_ns);
 
   // Launch through this Vm: userptrs are revalidated first.
   Result<gpu::Launch> LaunchKernel(gpu::KernelFn fn, const gpu::LaunchParams& params = {});

@@ -60,6 +60,45 @@ struct GpuConfig {
   LatencyModel latency;        // Zero() by default
 };
 
+class Gpu;
+
+// GpuContext: one GPU address space (an ASID): its own page table, TLB,
+// replayable fault unit and execution engine, sharing the GPU's VRAM,
+// copy engines and peer links. A GPU has a default context (its
+// page_table(), tlb(), fault_unit() ...); CreateContext makes more, so one
+// GPU can run several processes' address spaces, each faulting and being
+// invalidated on its own. A context must be destroyed before its GPU.
+class GpuContext {
+ public:
+  ~GpuContext();
+  GpuContext(const GpuContext&) = delete;
+  GpuContext& operator=(const GpuContext&) = delete;
+
+  Gpu& gpu() const { return gpu_; }
+  uint32_t asid() const { return asid_; }
+  PageTable& page_table() { return *pt_; }
+  Tlb& tlb() { return *tlb_; }
+  FaultUnit& fault_unit() { return *faults_; }
+  ExecutionEngine& execution_engine() { return *exec_; }
+  Result<Fence> InvalidateTlb(uint64_t va, uint64_t size) { return tlb_->Invalidate(va, size); }
+  Result<Launch> LaunchKernel(KernelFn fn, const LaunchParams& params = {}) {
+    return exec_->Submit(std::move(fn), params);
+  }
+  Result<Launch> LaunchPattern(const PatternParams& params) { return exec_->SubmitPattern(params); }
+
+ private:
+  friend class Gpu;
+  GpuContext(Gpu& gpu, uint32_t asid) : gpu_(gpu), asid_(asid) {}
+
+  // Constant after creation.
+  Gpu& gpu_;
+  const uint32_t asid_;
+  std::unique_ptr<PageTable> pt_;
+  std::unique_ptr<Tlb> tlb_;
+  std::unique_ptr<FaultUnit> faults_;
+  std::unique_ptr<ExecutionEngine> exec_;
+};
+
 class Gpu {
  public:
   // EINVAL: id >= kMaxGpus, bad config; ENOMEM: VRAM arena.
@@ -73,14 +112,19 @@ class Gpu {
   const GpuConfig& config() const { return config_; }
   Env& env() { return env_; }
   Vram& vram() { return *vram_; }
-  PageTable& page_table() { return *pt_; }
-  Tlb& tlb() { return *tlb_; }
-  FaultUnit& fault_unit() { return *faults_; }
-  ExecutionEngine& execution_engine() { return *exec_; }
+  // The default context's units.
+  GpuContext& default_context() { return *default_; }
+  PageTable& page_table() { return default_->page_table(); }
+  Tlb& tlb() { return default_->tlb(); }
+  FaultUnit& fault_unit() { return default_->fault_unit(); }
+  ExecutionEngine& execution_engine() { return default_->execution_engine(); }
+  // Another address space on this GPU (ASIDs count up from 1). EINVAL /
+  // ENOMEM as TryCreate for its units.
+  Result<std::unique_ptr<GpuContext>> CreateContext();
   uint32_t copy_engine_count() const { return static_cast<uint32_t>(copy_engines_.size()); }
 
   // Starts a TLB invalidation of [va, va + size) (Tlb::Invalidate).
-  Result<Fence> InvalidateTlb(uint64_t va, uint64_t size) { return tlb_->Invalidate(va, size); }
+  Result<Fence> InvalidateTlb(uint64_t va, uint64_t size) { return default_->InvalidateTlb(va, size); }
   // Queues a copy on engine `engine` (CopyEngine::Copy); EINVAL for a bad
   // engine index.
   Result<Fence> Copy(uint32_t engine, std::span<const PhysAddr> src, std::span<const PhysAddr> dst);
@@ -88,9 +132,9 @@ class Gpu {
   Result<Fence> CopyHost(uint32_t engine, CopyEngine::HostDir dir, std::span<std::byte* const> host,
                          std::span<const PhysAddr> dev);
   Result<Launch> LaunchKernel(KernelFn fn, const LaunchParams& params = {}) {
-    return exec_->Submit(std::move(fn), params);
+    return default_->LaunchKernel(std::move(fn), params);
   }
-  Result<Launch> LaunchPattern(const PatternParams& params) { return exec_->SubmitPattern(params); }
+  Result<Launch> LaunchPattern(const PatternParams& params) { return default_->LaunchPattern(params); }
 
   // Lets each GPU map and copy the other's VRAM. EINVAL for itself,
   // EEXIST if already enabled.
@@ -105,6 +149,7 @@ class Gpu {
  private:
   Gpu(uint32_t id, const GpuConfig& config, SystemMemory* sysmem, Env& env);
   std::byte* ResolveLeaf(const Mapping& m, uint64_t va);
+  Result<void> InitContext(GpuContext& c);
 
   // Constant after construction.
   const uint32_t id_;
@@ -112,11 +157,9 @@ class Gpu {
   SystemMemory* const sysmem_;  // not owned; may be null
   Env& env_;
   std::unique_ptr<Vram> vram_;
-  std::unique_ptr<PageTable> pt_;
-  std::unique_ptr<Tlb> tlb_;
-  std::unique_ptr<FaultUnit> faults_;
   std::vector<std::unique_ptr<CopyEngine>> copy_engines_;
-  std::unique_ptr<ExecutionEngine> exec_;
+  std::unique_ptr<GpuContext> default_;
+  std::atomic<uint32_t> next_asid_{1};
 
   // Serialises peer enable/disable (taken in GPU id order for two GPUs).
   Mutex peer_lock_;
