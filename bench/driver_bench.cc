@@ -236,10 +236,9 @@ void DriverFaultService(benchmark::State& state, bool chunks_4k, Placement place
 
 // ---- DriverFaultBatch4K --------------------------------------------------------
 
-void DriverFaultBatch4K(benchmark::State& state) {
-  constexpr uint32_t kThreads = 16;
-  constexpr uint64_t kPagesPerThread = 512;
-  constexpr uint64_t kPages = kThreads * kPagesPerThread;
+void DriverFaultBatch4K(benchmark::State& state, uint32_t kThreads) {
+  constexpr uint64_t kPages = 8192;
+  const uint64_t kPagesPerThread = kPages / kThreads;
   constexpr uint64_t kBytes = kPages * k4K;
   MachineConfig mc;
   mc.exec_threads = kThreads;
@@ -525,7 +524,10 @@ void RegisterAll() {
          benchmark::kMillisecond);
   manual(RegisterBenchmark("DriverFaultService/2M-system", DriverFaultService, false, Placement::kSystem),
          benchmark::kMillisecond);
-  manual(RegisterBenchmark("DriverFaultBatch4K", DriverFaultBatch4K), benchmark::kMillisecond);
+  manual(RegisterBenchmark("DriverFaultBatch4K", DriverFaultBatch4K, 16u), benchmark::kMillisecond);
+  // The same with 2 and 64 kernel threads (batches of at most that many).
+  manual(RegisterBenchmark("DriverFaultBatch4K/threads:2", DriverFaultBatch4K, 2u), benchmark::kMillisecond);
+  manual(RegisterBenchmark("DriverFaultBatch4K/threads:64", DriverFaultBatch4K, 64u), benchmark::kMillisecond);
   manual(RegisterBenchmark("DriverFaultHandle4K", DriverFaultHandle4K), benchmark::kMillisecond);
   manual(RegisterBenchmark("DriverFaultRoundTrip", DriverFaultRoundTrip), benchmark::kMicrosecond);
   for (uint32_t n : {1u, 2u, 4u, 8u}) {
