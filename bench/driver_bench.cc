@@ -24,10 +24,12 @@
 //                              are queued (untimed), then calls
 //                              Device::ServiceFaults (timed: fetch +
 //                              service + replay of one batch). faults_per_s
-//                              = faults / time inside ServiceFaults (the
-//                              driver); e2e_faults_per_s = faults / kernel
-//                              time (with the thread hand-offs); avg_batch.
-//                              Goal: >= 1M faults/s.
+//                              = faults / time inside ServiceFaults;
+//                              e2e_faults_per_s = faults / kernel time
+//                              (with the thread hand-offs); avg_batch.
+//                              Goal: >= 1M faults/s. /threads:2 and
+//                              /threads:64: the same with batches of at
+//                              most 2 and 64 faults.
 //   DriverFaultHandle4K        Vm::HandleFault on 4096 CPU-populated 4 KiB
 //                              pages from the benchmark thread (no GPU
 //                              thread, no fetch/replay): the handler alone.
