@@ -35,6 +35,16 @@ Device::Device(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Device::~Device() {
   Impl& d = *impl_;
+  // Still attached somewhere: detach (as Svm::Detach would).
+  for (;;) {
+    Vm::Impl* vi = nullptr;
+    {
+      ReadLock l(d.attach_lock_);
+      if (!d.attached_.empty()) vi = d.attached_.front();
+    }
+    if (!vi) break;
+    vi->svm.DetachVm(vi);
+  }
   d.stop_.store(true, std::memory_order_release);
   // Wakes the fault thread (its Fetch fails with ECANCELED); kernels still
   // blocked on faults end with ECANCELED.
@@ -64,13 +74,19 @@ Result<size_t> Device::ServiceFaults(uint64_t timeout_ns) { return impl_->Servic
 
 Result<void> Device::EvictFor(uint64_t bytes) {
   if (bytes == 0 || !std::has_single_bit(bytes)) return Err(Errc::kInval, "driver: size not a power of two");
+  uint64_t failures = 0;
   for (;;) {
     auto off = impl_->gpu->vram().Alloc(bytes);
     if (off) {
       (void)impl_->gpu->vram().Free(*off);
       return {};
     }
-    if (!impl_->EvictOne(nullptr)) return Err(Errc::kNoMem, "driver: nothing left to evict");
+    const Impl::Evict e = impl_->EvictOne(nullptr);
+    if (e == Impl::Evict::kNone) return Err(Errc::kNoMem, "driver: nothing left to evict");
+    if (e == Impl::Evict::kFailed) {
+      MutexLock l(impl_->lock_);
+      if (++failures > impl_->lru_.size() + 1) return Err(Errc::kNoMem, "driver: every allocation busy");
+    }
   }
 }
 
@@ -111,6 +127,7 @@ VramStats Device::vram_stats() const {
 
 Result<std::shared_ptr<VramBo>> Device::Impl::AllocBo(const std::shared_ptr<mm::Mm>& mm, uint64_t size) {
   if (size == 0 || !std::has_single_bit(size)) return Err(Errc::kInval, "driver: allocation size");
+  uint64_t failures = 0;
   for (;;) {
     auto off = gpu->vram().Alloc(size);
     if (off) {
@@ -120,8 +137,14 @@ Result<std::shared_ptr<VramBo>> Device::Impl::AllocBo(const std::shared_ptr<mm::
       return bo;
     }
     if (off.error() != Errc::kNoMem) return Err(off.error());
-    // VRAM full: the least recently used allocation goes home.
-    if (!EvictOne(nullptr)) return Err(Errc::kNoMem, "driver: VRAM full and nothing to evict");
+    // VRAM full: the least recently used allocation goes home. Busy ones
+    // go to the tail; give up once every allocation was tried and failed.
+    const Evict e = EvictOne(nullptr);
+    if (e == Evict::kNone) return Err(Errc::kNoMem, "driver: VRAM full and nothing to evict");
+    if (e == Evict::kFailed) {
+      MutexLock l(lock_);
+      if (++failures > lru_.size() + 1) return Err(Errc::kNoMem, "driver: VRAM full and every allocation busy");
+    }
   }
 }
 
@@ -139,7 +162,7 @@ void Device::Impl::LruTouch(gpusvm::Devmem* dm) {
   if (bo->in_lru) lru_.splice(lru_.end(), lru_, bo->lru_it);
 }
 
-bool Device::Impl::EvictOne(const mm::Mm* mm) {
+Device::Impl::Evict Device::Impl::EvictOne(const mm::Mm* mm) {
   std::shared_ptr<VramBo> victim;
   {
     MutexLock l(lock_);
@@ -152,21 +175,17 @@ bool Device::Impl::EvictOne(const mm::Mm* mm) {
       break;
     }
   }
-  if (!victim) return false;
+  if (!victim) return Evict::kNone;
   auto r = pagemap->EvictToRam(victim);
   if (!r) {
-    // Busy (pages in use): back at the tail, try others first.
+    // Busy (pages in use): back at the tail, the others are tried first.
     Bump(evict_failures);
     LruAdd(victim);
-    // Progress is still possible if another allocation can go; the caller
-    // loops while EvictOne finds victims, so bound it by LRU size: a busy
-    // victim re-added at the tail is retried only after every other one.
-    MutexLock l(lock_);
-    return lru_.size() > 1;
+    return Evict::kFailed;
   }
   Bump(evictions);
   Bump(bytes_evicted, victim->size());
-  return true;
+  return Evict::kEvicted;
 }
 
 // ---- PagemapOps / DevmemOps -------------------------------------------------
@@ -187,9 +206,9 @@ Result<void> Device::Impl::PopulateMm(gpusvm::Pagemap& pm, uint64_t start, uint6
   d.timeslice_ms = timeslice_ms;
   d.source_peer_migrates = true;
   std::shared_ptr<VramBo> keep = bo;
-  USVM_TRY(pm.MigrateToDevmem(std::move(bo), *mm, start, end, d));
-  LruAdd(keep);
-  return {};
+  auto r = pm.MigrateToDevmem(std::move(bo), *mm, start, end, d);
+  if (!keep->detached()) LruAdd(keep);
+  return r;
 }
 
 void Device::Impl::Release(gpusvm::Devmem& devmem) {

@@ -71,8 +71,8 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // A GPU used the allocation: most recently used.
   void LruTouch(gpusvm::Devmem* dm);
   // Evicts the least recently used allocation (of `mm` if not null).
-  // False when there is none.
-  bool EvictOne(const mm::Mm* mm);
+  enum class Evict { kEvicted, kFailed, kNone };
+  Evict EvictOne(const mm::Mm* mm);
   mm::DevicePfn PfnOfOffset(uint64_t offset) const {
     return pagemap->pgmap().base() + (offset >> 12);
   }
@@ -110,6 +110,9 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // spaces have contexts and fault threads of their own.)
   RwSemaphore attach_lock_;
   Vm::Impl* vm_ USVM_GUARDED_BY(attach_lock_) = nullptr;
+  // Every Vm of this device (default context or not), so the device's
+  // destructor can detach those still attached.
+  std::vector<Vm::Impl*> attached_ USVM_GUARDED_BY(attach_lock_);
 
   // The VRAM manager.
   mutable Mutex lock_;
@@ -165,7 +168,8 @@ struct Binding final : mm::MmuIntervalNotifierOps {
   // Mapped on the GPU and not invalidated since: written under the bind
   // GpuSvm's notifier lock.
   std::atomic<bool> valid{false};
-  std::atomic<bool> mapped{false};  // PTEs present (to zap)
+  std::atomic<bool> mapped{false};    // PTEs present (to zap)
+  std::atomic<bool> writable{false};  // ... and writable
 };
 
 // Set around a migration this driver starts, on the migrating thread, so
@@ -283,7 +287,8 @@ class Vm::Impl {
   Result<void> PrefetchLocked(uint64_t start, uint64_t end, Location where)
       USVM_REQUIRES(svm.svm->driver_lock());
   // Faults a bind's pages in and maps them. REQUIRES: the driver lock.
-  Result<void> ValidateBinding(Binding* b);
+  // need_write: the access writes (EPERM if the mapping is read-only).
+  Result<void> ValidateBinding(Binding* b, bool need_write);
   // Drops a binding: removes its notifier, zaps, flushes, frees pages.
   void DestroyBinding(Binding* b);
   // Zaps [start, end) on this GPU and waits for the TLB flush.

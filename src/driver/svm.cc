@@ -95,6 +95,7 @@ Result<Vm*> Svm::Attach(Device& dev) {
     WriteLock nl(s.svm->notifier_lock());
     s.vms[d.id].store(vi);
   }
+  d.attached_.push_back(vi);
   s.vm_objs.push_back(std::move(vm));
   return s.vm_objs.back().get();
 }
@@ -144,6 +145,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
     vi->detached_.store(true);
   }
   if (d.vm_ == vi) d.vm_ = nullptr;
+  std::erase(d.attached_, vi);
   // A context of its own goes now (kernels still blocked in it end with
   // ECANCELED); the Vm object stays until the Svm goes (a caller may
   // still hold it: its calls then fail with ENODEV).
@@ -153,6 +155,7 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
 
 Vm* Svm::vm(uint32_t gpu_id) const {
   if (gpu_id >= kMaxGpus) return nullptr;
+  gpusvm::DriverLockGuard g(impl_->svm->driver_lock());
   Vm::Impl* vi = impl_->vms[gpu_id].load();
   if (!vi) return nullptr;
   for (auto& v : impl_->vm_objs)
@@ -186,10 +189,7 @@ void Svm::Close() {
   // notifier removed.
   s.svm->Fini();
   // No device page of this address space stays in any VRAM.
-  for (Device::Impl* d : devs) {
-    while (d->EvictOne(s.mm.get())) {
-    }
-  }
+  for (Device::Impl* d : devs) (void)d->pub->EvictAll(s.mm.get());
   s.bind_svm->Fini();
 }
 

@@ -233,7 +233,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
   // A bind of this GPU covers it: revalidate the bind.
   if (Binding* b = FindBinding(va, va + k4K)) {
     if (write && b->flags.read_only) return Err(Errc::kPerm, "driver: write to a read-only bind");
-    return ValidateBinding(b);
+    const bool was_valid = b->valid.load();
+    USVM_TRY(ValidateBinding(b, write));
+    if (!was_valid) Bump(c.rebinds);
+    return {};
   }
 
   uint64_t alo, ahi;
@@ -344,8 +347,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         tls_self_migration = {&svm, r->start(), r->end()};
         m = target->pagemap->MigrateToDevmem(std::move(*bo), *svm.mm, r->start(), r->end(), md);
         tls_self_migration = {};
+        // Even a failed migration may leave pages in the allocation (a race
+        // at commit): while any is there it is evictable.
+        if (!keep->detached()) target->LruAdd(keep);
         if (m) {
-          target->LruAdd(keep);
           Bump(c.by_size[si][kMigrations]);
           Bump(c.by_size[si][kBytesCopied], r->size());
         } else if (m.error() == Errc::kBusy && !evicted_for_busy) {
@@ -492,16 +497,24 @@ bool Binding::Invalidate(mm::MmuIntervalNotifier* s, const mm::NotifierRange& ra
   return true;
 }
 
-Result<void> Vm::Impl::ValidateBinding(Binding* b) {
+Result<void> Vm::Impl::ValidateBinding(Binding* b, bool need_write) {
   gpusvm::GpuSvm& bs = *svm.bind_svm;
   gpusvm::Ctx gctx;
   gctx.read_only = b->flags.read_only;
   // No device owner: device pages are brought home (binds map system memory).
   for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
-    USVM_TRY(bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, gctx));
+    auto gp = bs.GetPages(&b->pages, *svm.mm, &b->sub, b->start, b->end, gctx);
+    if (!gp && gp.error() == Errc::kPerm && !gctx.read_only && !need_write) {
+      // A writable bind of a mapping made read-only: map it for reading;
+      // a GPU write then fails with EPERM.
+      gctx.read_only = true;
+      continue;
+    }
+    USVM_TRY(std::move(gp));
     ReadLock nl(bs.notifier_lock());
     if (!bs.PagesValid(b->pages)) continue;
-    if (b->valid.load()) return {};
+    if (need_write && b->pages.read_only()) return Err(Errc::kPerm, "driver: write to a read-only mapping");
+    if (b->valid.load() && (!need_write || b->writable.load())) return {};
     // Build the leaves of [start, end) from the pages.
     std::vector<gpu::BindOp> ops;
     uint64_t leaves[3] = {0, 0, 0};
@@ -528,6 +541,7 @@ Result<void> Vm::Impl::ValidateBinding(Binding* b) {
     if (b->mapped.load()) (void)pt.Zap(b->start, b->end - b->start);
     USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
     b->mapped.store(true);
+    b->writable.store(prot & gpu::kProtWrite);
     b->valid.store(true);
     Bump(c.leaves_4k, leaves[0]);
     Bump(c.leaves_64k, leaves[1]);
@@ -588,7 +602,7 @@ Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
       }
     });
   });
-  auto r = v.ValidateBinding(raw);
+  auto r = v.ValidateBinding(raw, !flags.read_only);
   if (!r) {
     v.DestroyBinding(raw);
     return Err(r.error());
@@ -621,7 +635,7 @@ Result<void> Vm::RevalidateUserptrs() {
   gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
   for (auto& [s, b] : v.binds_) {
     if (!b->flags.userptr || b->valid.load()) continue;
-    USVM_TRY(v.ValidateBinding(b.get()));
+    USVM_TRY(v.ValidateBinding(b.get(), false));
     Bump(v.c.rebinds);
   }
   return {};

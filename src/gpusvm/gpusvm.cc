@@ -748,6 +748,15 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       DeviceAddr d{};
       if (w & mm::kPfnDevice) {
         const mm::DevicePfn dpfn = mm::HmmPfn(w);
+        if (!ctx.read_only && !(w & mm::kPfnWrite)) {
+          // Our own device page, read-only (shared copy-on-write after a
+          // fork): range fault reports it as it is under a write request,
+          // and drm_gpusvm would map it for writing -- the child would see
+          // the parent's device writes. Refused: the driver evicts (the CPU
+          // path breaks the COW) and faults again.
+          err = Error(Errc::kOpNotSupp, "gpusvm: read-only device page (shared copy-on-write) for a write");
+          break;
+        }
         // Most device pages of a range are of the pagemap of the one
         // before: skip the registry lookup then.
         Pagemap* pm = pagemap && dpfn - pagemap->pgmap().base() < pagemap->pgmap().npages()

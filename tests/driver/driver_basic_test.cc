@@ -399,3 +399,65 @@ TEST_F(DriverBasicTest, UserptrIsRevalidatedBeforeTheNextLaunch) {
 
 }  // namespace
 }  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+TEST_F(DriverBasicTest, ADeviceDestroyedFirstDetachesItself) {
+  AddGpu();
+  Device& d1 = AddGpu();
+  SvmConfig c;
+  c.placement = Placement::kSystem;
+  Svm& s = MakeSvm(c);
+  Vm* v0 = s.Attach(*devs_[0]).value();
+  Vm* v1 = s.Attach(d1).value();
+  const uint64_t len = uint64_t{1} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  ASSERT_TRUE(GpuFill(*v0, kBuf, len, 4).has_value());
+  devs_[0].reset();
+  EXPECT_EQ(s.vm(0), nullptr);
+  EXPECT_EQ(v0->HandleFault(kBuf, gpu::kAccessRead).error(), Errc::kNoDev);
+  ASSERT_TRUE(GpuFill(*v1, kBuf, len, 5).has_value());
+  ASSERT_TRUE(as_->Munmap(kBuf, len).has_value());  // reaches only GPU 1 now
+  EXPECT_EQ(s.Detach(d1).has_value(), true);
+  EXPECT_EQ(s.Detach(d1).error(), Errc::kNoEnt);
+}
+
+TEST_F(DriverBasicTest, BadInputIsRefusedWithAnErrorCode) {
+  Device& d = AddGpu();
+  EXPECT_EQ(Svm::TryCreate(nullptr, {}).error(), Errc::kInval);
+  SvmConfig bad;
+  bad.chunk_sizes = {k64K, k2M, k4K};
+  EXPECT_EQ(Svm::TryCreate(as_, bad).error(), Errc::kInval);
+  bad = {};
+  bad.va_size = 0;
+  EXPECT_EQ(Svm::TryCreate(as_, bad).error(), Errc::kInval);
+  DeviceConfig dc;
+  dc.gpu.vram_bytes = 12345;
+  EXPECT_EQ(Device::TryCreate(7, dc, mem_.get(), env_).error(), Errc::kInval);
+  dc = {};
+  dc.fault_batch = 0;
+  EXPECT_EQ(Device::TryCreate(7, dc, mem_.get(), env_).error(), Errc::kInval);
+  SvmConfig c;
+  c.va_start = uint64_t{1} << 40;
+  c.va_size = uint64_t{1} << 30;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(d).value();
+  EXPECT_EQ(s.SetAttributes(kBuf + 1, 4096, {}).error(), Errc::kInval);
+  EXPECT_EQ(s.SetAttributes(kBuf, 4096, {}).error(), Errc::kInval);  // outside the window
+  EXPECT_EQ(s.SetAttributes(c.va_start, 4096, {.preferred = Location::Device(9)}).error(), Errc::kInval);
+  EXPECT_EQ(s.QueryAttributes(c.va_start, 0).error(), Errc::kInval);
+  EXPECT_EQ(vm->Bind(kBuf, 4096).error(), Errc::kInval);
+  EXPECT_EQ(vm->Bind(c.va_start, 4096).error(), Errc::kFault);  // no VMA there (userptr: EFAULT)
+  EXPECT_EQ(vm->Unbind(99).error(), Errc::kNoEnt);
+  EXPECT_EQ(vm->BindValid(99).error(), Errc::kNoEnt);
+  EXPECT_EQ(vm->HandleFault(kBuf, gpu::kAccessRead).error(), Errc::kInval);  // outside the window
+  EXPECT_EQ(vm->HandleFault(c.va_start, gpu::kAccessRead).error(), Errc::kNoEnt);
+  ASSERT_TRUE(as_->Mmap(c.va_start, 4096, mm::kProtRead, kAnon).has_value());
+  EXPECT_EQ(vm->HandleFault(c.va_start, gpu::kAccessWrite).error(), Errc::kPerm);
+  EXPECT_TRUE(vm->HandleFault(c.va_start, gpu::kAccessRead).has_value());
+  EXPECT_EQ(vm->stats().faults_cancelled, 3u);
+}
+
+}  // namespace
+}  // namespace usvm::driver

@@ -320,3 +320,43 @@ TEST_F(GpuSvmDevmemTest, TeardownLeavesNoDevicePageAndNoDeviceMapping) {
 
 }  // namespace
 }  // namespace usvm::gpusvm::testing
+
+namespace usvm::gpusvm::testing {
+namespace {
+
+// After fork, our device pages are shared copy-on-write: range fault
+// reports them read-only even under a write request (hmm_vma_handle_pte).
+// Mapping them writable would let the parent's device writes reach the
+// child; GetPages refuses a write there (EOPNOTSUPP) and maps them for
+// reading.
+TEST_F(GpuSvmDevmemTest, AReadOnlyDevicePageAfterForkIsNotMappedForWriting) {
+  Map(kBase, kSize64K);
+  Fill(kBase, kSize64K, 3);
+  MakeDriver(vram_->device());
+  ASSERT_TRUE(vram_->Migrate(as_, kBase, kBase + kSize64K).has_value());
+  auto child = as_->Fork();
+  ASSERT_TRUE(child.has_value());
+  Ctx w = DevCtx();
+  auto f = driver_->Fault(kBase, w);
+  ASSERT_FALSE(f.has_value());
+  EXPECT_EQ(f.error(), Errc::kOpNotSupp);
+  Ctx r = DevCtx();
+  r.read_only = true;
+  ASSERT_TRUE(driver_->Fault(kBase, r).has_value());
+  EXPECT_FALSE(driver_->PteWritable(kBase));
+  EXPECT_EQ(driver_->Pte(kBase)->proto, AddrProto::kLocal);
+  // Evicting (the CPU path breaks the copy-on-write) lets the write map.
+  {
+    DriverLockGuard g(driver_->svm().driver_lock());
+    Notifier* n = driver_->svm().NotifierFind(kBase, kBase + 1);
+    Range* rg = n ? GpuSvm::RangeFind(n, kBase, kBase + 1) : nullptr;
+    ASSERT_NE(rg, nullptr);
+    ASSERT_TRUE(driver_->svm().RangeEvict(rg).has_value());
+  }
+  ASSERT_TRUE(driver_->Fault(kBase, w).has_value());
+  EXPECT_TRUE(driver_->PteWritable(kBase));
+  (*child)->Exit();
+}
+
+}  // namespace
+}  // namespace usvm::gpusvm::testing

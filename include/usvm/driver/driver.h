@@ -23,9 +23,10 @@
 //   Vm* vm = svm->Attach(*dev).value();
 //   dev->gpu().LaunchKernel(...);   // GPU accesses fault; the driver serves
 //
-// Lifetime: every Device attached to an Svm must outlive it (or be
-// detached: Svm::Detach). An Svm keeps its address space structure alive
-// (shared_ptr to the mm::Mm).
+// Lifetime: Devices and Svms may go in either order (a Device detaches
+// itself from the Svms it is attached to; an Svm's Close detaches every
+// Device). An Svm keeps its address space structure alive (shared_ptr to
+// the mm::Mm). Neither may be destroyed while another thread uses it.
 //
 // Locking (outer to inner):
 //   1. Svm driver lock (the GpuSvm's DriverLock; xe's vm->lock): held by the
@@ -123,9 +124,9 @@ struct Attributes {
 
 // Which attributes an update sets; the others keep their values.
 struct AttributeUpdate {
-  std::optional<Location> preferred;
-  std::optional<AtomicMode> atomic;
-  std::optional<bool> access_in_place;
+  std::optional<Location> preferred = std::nullopt;
+  std::optional<AtomicMode> atomic = std::nullopt;
+  std::optional<bool> access_in_place = std::nullopt;
 };
 
 struct AttributeSpan {
@@ -229,8 +230,9 @@ class Device {
   // EINVAL: bad id or config; ENOMEM: VRAM or pagemap.
   static Result<std::unique_ptr<Device>> TryCreate(uint32_t id, const DeviceConfig& config,
                                                    gpu::SystemMemory* sysmem, Env& env);
-  // Stops the fault thread, evicts every allocation (no device page
-  // survives), then destroys the GPU. REQUIRES: detached from every Svm.
+  // Detaches from every Svm still attached (Svm::Detach), stops the fault
+  // thread, evicts every allocation (no device page survives), then
+  // destroys the GPU.
   ~Device();
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
@@ -365,7 +367,8 @@ class Vm {
   // notifier: an invalidation zaps it. Faults of this GPU inside it are
   // served by revalidating it, never by SVM ranges. Returns a handle.
   // EINVAL: unaligned, empty or outside the window; EEXIST: overlaps
-  // another bind of this Vm; ENOENT / EPERM / EFAULT as HandleFault.
+  // another bind of this Vm; EFAULT: a page without a VMA (as pinning a
+  // userptr); EPERM: a writable bind of a read-only mapping; ENOMEM.
   Result<uint64_t> Bind(uint64_t start, uint64_t len, BindFlags flags = {});
   // ENOENT: no such handle.
   Result<void> Unbind(uint64_t handle);

@@ -497,7 +497,8 @@ class GpuSvm {
   // mapping failed, or (ctx.devmem_only) a system page was found;
   // EOPNOTSUPP device pages of two pagemaps, of a foreign pagemap, or
   // (without ctx.allow_mixed) of two allocations or mixed with system
-  // pages; EBUSY: the range kept changing for the HMM timeout; EPERM /
+  // pages, or (!ctx.read_only) a read-only device page of ours -- shared
+  // copy-on-write after a fork, which drm_gpusvm would map writable; EBUSY: the range kept changing for the HMM timeout; EPERM /
   // ENOMEM from the range fault. On error nothing stays mapped by this
   // call (mappings made by an earlier GetPages are kept only if valid).
   // Two GetPages of one Pages at a time: the second waits for the first.
