@@ -48,6 +48,8 @@
 //                              clock, InvalidationMode kSinglePass vs
 //                              kTwoPass, N = 1, 2, 4, 8. munmaps_per_s.
 //                              Goal: two-pass >= 6x single-pass at N = 8.
+//   DriverUnmappedMunmap/8     the same munmap with 8 GPUs attached and
+//                              none mapping the buffer: the mm's share.
 //   DriverStreaming/Fits       read-modify-write passes (one kernel,
 //   DriverStreaming/Oversubscribed  2 threads) over 16 MiB or 64 MiB with
 //                              32 MiB of VRAM (default placement: migrate;
@@ -353,6 +355,41 @@ void DriverFaultHandle4K(benchmark::State& state) {
 // accesses would hold back every TLB-invalidation fence (a running kernel
 // thread acknowledges a shootdown at its next access), so the mprotect
 // would never return.
+// The handler alone for the same fault: mprotect (untimed), then
+// Vm::HandleFault from the benchmark thread (no GPU, no hand-off).
+void DriverFaultRoundTripHandler(benchmark::State& state) {
+  MachineConfig mc;
+  mc.fault_thread = false;
+  mc.svm.chunk_sizes = {k4K};
+  mc.svm.placement = Placement::kSystem;
+  std::string err;
+  auto m = Machine::Create(mc, &err);
+  if (!m) return state.SkipWithError(err.c_str());
+  Vm& vm = m->vm(0);
+  auto buf = m->MapBuffer(k2M);
+  if (!buf) return state.SkipWithError(Msg("mmap", buf.error()).c_str());
+  if (auto r = Fill(m->as(), *buf, k4K); !r) return state.SkipWithError(Msg("fill", r.error()).c_str());
+  const uint64_t va = *buf;
+  if (auto r = vm.HandleFault(va, gpu::kAccessRead); !r)
+    return state.SkipWithError(Msg("first fault", r.error()).c_str());
+  const VmStats s0 = vm.stats();
+  bool exec = false;
+  for (auto _ : state) {
+    exec = !exec;
+    if (auto r = m->as().Mprotect(va, k4K, kRW | (exec ? uint32_t{mm::kProtExec} : 0u)); !r)
+      return state.SkipWithError(Msg("mprotect", r.error()).c_str());
+    const auto t0 = SteadyClock::now();
+    auto r = vm.HandleFault(va, gpu::kAccessRead);
+    const auto t1 = SteadyClock::now();
+    if (!r) return state.SkipWithError(Msg("HandleFault", r.error()).c_str());
+    state.SetIterationTime(Secs(t0, t1));
+  }
+  const VmStats s1 = vm.stats();
+  const double n = double(state.iterations());
+  state.counters["get_pages_per_fault"] = double(s1.by_size[0].get_pages - s0.by_size[0].get_pages) / n;
+  state.counters["valid_per_fault"] = double(s1.by_size[0].valid_faults - s0.by_size[0].valid_faults) / n;
+}
+
 void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
   MachineConfig mc;
   mc.fault_thread = !polling;
@@ -422,7 +459,10 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
 
 // ---- DriverSinglePass / DriverTwoPass ---------------------------------------------
 
-void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t gpus) {
+// mapped_gpus < gpus: only the first mapped_gpus GPUs map the buffer
+// (0: the munmap's cost without any GPU mapping to tear down).
+void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t gpus,
+                        uint32_t mapped_gpus) {
   MachineConfig mc;
   mc.gpus = gpus;
   mc.vram_bytes = 16 * kMiB;
@@ -440,7 +480,7 @@ void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t
     if (!buf) return state.SkipWithError(Msg("mmap", buf.error()).c_str());
     if (auto r = m->as().Populate(*buf, kBytes, true); !r)
       return state.SkipWithError(Msg("populate", r.error()).c_str());
-    for (uint32_t g = 0; g < gpus; ++g)
+    for (uint32_t g = 0; g < mapped_gpus; ++g)
       if (auto r = m->vm(g).Prefetch(*buf, kBytes, Location::System()); !r)
         return state.SkipWithError(Msg("prefetch", r.error()).c_str());
     const auto t0 = SteadyClock::now();
@@ -553,16 +593,21 @@ void RegisterAll() {
   manual(RegisterBenchmark("DriverFaultRoundTrip", DriverFaultRoundTrip, false), benchmark::kMicrosecond);
   manual(RegisterBenchmark("DriverFaultRoundTrip/polling", DriverFaultRoundTrip, true),
          benchmark::kMicrosecond);
+  manual(RegisterBenchmark("DriverFaultRoundTrip/handler", DriverFaultRoundTripHandler),
+         benchmark::kMicrosecond);
   for (uint32_t n : {1u, 2u, 4u, 8u}) {
     const std::string s = "DriverSinglePass/" + std::to_string(n);
     const std::string t = "DriverTwoPass/" + std::to_string(n);
-    manual(RegisterBenchmark(s.c_str(), DriverInvalidation, InvalidationMode::kSinglePass, n),
+    manual(RegisterBenchmark(s.c_str(), DriverInvalidation, InvalidationMode::kSinglePass, n, n),
            benchmark::kMicrosecond);
-    manual(RegisterBenchmark(t.c_str(), DriverInvalidation, InvalidationMode::kTwoPass, n),
+    manual(RegisterBenchmark(t.c_str(), DriverInvalidation, InvalidationMode::kTwoPass, n, n),
            benchmark::kMicrosecond);
     Pairs().push_back({"two-pass / single-pass munmap, " + std::to_string(n) + " GPU(s)", t, s,
                        "munmaps_per_s", n == 8 ? 6.0 : 0.0});
   }
+  // The munmap alone: the same buffer, populated, on no GPU (8 attached).
+  manual(RegisterBenchmark("DriverUnmappedMunmap/8", DriverInvalidation, InvalidationMode::kTwoPass, 8u, 0u),
+         benchmark::kMicrosecond);
   manual(RegisterBenchmark("DriverStreaming/Fits", DriverStreaming, false), benchmark::kMillisecond);
   manual(RegisterBenchmark("DriverStreaming/Oversubscribed", DriverStreaming, true),
          benchmark::kMillisecond);
