@@ -279,6 +279,8 @@ class Vm::Impl {
   // policy), and with map_here get its pages and commit them on this GPU.
   Result<void> ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
                              bool prefetch) USVM_REQUIRES(svm.svm->driver_lock());
+  // Whether one VMA still holds the whole range (takes the mmap lock).
+  bool FitsVma(const DrvRange* r) const;
   // The attached device at `loc` (kDevice), or null.
   Device::Impl* DeviceAt(const Location& loc) const;
   // Whether this GPU maps `owner`'s VRAM directly (itself, or a peer of

@@ -206,6 +206,12 @@ Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
   return r;
 }
 
+bool Vm::Impl::FitsVma(const DrvRange* r) const {
+  ReadLock l(svm.mm->mmap_lock());
+  auto vma = svm.mm->VmaLookupLocked(r->start());
+  return vma && vma->start <= r->start() && vma->end >= r->end();
+}
+
 Device::Impl* Vm::Impl::DeviceAt(const Location& loc) const {
   if (loc.kind != Location::Kind::kDevice || loc.gpu >= kMaxGpus) return nullptr;
   Vm::Impl* pv = svm.vms[loc.gpu].load();
@@ -277,6 +283,11 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
   uint32_t atomic_try = 0;
   bool evicted_for_busy = false;
   bool counted = false;
+  // Read-only device pages met under a write (COW-shared after fork, or
+  // migrated from read-only system pages): once, the range is served from
+  // system memory so the write range fault breaks the COW, then migrated.
+  int cow_breaks = 0;
+  bool system_this_pass = false;
   for (int pass = 0; pass < kMaxFaultPasses; ++pass) {
     auto found = svm.svm->FindOrInsert(va, lo, hi, ctx);
     if (!found && found.error() == Errc::kPerm && !write && !ctx.read_only) {
@@ -312,6 +323,8 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
     }
     counted = true;
 
+    Device::Impl* const planned = target;
+    if (system_this_pass) target = nullptr;
     // Where the pages are now, as this GPU's owner sees them.
     const gpusvm::ScanResult scan =
         target ? svm.svm->ScanMm(r, target->pagemap->owner(), &target->pagemap->pgmap())
@@ -359,9 +372,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
           Bump(c.migrate_failures);
           MutexLock ml(svm.migrate_lock);
           (void)svm.svm->RangeEvict(r);
-          // Another owner's device pages went home: the peer policy
-          // "system" keeps them there.
-          if (target == &dev && !atomic && !force && svm.config.peer_policy == PeerPolicy::kSystem)
+          // Another owner's device pages went home: the peer policies
+          // "system" and "map-remote" (which cannot map another owner's
+          // memory) keep them there.
+          if (target == &dev && !atomic && !force && svm.config.peer_policy != PeerPolicy::kMigrate)
             target = nullptr;
           continue;
         }
@@ -380,12 +394,31 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
 
     ctx.timeslice_ms = atomic ? svm.config.atomic_timeslice_ms << atomic_try : 0;
     auto gp = svm.svm->GetPages(r, ctx);
+    if (system_this_pass) {
+      // The COW is broken (or it failed): the placement applies again.
+      system_this_pass = false;
+      target = planned;
+      if (gp && planned && !atomic) continue;
+    }
     if (!gp) {
       const Errc e = gp.error().code();
       if (e == Errc::kOpNotSupp) {
-        // Pages of several allocations or pagemaps: home, then again.
+        // Pages of several allocations or pagemaps, or read-only device
+        // pages under a write: home, then again (from system memory first,
+        // once, so the COW is broken).
         Bump(c.evict_retries);
         (void)svm.svm->RangeEvict(r);
+        if (!ctx.read_only && cow_breaks++ == 0) system_this_pass = true;
+        else if (!ctx.read_only && !atomic) target = nullptr;
+        continue;
+      }
+      if ((e == Errc::kFault || e == Errc::kPerm) && budget > 0 && !FitsVma(r)) {
+        // The range outlived its VMA's shape (mprotect or madvise split it:
+        // not an UNMAP, so it was not collected): it goes, and a range
+        // inside the new VMA is made.
+        --budget;
+        svm.InvalidateRangeNow(r);
+        (void)svm.svm->RangeRemove(r);
         continue;
       }
       if ((e == Errc::kFault || e == Errc::kPerm) && budget > 0) {
@@ -438,9 +471,11 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         return {};
       }
     }
-    // Device pages this GPU may not use from here: home, then again.
+    // Device pages this GPU may not use from here: home, then again. A
+    // peer's pages this GPU cannot reach under "map-remote" stay home.
     Bump(c.evict_retries);
     (void)svm.svm->RangeEvict(r);
+    if (remote_ok && target == &dev && !atomic) target = nullptr;
     if (atomic && ++atomic_try >= svm.config.atomic_tries)
       return Err(Errc::kAcces, "driver: GPU atomic could not get device memory");
   }

@@ -312,7 +312,9 @@ INSTANTIATE_TEST_SUITE_P(Policies, DriverPeerTest,
 TEST_F(DriverBasicTest, DevicesOfDifferentOwnersNeverMapEachOther) {
   Device& d0 = AddGpu();
   Device& d1 = AddGpu();  // owners differ (each its own)
-  Svm& s = MakeSvm();
+  SvmConfig c;
+  c.peer_policy = PeerPolicy::kMigrate;  // map-remote would keep them in system memory
+  Svm& s = MakeSvm(c);
   Vm* v0 = s.Attach(d0).value();
   Vm* v1 = s.Attach(d1).value();
   const uint64_t len = uint64_t{2} << 20;
