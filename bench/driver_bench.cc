@@ -50,6 +50,8 @@
 //                              Goal: two-pass >= 6x single-pass at N = 8.
 //   DriverUnmappedMunmap/8     the same munmap with 8 GPUs attached and
 //                              none mapping the buffer: the mm's share.
+//   DriverSinglePass4K/8, DriverTwoPass4K/8, DriverUnmappedMunmap4K/8
+//                              the same over one 4 KiB page.
 //   DriverStreaming/Fits       read-modify-write passes (one kernel,
 //   DriverStreaming/Oversubscribed  2 threads) over 16 MiB or 64 MiB with
 //                              32 MiB of VRAM (default placement: migrate;
@@ -462,7 +464,7 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
 // mapped_gpus < gpus: only the first mapped_gpus GPUs map the buffer
 // (0: the munmap's cost without any GPU mapping to tear down).
 void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t gpus,
-                        uint32_t mapped_gpus) {
+                        uint32_t mapped_gpus, uint64_t bytes) {
   MachineConfig mc;
   mc.gpus = gpus;
   mc.vram_bytes = 16 * kMiB;
@@ -472,8 +474,9 @@ void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t
   std::string err;
   auto m = Machine::Create(mc, &err);
   if (!m) return state.SkipWithError(err.c_str());
-  constexpr uint64_t kBytes = k2M;
+  const uint64_t kBytes = bytes;
   const SvmStats s0 = m->svm().stats();
+  const VmStats v0 = m->vm(0).stats();
   double secs = 0;
   for (auto _ : state) {
     auto buf = m->MapBuffer(kBytes);
@@ -492,7 +495,11 @@ void DriverInvalidation(benchmark::State& state, InvalidationMode mode, uint32_t
     if (auto c = m->svm().CollectGarbage(); !c) return state.SkipWithError(Msg("gc", c.error()).c_str());
   }
   const SvmStats s1 = m->svm().stats();
+  const VmStats v1 = m->vm(0).stats();
   const double it = double(state.iterations());
+  // PTE leaves GPU 0 wrote per mapping (4K / 64K / 2M): what each zap clears.
+  state.counters["gpu0_leaves"] =
+      double((v1.leaves_4k - v0.leaves_4k) + (v1.leaves_64k - v0.leaves_64k) + (v1.leaves_2m - v0.leaves_2m)) / it;
   state.counters["munmaps_per_s"] = it / secs;
   state.counters["us_per_munmap"] = secs * 1e6 / it;
   state.counters["zapped_per_munmap"] = double(s1.ranges_zapped - s0.ranges_zapped) / it;
@@ -598,16 +605,25 @@ void RegisterAll() {
   for (uint32_t n : {1u, 2u, 4u, 8u}) {
     const std::string s = "DriverSinglePass/" + std::to_string(n);
     const std::string t = "DriverTwoPass/" + std::to_string(n);
-    manual(RegisterBenchmark(s.c_str(), DriverInvalidation, InvalidationMode::kSinglePass, n, n),
+    manual(RegisterBenchmark(s.c_str(), DriverInvalidation, InvalidationMode::kSinglePass, n, n, k2M),
            benchmark::kMicrosecond);
-    manual(RegisterBenchmark(t.c_str(), DriverInvalidation, InvalidationMode::kTwoPass, n, n),
+    manual(RegisterBenchmark(t.c_str(), DriverInvalidation, InvalidationMode::kTwoPass, n, n, k2M),
            benchmark::kMicrosecond);
     Pairs().push_back({"two-pass / single-pass munmap, " + std::to_string(n) + " GPU(s)", t, s,
                        "munmaps_per_s", n == 8 ? 6.0 : 0.0});
   }
   // The munmap alone: the same buffer, populated, on no GPU (8 attached).
-  manual(RegisterBenchmark("DriverUnmappedMunmap/8", DriverInvalidation, InvalidationMode::kTwoPass, 8u, 0u),
+  manual(RegisterBenchmark("DriverUnmappedMunmap/8", DriverInvalidation, InvalidationMode::kTwoPass, 8u, 0u, k2M),
          benchmark::kMicrosecond);
+  // The same protocol over one 4 KiB page (one PTE per GPU, a cheap munmap).
+  manual(RegisterBenchmark("DriverSinglePass4K/8", DriverInvalidation, InvalidationMode::kSinglePass, 8u, 8u, k4K),
+         benchmark::kMicrosecond);
+  manual(RegisterBenchmark("DriverTwoPass4K/8", DriverInvalidation, InvalidationMode::kTwoPass, 8u, 8u, k4K),
+         benchmark::kMicrosecond);
+  manual(RegisterBenchmark("DriverUnmappedMunmap4K/8", DriverInvalidation, InvalidationMode::kTwoPass, 8u, 0u, k4K),
+         benchmark::kMicrosecond);
+  Pairs().push_back({"two-pass / single-pass munmap, 8 GPUs, 4 KiB", "DriverTwoPass4K/8",
+                     "DriverSinglePass4K/8", "munmaps_per_s", 6.0});
   manual(RegisterBenchmark("DriverStreaming/Fits", DriverStreaming, false), benchmark::kMillisecond);
   manual(RegisterBenchmark("DriverStreaming/Oversubscribed", DriverStreaming, true),
          benchmark::kMillisecond);
