@@ -821,5 +821,30 @@ TEST(DriverMore, GpuAtomicsOnMemoryThatCannotMigrate) {
   }
 }
 
+// Preferred location: a GPU the faulting GPU cannot reach (other owner, no
+// peer link). Whatever the placement, GPU 0 must end up with a mapping it
+// can use: data correct on both GPUs and the CPU, and GPU 0 never holds a
+// peer PTE into GPU 1.
+TEST(DriverMore, PreferredLocationOnAnUnreachableGpu) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  AttributeUpdate u;
+  u.preferred = Location::Device(1);
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, len, u));
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 21));
+  ref.Fill(va, len, 21);
+  EXPECT_NE(GpuPteKind(m.vm(0), va), PteKind::kPeerVram);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  USVM_ASSERT_OK(GpuAdd(m.vm(0), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
