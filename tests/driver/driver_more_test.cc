@@ -846,5 +846,29 @@ TEST(DriverMore, PreferredLocationOnAnUnreachableGpu) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// Detach removes the Vm's binds and userptrs with their PTEs; the
+// notifiers go too (a later munmap must not call into the dead bind).
+TEST(DriverMore, DetachRemovesBinds) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 128 * 1024;
+  const uint64_t a = m.MmapAligned(len), b = m.MmapAligned(len);
+  Ref ra(a, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), a, len, 31));
+  ra.Fill(a, len, 31);
+  ASSERT_TRUE(m.vm(1).Bind(a, len).has_value());
+  ASSERT_TRUE(m.vm(1).Bind(b, len, {.userptr = true}).has_value());
+  ASSERT_TRUE(GpuPteKind(m.vm(1), a).has_value());
+  gpu::PageTable& pt1 = m.vm(1).context().page_table();
+  USVM_ASSERT_OK(m.svm().Detach(m.dev(1)));
+  EXPECT_FALSE(pt1.Walk(a).has_value()) << "a bind's PTEs survived Detach";
+  EXPECT_FALSE(pt1.Walk(b).has_value()) << "a userptr's PTEs survived Detach";
+  USVM_ASSERT_OK(m.as().Mprotect(a, len, mm::kProtRead));
+  USVM_ASSERT_OK(m.as().Munmap(b, len));
+  EXPECT_TRUE(GpuMatches(m.vm(0), ra));
+  EXPECT_TRUE(CpuMatches(m.as(), ra));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
