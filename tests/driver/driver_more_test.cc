@@ -870,5 +870,74 @@ TEST(DriverMore, DetachRemovesBinds) {
   EXPECT_TRUE(CpuMatches(m.as(), ra));
 }
 
+// A fork child runs on the same GPU as its parent (a second context): the
+// device pages the parent had in VRAM are shared copy-on-write between
+// the two address spaces of the one device. Each side's GPU writes stay
+// its own.
+TEST(DriverMore, ForkChildOnTheSameGpu) {
+  MachineConfig c;
+  c.default_process = false;
+  Machine m(c);
+  m.AddProcess({0});
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref base(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0, 0), va, len, 41));
+  base.Fill(va, len, 41);
+  ASSERT_EQ(DevicePages(m.as(0), va, len), kPagesPer2M);
+  auto child = m.as().Fork();
+  ASSERT_TRUE(child.has_value());
+  m.AddProcess(*child, {0});
+  ASSERT_NE(&m.vm(0, 0).context(), &m.vm(0, 1).context());
+  EXPECT_TRUE(GpuMatches(m.vm(0, 1), base)) << "child GPU read of COW-shared VRAM";
+  // The parent writes first while the child's GPU maps the shared pages.
+  Ref parent = base, kid = base;
+  USVM_ASSERT_OK(GpuAdd(m.vm(0, 0), va, k64K, 1));
+  for (uint64_t a = va; a < va + k64K; a += 8) parent.Set64(a, parent.Get64(a) + 1);
+  EXPECT_TRUE(GpuMatches(m.vm(0, 1), kid)) << "the parent's GPU write reached the child";
+  EXPECT_TRUE(CpuMatches(m.as(1), kid)) << "the parent's GPU write reached the child";
+  USVM_ASSERT_OK(GpuAdd(m.vm(0, 1), va, len / 2, 5));
+  for (uint64_t a = va; a < va + len / 2; a += 8) kid.Set64(a, kid.Get64(a) + 5);
+  USVM_ASSERT_OK(GpuAdd(m.vm(0, 0), va + len / 4, len / 2, 7));
+  for (uint64_t a = va + len / 4; a < va + 3 * len / 4; a += 8) parent.Set64(a, parent.Get64(a) + 7);
+  EXPECT_TRUE(GpuMatches(m.vm(0, 0), parent));
+  EXPECT_TRUE(GpuMatches(m.vm(0, 1), kid));
+  EXPECT_TRUE(CpuMatches(m.as(1), kid));
+  EXPECT_TRUE(CpuMatches(m.as(0), parent));
+}
+
+// The same with the child on a peer GPU that maps the parent's VRAM over
+// the link (shared owner, peer access): then GPU 0 evicts everything.
+TEST(DriverMore, ForkChildOnAPeerGpu) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  c.default_process = false;
+  Machine m(c);
+  m.AddProcess({0});
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref base(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0, 0), va, len, 42));
+  base.Fill(va, len, 42);
+  auto child = m.as().Fork();
+  ASSERT_TRUE(child.has_value());
+  m.AddProcess(*child, {1});
+  EXPECT_TRUE(GpuMatches(m.vm(1, 1), base));
+  Ref parent = base, kid = base;
+  USVM_ASSERT_OK(GpuAdd(m.vm(0, 0), va, len, 3));
+  for (uint64_t a = va; a < va + len; a += 8) parent.Set64(a, parent.Get64(a) + 3);
+  EXPECT_TRUE(GpuMatches(m.vm(1, 1), kid)) << "the parent's GPU write reached the child's GPU";
+  EXPECT_EQ(m.dev(0).EvictAll(), 0u);
+  EXPECT_NE(GpuPteKind(m.vm(1, 1), va), PteKind::kPeerVram) << "peer PTE survived the eviction";
+  USVM_ASSERT_OK(GpuAdd(m.vm(1, 1), va, len / 2, 9));
+  for (uint64_t a = va; a < va + len / 2; a += 8) kid.Set64(a, kid.Get64(a) + 9);
+  EXPECT_TRUE(GpuMatches(m.vm(0, 0), parent));
+  EXPECT_TRUE(GpuMatches(m.vm(1, 1), kid));
+  EXPECT_TRUE(CpuMatches(m.as(0), parent));
+  EXPECT_TRUE(CpuMatches(m.as(1), kid));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
