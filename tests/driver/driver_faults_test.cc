@@ -322,5 +322,38 @@ TEST(DriverFaults, MapFailuresOnce) {
   USVM_EXPECT_OK(m.svm().error());
 }
 
+// Close with the collector's queue full (ranges just unmapped, partly and
+// wholly): Close drains it; no device page, no leaked frame.
+TEST(DriverFaults, CloseWithAFullCollectorQueue) {
+  for (bool worker : {true, false}) {
+    MachineConfig c;
+    c.svm.gc_worker = worker;
+    Machine m(c);
+    std::vector<uint64_t> bufs;
+    for (int i = 0; i < 6; ++i) {
+      const uint64_t va = m.MmapAligned(k2M);
+      USVM_ASSERT_OK(GpuFill(m.vm(), va, k2M, i + 1));
+      bufs.push_back(va);
+    }
+    for (int i = 0; i < 6; ++i) {
+      if (i % 2) {
+        USVM_ASSERT_OK(m.as().Munmap(bufs[i], k2M));
+      } else {
+        USVM_ASSERT_OK(m.as().Munmap(bufs[i] + k64K, k64K));
+      }
+    }
+    m.svm().Close();
+    EXPECT_EQ(m.dev().vram_stats().allocations, 0u) << "worker " << worker;
+    EXPECT_EQ(m.svm().stats().ranges, 0u) << "worker " << worker;
+    for (int i = 0; i < 6; i += 2) {
+      Ref ref(bufs[i], k64K);
+      ref.Fill(bufs[i], k64K, i + 1);
+      EXPECT_TRUE(CpuMatches(m.as(), ref)) << "worker " << worker;
+    }
+    m.Teardown();
+    EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+  }
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
