@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -151,9 +152,11 @@ TEST(DriverE2e, FreeRaceMunmapWhileTheGpuWrites) {
     std::atomic<bool> started{false};
     auto l = m.vm().LaunchKernel(
         [a, len, &started](gpu::KernelContext& k) {
-          for (int it = 0; it < 20000 && !k.cancelled(); ++it) {
+          // Until the munmap cancels it (5 s at most: then the test fails).
+          const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+          for (uint64_t it = 0; !k.cancelled() && std::chrono::steady_clock::now() < end; ++it) {
             for (uint64_t off = k.thread_id() * 8; off < len && !k.cancelled(); off += 8 * k.num_threads() * 61)
-              k.Store(a + off, 0xdeadbeef00000000ull | it);
+              k.Store(a + off, 0xdeadbeef00000000ull | (it & 0xffffffff));
             started.store(true);
           }
         },

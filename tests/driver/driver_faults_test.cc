@@ -16,6 +16,8 @@ namespace {
 
 using gpu::PteKind;
 
+constexpr uint64_t k1M = uint64_t{1} << 20;
+
 // "driver.gc": the collector fails to remove a range; the VM enters its
 // error state and every later fault is cancelled with it.
 TEST(DriverFaults, CollectorFailureSetsTheVmErrorState) {
@@ -352,6 +354,34 @@ TEST(DriverFaults, CloseWithAFullCollectorQueue) {
     }
     m.Teardown();
     EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+  }
+}
+
+// gc_worker = false: a partial munmap queues the range; a GPU fault on what
+// is left of it comes before any collection; then the collector runs.
+// Done one after the other, no thread racing.
+TEST(DriverFaults, PartialMunmapThenFaultBeforeCollection) {
+  for (bool cpu_first : {false, true}) {
+    MachineConfig c;
+    c.svm.gc_worker = false;
+    Machine m(c);
+    const uint64_t len = k2M;
+    const uint64_t va = m.MmapAligned(len);
+    Ref ref(va, len);
+    USVM_ASSERT_OK(GpuFill(m.vm(), va, len, 14));
+    ref.Fill(va, len, 14);
+    USVM_ASSERT_OK(m.as().Munmap(va + k1M, k64K));
+    if (cpu_first) {
+      EXPECT_TRUE(CpuMatchesSpan(m.as(), ref, va, k64K));
+    }
+    EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va, k1M));
+    EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va + k1M + k64K, k1M - k64K));
+    USVM_EXPECT_OK(m.svm().CollectGarbage());
+    EXPECT_TRUE(GpuMatchesSpan(m.vm(), ref, va, k1M));
+    USVM_ASSERT_OK(m.as().Munmap(va, len));
+    USVM_EXPECT_OK(m.svm().CollectGarbage());
+    EXPECT_EQ(m.svm().stats().ranges, 0u);
+    EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
   }
 }
 
