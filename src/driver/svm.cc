@@ -441,7 +441,7 @@ Result<void> Svm::Impl::CollectLocked() {
     }
     // Device pages of the part still mapped go home (ranges are never
     // split: the range goes, what is left is faulted again as new ranges).
-    if (partial && r->migrate_devmem()) {
+    if (partial && r->migrate_devmem() && r->in_tree()) {
       (void)svm->RangeEvict(r);
       Bump(gc_evictions);
     }

@@ -487,6 +487,8 @@ bool GpuSvm::HasMapping(uint64_t start, uint64_t end) const {
 Result<void> GpuSvm::RangeEvict(Range* range) {
   if (!range || range->gpusvm_ != this || !config_.mm)
     return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
+  // A removed range's notifier may be gone with it.
+  if (!range->in_tree()) return Err(Errc::kInval, "gpusvm: range was removed");
   mm::Mm& mmp = *config_.mm;
   const uint64_t start = range->start(), end = range->end();
   if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
@@ -537,7 +539,7 @@ Result<void> GpuSvm::RangeEvict(Range* range) {
 }
 
 ScanResult GpuSvm::ScanMm(Range* range, const void* owner, const mm::DevicePagemap* pagemap) {
-  if (!range || range->gpusvm_ != this || !config_.mm) return ScanResult::kUnpopulated;
+  if (!range || range->gpusvm_ != this || !config_.mm || !range->in_tree()) return ScanResult::kUnpopulated;
   mm::Mm& mmp = *config_.mm;
   const uint64_t start = range->start(), end = range->end();
   const uint64_t npages = (end - start) >> mm::kPageShift;
@@ -646,6 +648,7 @@ Result<void> GpuSvm::GetPages(Range* range, const Ctx& ctx) {
   if (!range || range->gpusvm_ != this || !config_.mm)
     return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
   if (!range->pages_) return Err(Errc::kInval, "gpusvm: range pages not initialised");
+  if (!range->in_tree()) return Err(Errc::kInval, "gpusvm: range was removed");
   return GetPages(range->pages_, *config_.mm, &range->notifier_->sub_, range->start(),
                   range->end(), ctx);
 }

