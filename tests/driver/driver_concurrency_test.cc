@@ -344,15 +344,10 @@ TEST(DriverConcurrency, CloseRacesApiCalls) {
 // the CPU, check it, munmap it -- all at once on one Svm with two GPUs.
 // A stale GPU mapping of someone else's freed buffer shows up as a wrong
 // byte.
-// DRIVER BUG? Crashes about one run in two (assertion or SIGSEGV) in the
-// collector: CollectLocked -> GpuSvm::RangeEvict on a range no longer in
-// the tree whose Notifier was already destroyed (the use-after-free
-// DriverE2e.PartialRemap* hits; here plain mmap/munmap churn). Adjacent
-// buffers merge into one VMA, so one range can span two threads' buffers;
-// each munmap queues it (QueueGc dedupes only while it is linked, so it is
-// queued again after a pass popped it), one pass removes it -- and its
-// notifier -- and the next evicts it. CollectLocked should skip ranges
-// that are no longer in the tree.
+// (Crashed about one run in two in the collector until main 82c5867: a
+// range spanning two threads' merged buffers was queued again after a
+// collection pass popped it, and the next pass followed it, removed, to its
+// destroyed notifier.)
 TEST(DriverConcurrency, ThreadsNewBufferEachIteration) {
   MachineConfig c;
   c.gpus = 2;
