@@ -1,14 +1,16 @@
 // Stress of the driver layer (TSan's `concurrency` label): several GPUs
 // running kernels the whole time, CPU threads writing disjoint slices of
 // one 2 MiB range (so it ping-pongs between VRAM and system memory), a
-// thread that mmaps / munmaps its own buffer, a fork thread, and an
-// attribute thread, all on one Svm, with small VRAM (evictions). Every
+// thread that mmaps / munmaps / partly mremaps its own buffer, a fork
+// thread and an attribute thread, all on one Svm, with small VRAM
+// (evictions). Every
 // byte each thread owns is checked, in flight and at the end; no crash, no
 // hang, no cancelled kernel outside the unmapped buffer.
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -83,6 +85,7 @@ TEST_P(DriverStressTest, CpuThreadsMunmapForkAndGpuKernels) {
   frozen_ref.Fill(frozen, k2M, 77);
   // The munmap / mmap thread's buffer.
   const uint64_t churn = m.ReserveVa(512 * 1024);
+  const uint64_t churn_to = m.ReserveVa(512 * 1024);  // where mremap moves a piece
 
   std::vector<Ref> gpu_ref;
   for (uint32_t g = 0; g < kGpus; ++g) {
@@ -163,7 +166,28 @@ TEST_P(DriverStressTest, CpuThreadsMunmapForkAndGpuKernels) {
         if (Code(GpuRead(vm, churn + 64 * 1024, 8)) != Errc::kNoEnt) fail.Add("churn: hole readable or wrong error");
         if (auto ok = GpuMatchesSpan(vm, ref, churn + len / 2, len / 2); !ok) fail.Add(std::string("churn after hole: ") + ok.message());
       }
-      if (auto ok = CpuMatchesSpan(as, ref, churn + len / 2, len / 2); !ok) fail.Add(std::string("churn CPU: ") + ok.message());
+      if (i % 3 == 2) {
+        // Partial mremap: a piece of the GPU-written half moves away.
+        const uint64_t piece = churn + len / 2 + 64 * 1024, plen = 128 * 1024;
+        auto r = as.Mremap(piece, plen, plen, mm::kMremapMayMove | mm::kMremapFixed, churn_to);
+        if (!r) {
+          fail.Add("churn mremap: " + r.error().ToString());
+        } else {
+          Ref moved(churn_to, plen);
+          std::memcpy(moved.bytes.data(), ref.bytes.data() + (piece - churn), plen);
+          if (auto ok = GpuMatches(m.vm((i + 1) % kGpus), moved); !ok) fail.Add(std::string("churn moved GPU: ") + ok.message());
+          if (auto ok = CpuMatches(as, moved); !ok) fail.Add(std::string("churn moved CPU: ") + ok.message());
+          if (Code(GpuRead(vm, piece, 8)) != Errc::kNoEnt) fail.Add("churn: moved-from piece readable or wrong error");
+          if (auto ok = GpuMatchesSpan(vm, ref, churn + len / 2, 64 * 1024); !ok) fail.Add(std::string("churn after mremap: ") + ok.message());
+          if (auto rr = as.Munmap(churn_to, plen); !rr) fail.Add("churn munmap moved: " + rr.error().ToString());
+        }
+        // What is left of the GPU half is checked below around the hole.
+        ref.Zero(piece, plen);  // not checked: it is gone
+        if (auto ok = CpuMatchesSpan(as, ref, churn + len / 2, 64 * 1024); !ok) fail.Add(std::string("churn CPU: ") + ok.message());
+        if (auto ok = CpuMatchesSpan(as, ref, piece + plen, churn + len - piece - plen); !ok) fail.Add(std::string("churn CPU: ") + ok.message());
+      } else if (auto ok = CpuMatchesSpan(as, ref, churn + len / 2, len / 2); !ok) {
+        fail.Add(std::string("churn CPU: ") + ok.message());
+      }
       if (auto r = as.Munmap(churn, len); !r) fail.Add("churn munmap: " + r.error().ToString());
       ++churns;
     }
