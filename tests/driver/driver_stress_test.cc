@@ -3,9 +3,9 @@
 // one 2 MiB range (so it ping-pongs between VRAM and system memory), a
 // thread that mmaps / munmaps / partly mremaps its own buffer, a fork
 // thread and an attribute thread, all on one Svm, with small VRAM
-// (evictions). Every
-// byte each thread owns is checked, in flight and at the end; no crash, no
-// hang, no cancelled kernel outside the unmapped buffer.
+// (evictions). Every byte each thread owns is checked, in flight and at
+// the end; no crash, no hang, no cancelled kernel outside the unmapped
+// buffer.
 #include <gtest/gtest.h>
 
 #include <atomic>
