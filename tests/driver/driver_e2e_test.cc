@@ -668,6 +668,31 @@ TEST(DriverE2e, MremapOfReadOnlyMappingGpuWriteFailsEperm) {
   EXPECT_TRUE(CpuMatches(m.as(), moved_ref));
 }
 
+// IGT "mmap-remap-ro-dontunmap": a read-only mapping the GPU read (so it
+// may sit in VRAM) moved with DONTUNMAP: the new place has the data, the
+// old one reads as zero; GPU writes fail with EPERM on both.
+TEST(DriverE2e, MremapDontUnmapOfReadOnlyMapping) {
+  Machine m;
+  const uint64_t len = 256 * 1024;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 150));
+  ref.Fill(va, len, 150);
+  USVM_ASSERT_OK(m.as().Mprotect(va, len, mm::kProtRead));
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  auto moved = m.as().Mremap(va, len, len, mm::kMremapMayMove | mm::kMremapDontUnmap);
+  ASSERT_TRUE(moved.has_value()) << moved.error().ToString();
+  Ref moved_ref = ref;
+  moved_ref.va = *moved;
+  Ref empty(va, len);
+  EXPECT_TRUE(GpuMatches(m.vm(), moved_ref));
+  EXPECT_TRUE(GpuMatches(m.vm(), empty));
+  EXPECT_EQ(Code(GpuFill(m.vm(), *moved, 8, 1)), Errc::kPerm);
+  EXPECT_EQ(Code(GpuFill(m.vm(), va, 8, 1)), Errc::kPerm);
+  EXPECT_TRUE(CpuMatches(m.as(), moved_ref));
+  EXPECT_TRUE(CpuMatches(m.as(), empty));
+}
+
 // ---- partial munmap -----------------------------------------------------------
 
 void PartialMunmap(bool cpu_fault_after) {
