@@ -939,5 +939,53 @@ TEST(DriverMore, ForkChildOnAPeerGpu) {
   EXPECT_TRUE(CpuMatches(m.as(1), kid));
 }
 
+// Prefetch(kDefault) follows the preferred-location attribute, else the
+// placement policy.
+TEST(DriverMore, PrefetchDefaultLocation) {
+  Machine m;
+  const uint64_t a = m.MmapAligned(k2M), b = m.MmapAligned(k2M);
+  Ref ra(a, k2M), rb(b, k2M);
+  USVM_ASSERT_OK(CpuFill(m.as(), a, k2M, 1));
+  USVM_ASSERT_OK(CpuFill(m.as(), b, k2M, 2));
+  ra.Fill(a, k2M, 1);
+  rb.Fill(b, k2M, 2);
+  AttributeUpdate u;
+  u.preferred = Location::System();
+  USVM_ASSERT_OK(m.svm().SetAttributes(b, k2M, u));
+  USVM_ASSERT_OK(m.vm().Prefetch(a, k2M, Location::Default()));
+  USVM_ASSERT_OK(m.vm().Prefetch(b, k2M, Location::Default()));
+  EXPECT_EQ(DevicePages(m.as(), a, k2M), kPagesPer2M) << "placement kFaultingGpu";
+  EXPECT_EQ(DevicePages(m.as(), b, k2M), 0u) << "preferred system";
+  EXPECT_EQ(GpuPteKind(m.vm(), a), PteKind::kLocalVram);
+  EXPECT_EQ(GpuPteKind(m.vm(), b), PteKind::kSystem);
+  EXPECT_TRUE(GpuMatches(m.vm(), ra));
+  EXPECT_TRUE(GpuMatches(m.vm(), rb));
+  EXPECT_TRUE(CpuMatches(m.as(), ra));
+  EXPECT_TRUE(CpuMatches(m.as(), rb));
+}
+
+// Prefetch by GPU 0 into GPU 1's VRAM: the data lands there and GPU 0 maps
+// it over the peer link.
+TEST(DriverMore, PrefetchIntoAPeersVram) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 3));
+  ref.Fill(va, len, 3);
+  USVM_ASSERT_OK(m.vm(0).Prefetch(va, len, Location::Device(1)));
+  EXPECT_EQ(DevicePages(m.as(), va, len), kPagesPer2M);
+  EXPECT_GT(m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
+  EXPECT_EQ(GpuPteKind(m.vm(0), va), PteKind::kPeerVram);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(GpuMatches(m.vm(1), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
