@@ -987,5 +987,22 @@ TEST(DriverMore, PrefetchIntoAPeersVram) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// Thousands of kernel threads faulting on the same few pages at once (the
+// fault unit coalesces them; the driver serves each page once or more).
+TEST(DriverMore, ManyKernelThreadsOnFewPages) {
+  Machine m;
+  const uint64_t len = 8 * k4K;
+  const uint64_t va = m.MmapAligned(len);
+  constexpr uint32_t kThreads = 4096;
+  static_assert(kThreads * 8 == 8 * 4096);
+  USVM_ASSERT_OK(Wait(m.vm().LaunchKernel(
+      [va](gpu::KernelContext& k) { k.Store(va + 8 * k.thread_id(), Word(7, va + 8 * k.thread_id())); },
+      {.threads = kThreads})));
+  Ref ref(va, len);
+  ref.Fill(va, len, 7);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
