@@ -363,6 +363,60 @@ TEST(DriverE2e, MadviseAtomicCpuRefusesGpuAtomicsWithEacces) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// DRIVER BUG? AtomicMode::kCpu is enforced only when an atomic *faults*: a
+// read or write fault that maps pages of this GPU's VRAM commits the PTE
+// with the atomic permission, so a later GPU atomic hits the PTE and
+// succeeds without a fault. Both variants: the page already in VRAM, and a
+// page the read fault itself migrates there (default placement). Found by
+// DriverConcurrency.AttributeChangesRaceGpuAtomics; here deterministic.
+// (CommitRange should leave kProtAtomic off under kCpu.)
+TEST(DriverE2e, MadviseAtomicCpuAfterAReadFault) {
+  for (bool in_vram : {true, false}) {
+    Machine m;
+    const uint64_t va = m.MmapAligned(k64K);
+    USVM_ASSERT_OK(CpuFill(m.as(), va, k64K, 1));
+    if (in_vram) {
+      USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); })));
+      ASSERT_TRUE(InDeviceMemory(m.as(), va));
+    }
+    USVM_ASSERT_OK(m.svm().SetAttributes(va, k64K, Atomic(AtomicMode::kCpu)));
+    USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { (void)k.Load(va); })));
+    auto w = m.vm().context().page_table().Walk(va);
+    ASSERT_TRUE(w.has_value());
+    EXPECT_FALSE(w->pte.atomic()) << (in_vram ? "in VRAM" : "migrated by the read") << ": atomic PTE under kCpu";
+    auto r = Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); }));
+    EXPECT_EQ(Code(r), Errc::kAcces) << (in_vram ? "in VRAM" : "migrated by the read") << ": GPU atomic allowed under kCpu";
+  }
+}
+
+// Atomics need device memory (AtomicMode::kUndefined / kDevice, and
+// Placement::kSystem says "atomics still migrate"). A read fault first maps
+// the page from system memory; the atomic after it must still fault and
+// migrate, not run on system memory through an atomic PTE.
+// DRIVER BUG? the read fault's PTE already carries the atomic permission:
+// the atomic runs on system memory, nothing migrates (same root cause as
+// MadviseAtomicCpuAfterAReadFault).
+TEST(DriverE2e, GpuAtomicAfterAReadFaultStillMigrates) {
+  for (AtomicMode mode : {AtomicMode::kUndefined, AtomicMode::kDevice}) {
+    MachineConfig c;
+    c.svm.placement = Placement::kSystem;
+    Machine m(c);
+    const uint64_t va = m.MmapAligned(k64K);
+    USVM_ASSERT_OK(CpuFill(m.as(), va, k64K, 2));
+    USVM_ASSERT_OK(m.svm().SetAttributes(va, k64K, Atomic(mode)));
+    USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { (void)k.Load(va); })));
+    ASSERT_FALSE(InDeviceMemory(m.as(), va));
+    auto w = m.vm().context().page_table().Walk(va);
+    ASSERT_TRUE(w.has_value());
+    EXPECT_FALSE(w->pte.atomic()) << AtomicModeName(mode) << ": a system page mapped with atomic permission";
+    USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); })));
+    EXPECT_TRUE(InDeviceMemory(m.as(), va)) << AtomicModeName(mode) << ": the GPU atomic ran on system memory";
+    auto v = m.as().AtomicLoad(va);
+    ASSERT_TRUE(v.has_value());
+    EXPECT_EQ(*v, Word(2, va) + 1);
+  }
+}
+
 TEST(DriverE2e, MadviseAtomicDeviceGpuAtomicsWorkInVram) {
   MachineConfig c;
   c.svm.placement = Placement::kSystem;  // only the atomic may migrate
