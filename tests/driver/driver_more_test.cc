@@ -1004,5 +1004,28 @@ TEST(DriverMore, ManyKernelThreadsOnFewPages) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
+// Atomics need the faulting GPU's own memory: a page GPU 1 maps over the
+// peer link (read first) must not carry the atomic permission; GPU 1's
+// atomic then faults and moves the page into GPU 1's VRAM.
+TEST(DriverMore, PeerMappingCarriesNoAtomicPermission) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t va = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, k64K, 3));
+  USVM_ASSERT_OK(Wait(m.vm(1).LaunchKernel([va](gpu::KernelContext& k) { (void)k.Load(va); })));
+  auto w = m.vm(1).context().page_table().Walk(va);
+  ASSERT_TRUE(w.has_value());
+  ASSERT_EQ(w->pte.kind(), PteKind::kPeerVram);
+  EXPECT_FALSE(w->pte.atomic()) << "a peer mapping with atomic permission";
+  USVM_ASSERT_OK(Wait(m.vm(1).LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); })));
+  EXPECT_EQ(GpuPteKind(m.vm(1), va), PteKind::kLocalVram) << "GPU 1's atomic ran on GPU 0's VRAM";
+  auto v = m.as().AtomicLoad(va);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, Word(3, va) + 1);
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
