@@ -1027,5 +1027,35 @@ TEST(DriverMore, PeerMappingCarriesNoAtomicPermission) {
   EXPECT_EQ(*v, Word(3, va) + 1);
 }
 
+// The preferred location names a GPU that is then detached (and later
+// destroyed): faults of the other GPU must still be served, data intact.
+TEST(DriverMore, PreferredGpuDetachedThenDestroyed) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  AttributeUpdate u;
+  u.preferred = Location::Device(1);
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, len, u));
+  Ref ref(va, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), va, len, 4));
+  ref.Fill(va, len, 4);
+  ASSERT_GT(m.dev(1).vram_stats().allocations, 0u);
+  USVM_ASSERT_OK(m.svm().Detach(m.dev(1)));
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  USVM_ASSERT_OK(GpuAdd(m.vm(0), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  m.DestroyDevice(1);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  USVM_ASSERT_OK(GpuAdd(m.vm(0), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
