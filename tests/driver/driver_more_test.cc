@@ -1057,5 +1057,29 @@ TEST(DriverMore, PreferredGpuDetachedThenDestroyed) {
   EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
 }
 
+// A userptr whose memory was partly unmapped cannot be revalidated: every
+// launch through the Vm fails with EFAULT (as an xe exec with an invalid
+// userptr) until it is unbound; a plain launch on the context still runs.
+TEST(DriverMore, UserptrPartlyUnmappedBlocksVmLaunches) {
+  Machine m;
+  const uint64_t len = 128 * 1024;
+  const uint64_t va = m.MmapAligned(len);
+  const uint64_t other = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 1));
+  auto h = m.vm().Bind(va, len, {.userptr = true});
+  ASSERT_TRUE(h.has_value());
+  USVM_ASSERT_OK(m.as().Munmap(va + len / 2, len / 2));
+  EXPECT_EQ(m.vm().BindValid(*h).value_or(true), false);
+  EXPECT_EQ(Code(m.vm().LaunchKernel([other](gpu::KernelContext& k) { k.Store(other, 5); })), Errc::kFault);
+  USVM_ASSERT_OK(Wait(m.vm().context().LaunchKernel([other](gpu::KernelContext& k) { k.Store(other, 5); })));
+  USVM_ASSERT_OK(m.vm().Unbind(*h));
+  Ref ref(va, len / 2);
+  ref.Fill(va, len / 2, 1);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  auto v = m.as().AtomicLoad(other);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, 5u);
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
