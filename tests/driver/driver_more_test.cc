@@ -1081,5 +1081,34 @@ TEST(DriverMore, UserptrPartlyUnmappedBlocksVmLaunches) {
   EXPECT_EQ(*v, 5u);
 }
 
+// Two address spaces on one GPU; one exits with data in VRAM: its device
+// pages go, the other's stay and stay correct.
+TEST(DriverMore, OneOfTwoAddressSpacesExits) {
+  MachineConfig c;
+  c.default_process = false;
+  Machine m(c);
+  m.AddProcess({0});
+  m.AddProcess({0});
+  const uint64_t len = k2M;
+  std::vector<uint64_t> va(2);
+  for (uint32_t p = 0; p < 2; ++p) {
+    va[p] = m.ReserveVa(len);
+    ASSERT_EQ(m.Mmap(len, va[p], kRW, kAnonPrivate, p), va[p]);
+    USVM_ASSERT_OK(GpuFill(m.vm(0, p), va[p], len, 50 + p));
+  }
+  const uint64_t both = m.dev(0).vram_stats().allocations;
+  ASSERT_GE(both, 2u);
+  m.as(0).Exit();
+  Eventually([&] { return m.dev(0).vram_stats().allocations < both; });
+  EXPECT_NE(Code(GpuRead(m.vm(0, 0), va[0], 8)), Errc::kOk);
+  Ref ref(va[1], len);
+  ref.Fill(va[1], len, 51);
+  EXPECT_EQ(DevicePages(m.as(1), va[1], len), kPagesPer2M);
+  EXPECT_TRUE(GpuMatches(m.vm(0, 1), ref));
+  EXPECT_TRUE(CpuMatches(m.as(1), ref));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
