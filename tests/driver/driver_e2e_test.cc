@@ -492,6 +492,13 @@ TEST(DriverE2e, MadviseErrors) {
   EXPECT_EQ(Code(m.svm().SetAttributes(va, k4K + 1, Atomic(AtomicMode::kCpu))), Errc::kInval);
   EXPECT_EQ(Code(m.svm().SetAttributes(va, k4K, Pref(Location::Device(5)))), Errc::kInval);
   EXPECT_EQ(Code(m.svm().QueryAttributes(va + 1, k4K)), Errc::kInval);
+  EXPECT_EQ(Code(m.svm().QueryAttributes(va, 0)), Errc::kInval);
+  auto spans = m.svm().QueryAttributes(va, k2M);  // nothing set: one default span
+  ASSERT_TRUE(spans.has_value());
+  ASSERT_EQ(spans->size(), 1u);
+  EXPECT_EQ((*spans)[0].attrs, Attributes{});
+  EXPECT_EQ((*spans)[0].start, va);
+  EXPECT_EQ((*spans)[0].end, va + k2M);
 }
 
 // ---- memory that cannot migrate ---------------------------------------------
