@@ -1110,5 +1110,27 @@ TEST(DriverMore, OneOfTwoAddressSpacesExits) {
   EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
 }
 
+// A mapping straddling the end of the GPU window: the part inside works
+// (ranges stop at the window), the part outside is EINVAL.
+TEST(DriverMore, MappingStraddlingTheWindowEnd) {
+  MachineConfig c;
+  c.svm.va_start = uint64_t{1} << 45;
+  c.svm.va_size = uint64_t{1} << 30;
+  Machine m(c);
+  const uint64_t wend = c.svm.va_start + c.svm.va_size;
+  const uint64_t va = wend - k2M - k64K;
+  ASSERT_EQ(m.Mmap(4 * k2M, va), va);
+  Ref ref(va, k2M + k64K);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, ref.len(), 9));
+  ref.Fill(va, ref.len(), 9);
+  USVM_ASSERT_OK(GpuAdd(m.vm(), va, ref.len(), 1));
+  for (uint64_t a = va; a < ref.end(); a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_EQ(Code(GpuRead(m.vm(), wend, 8)), Errc::kInval);
+  EXPECT_EQ(Code(GpuRead(m.vm(), wend - 8, 16)), Errc::kInval);
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  EXPECT_FALSE(GpuPteKind(m.vm(), wend).has_value());
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing
