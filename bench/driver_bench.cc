@@ -441,6 +441,7 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
   bool exec = false;
   double secs = 0;
   uint64_t n = 0;
+  std::vector<uint64_t> lat;
   for (auto _ : state) {
     exec = !exec;  // RW <-> RWX: a PROTECTION_VMA invalidation each time
     if (auto r = m->as().Mprotect(va, k4K, kRW | (exec ? uint32_t{mm::kProtExec} : 0u)); !r)
@@ -449,7 +450,15 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
     const double s = double(ns.load()) / 1e9;
     secs += s;
     ++n;
+    lat.push_back(ns.load());
     state.SetIterationTime(s);
+  }
+  if (!lat.empty()) {
+    // The distribution within the run (a loaded machine makes it bimodal).
+    std::sort(lat.begin(), lat.end());
+    state.counters["us_min"] = double(lat.front()) / 1e3;
+    state.counters["us_p10"] = double(lat[lat.size() / 10]) / 1e3;
+    state.counters["us_p50"] = double(lat[lat.size() / 2]) / 1e3;
   }
   const SvmStats s1 = m->svm().stats();
   if (wrong.load()) return state.SkipWithError("wrong data read by the GPU");
