@@ -666,8 +666,14 @@ class RatioReporter : public usvm::bench::MedianReporter {
       out << line;
     }
     if (rt > 0) {
-      std::snprintf(line, sizeof line, "  %-34s %12.3g us%s\n", "DriverFaultRoundTrip", rt,
+      // The mean, and the median access of the run (hand-offs that went to
+      // sleep make a tail that the mean carries).
+      const double p50 = Get("DriverFaultRoundTrip", "us_p50");
+      std::snprintf(line, sizeof line, "  %-34s %12.3g us mean%s\n", "DriverFaultRoundTrip", rt,
                     rt <= 10 ? "  (goal <= 10 us met)" : "  (GOAL <= 10 us MISSED)");
+      out << line;
+      std::snprintf(line, sizeof line, "  %-34s %12.3g us median access%s\n", "DriverFaultRoundTrip", p50,
+                    p50 <= 10 ? "  (goal <= 10 us met)" : "  (GOAL <= 10 us MISSED)");
       out << line;
     }
     ConsoleReporter::Finalize();
