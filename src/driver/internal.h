@@ -246,6 +246,8 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   // madvise attributes: non-default spans by start (value: end, attrs).
   mutable Mutex attr_lock;
   std::map<uint64_t, std::pair<uint64_t, Attributes>> attrs USVM_GUARDED_BY(attr_lock);
+  // attrs.size(), written under attr_lock: lookups skip the lock when 0.
+  std::atomic<size_t> attr_spans{0};
 
   // Garbage collector queue and worker.
   Mutex gc_lock;

@@ -421,6 +421,10 @@ void Svm::Impl::QueueGc(DrvRange* r) {
 }
 
 Result<void> Svm::Impl::CollectLocked() {
+  // Nothing queued (the common case on a fault): no lock taken. A range
+  // queued concurrently is seen by the next call (a fault that meets it
+  // unmapped calls again).
+  if (gc_pending.load(std::memory_order_acquire) == 0) return {};
   std::vector<DrvRange*> work;
   {
     MutexLock l(gc_lock);
@@ -441,7 +445,7 @@ Result<void> Svm::Impl::CollectLocked() {
     }
     // Device pages of the part still mapped go home (ranges are never
     // split: the range goes, what is left is faulted again as new ranges).
-    if (partial && r->migrate_devmem()) {
+    if (partial && r->migrate_devmem() && r->in_tree()) {
       (void)svm->RangeEvict(r);
       Bump(gc_evictions);
     }
@@ -484,6 +488,12 @@ void Svm::Impl::GcLoop() {
 // ---- attributes -------------------------------------------------------------
 
 Attributes Svm::Impl::AttrsAt(uint64_t va, uint64_t* lo, uint64_t* hi) const {
+  if (attr_spans.load(std::memory_order_acquire) == 0) {
+    // No attribute set anywhere (the common case): defaults, no lock.
+    *lo = 0;
+    *hi = UINT64_MAX;
+    return {};
+  }
   MutexLock l(attr_lock);
   auto it = attrs.upper_bound(va);
   uint64_t next = it == attrs.end() ? UINT64_MAX : it->first;
@@ -523,6 +533,7 @@ void Svm::Impl::ResetAttributes(uint64_t start, uint64_t end) {
   SplitAt(attrs, start);
   SplitAt(attrs, end);
   attrs.erase(attrs.lower_bound(start), attrs.lower_bound(end));
+  attr_spans.store(attrs.size(), std::memory_order_release);
 }
 
 Result<void> Svm::SetAttributes(uint64_t start, uint64_t len, const AttributeUpdate& update) {
@@ -571,6 +582,7 @@ Result<void> Svm::SetAttributes(uint64_t start, uint64_t len, const AttributeUpd
       }
       it = nx;
     }
+    s.attr_spans.store(s.attrs.size(), std::memory_order_release);
   }
   // Ranges over changed spans: placement is decided again on the next
   // fault. A range straddling a changed span's edge goes (ranges never

@@ -112,8 +112,9 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r) {
     if (b->end > r->start()) cuts.emplace_back(std::max(b->start, r->start()), std::min(b->end, r->end()));
   }
   const bool writable = !p.read_only();
-  std::vector<gpu::BindOp> ops;
-  ops.reserve(std::min<uint64_t>(p.npages(), 512));
+  // Reused per thread: most commits are a handful of leaves.
+  thread_local std::vector<gpu::BindOp> ops;
+  ops.clear();
   uint64_t leaves[3] = {0, 0, 0};
   Run run;
   bool peer = false;
@@ -412,15 +413,6 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         else if (!ctx.read_only && !atomic) target = nullptr;
         continue;
       }
-      if ((e == Errc::kFault || e == Errc::kPerm) && budget > 0 && !FitsVma(r)) {
-        // The range outlived its VMA's shape (mprotect or madvise split it:
-        // not an UNMAP, so it was not collected): it goes, and a range
-        // inside the new VMA is made.
-        --budget;
-        svm.InvalidateRangeNow(r);
-        (void)svm.svm->RangeRemove(r);
-        continue;
-      }
       if ((e == Errc::kFault || e == Errc::kPerm) && budget > 0) {
         --budget;
         bool unmapped;
@@ -428,14 +420,27 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
           ReadLock nl(svm.svm->notifier_lock());
           unmapped = r->unmapped();
         }
-        if (atomic && e == Errc::kFault && !unmapped) {
+        if (unmapped) {
+          // Unmapped under us: the collector removes it (evicting what is
+          // left of a partially unmapped one), then fault again.
+          (void)svm.CollectLocked();
+          continue;
+        }
+        if (!FitsVma(r)) {
+          // The range outlived its VMA's shape (mprotect or madvise split
+          // it: no UNMAP, so it was never queued): it goes, and a range
+          // inside the new VMA is made.
+          svm.InvalidateRangeNow(r);
+          (void)svm.svm->RangeRemove(r);
+          continue;
+        }
+        if (atomic && e == Errc::kFault) {
           // devmem_only met a system page (the CPU took it back): migrate
           // again, with a longer timeslice.
           if (++atomic_try >= svm.config.atomic_tries)
             return Err(Errc::kAcces, "driver: GPU atomic could not keep device memory");
           continue;
         }
-        // Unmapped under us: the collector removes it, then fault again.
         (void)svm.CollectLocked();
         continue;
       }

@@ -1,7 +1,9 @@
 #include "usvm/gpu/fault_unit.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <thread>
 
 namespace usvm::gpu {
 
@@ -29,9 +31,24 @@ namespace {
 // to a few microseconds).
 constexpr auto kSpin = std::chrono::microseconds(20);
 
+// Spinning pays only while a core is free for the thread that will answer:
+// with more waiters than cores (many faulting kernel threads on a small
+// machine) spinners would starve the driver's thread. So at most one
+// waiter per core (process-wide, at least two: a round trip is one raiser
+// and one driver thread) spins; the others sleep at once.
+std::atomic<int> g_spinners{0};
+const int kMaxSpinners = std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
+
 template <typename Cond>
 bool SpinFor(Cond cond) {
   if (cond()) return true;
+  if (g_spinners.fetch_add(1, std::memory_order_relaxed) >= kMaxSpinners) {
+    g_spinners.fetch_sub(1, std::memory_order_relaxed);
+    return false;
+  }
+  struct Leave {
+    ~Leave() { g_spinners.fetch_sub(1, std::memory_order_relaxed); }
+  } leave;
   const auto end = std::chrono::steady_clock::now() + kSpin;
   for (;;) {
     for (int k = 0; k < 64; ++k) {

@@ -487,6 +487,8 @@ bool GpuSvm::HasMapping(uint64_t start, uint64_t end) const {
 Result<void> GpuSvm::RangeEvict(Range* range) {
   if (!range || range->gpusvm_ != this || !config_.mm)
     return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
+  // A removed range's notifier may be gone with it.
+  if (!range->in_tree()) return Err(Errc::kInval, "gpusvm: range was removed");
   mm::Mm& mmp = *config_.mm;
   const uint64_t start = range->start(), end = range->end();
   if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
@@ -537,7 +539,7 @@ Result<void> GpuSvm::RangeEvict(Range* range) {
 }
 
 ScanResult GpuSvm::ScanMm(Range* range, const void* owner, const mm::DevicePagemap* pagemap) {
-  if (!range || range->gpusvm_ != this || !config_.mm) return ScanResult::kUnpopulated;
+  if (!range || range->gpusvm_ != this || !config_.mm || !range->in_tree()) return ScanResult::kUnpopulated;
   mm::Mm& mmp = *config_.mm;
   const uint64_t start = range->start(), end = range->end();
   const uint64_t npages = (end - start) >> mm::kPageShift;
@@ -646,6 +648,7 @@ Result<void> GpuSvm::GetPages(Range* range, const Ctx& ctx) {
   if (!range || range->gpusvm_ != this || !config_.mm)
     return Err(Errc::kInval, "gpusvm: not a range of this GPU SVM");
   if (!range->pages_) return Err(Errc::kInval, "gpusvm: range pages not initialised");
+  if (!range->in_tree()) return Err(Errc::kInval, "gpusvm: range was removed");
   return GetPages(range->pages_, *config_.mm, &range->notifier_->sub_, range->start(),
                   range->end(), ctx);
 }
@@ -671,10 +674,15 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
   } busy_release{pages};
 
   const uint64_t deadline = env_->NowNs() + kHmmTimeoutNs;
-  std::unique_ptr<uint64_t[]> pfns;
+  // The range fault's output: on the stack for small ranges (most GPU
+  // faults), else allocated once.
+  uint64_t pfns_small[16];
+  std::unique_ptr<uint64_t[]> pfns_heap;
+  uint64_t* pfns = nullptr;
   std::unique_ptr<DeviceAddr[]> fresh;
   for (;;) {
     uint64_t seq = notifier->ReadBegin();
+    bool stale_mapping;
     {
       ReadLock l(notifier_lock_);
       if (PagesValid(*pages) && pages->npages_ == npages &&
@@ -684,8 +692,11 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
         stats_.get_pages.fetch_add(1, std::memory_order_relaxed);
         return {};
       }
+      // Only this call maps these pages (busy_); an invalidation can only
+      // empty them: nothing mapped now stays so.
+      stale_mapping = pages->mapped_ > 0;
     }
-    {
+    if (stale_mapping) {
       // Mapped, but not as this call needs (read-only, or another extent):
       // drop that mapping and map afresh.
       WriteLock l(notifier_lock_);
@@ -695,12 +706,19 @@ Result<void> GpuSvm::GetPages(Pages* pages, mm::Mm& mmp, mm::MmuIntervalNotifier
       }
     }
     if (!mmp.Alive()) return Err(Errc::kFault, "gpusvm: address space is gone");
-    if (!pfns) pfns = std::make_unique<uint64_t[]>(npages);
+    if (!pfns) {
+      if (npages <= std::size(pfns_small)) {
+        pfns = pfns_small;
+      } else {
+        pfns_heap = std::make_unique<uint64_t[]>(npages);
+        pfns = pfns_heap.get();
+      }
+    }
     mm::HmmRange r;
     r.notifier = notifier;
     r.start = start;
     r.end = end;
-    r.hmm_pfns = pfns.get();
+    r.hmm_pfns = pfns;
     r.default_flags = mm::kPfnReqFault | (ctx.read_only ? 0 : mm::kPfnReqWrite);
     r.dev_private_owner = ctx.device_private_page_owner;
     for (;;) {

@@ -463,3 +463,40 @@ TEST_F(DriverBasicTest, BadInputIsRefusedWithAnErrorCode) {
 
 }  // namespace
 }  // namespace usvm::driver
+
+namespace usvm::driver {
+namespace {
+
+// A full fault buffer drops faults; they are raised again after the next
+// replay, and every access completes.
+TEST_F(DriverBasicTest, ABoundedFaultBufferOverflowsAndEveryAccessStillCompletes) {
+  DeviceConfig dc;
+  dc.gpu.vram_bytes = uint64_t{64} << 20;
+  dc.gpu.exec_threads = 16;
+  dc.gpu.fault_buffer_entries = 2;
+  devs_.push_back(Device::TryCreate(0, dc, mem_.get(), env_).value());
+  SvmConfig c;
+  c.chunk_sizes = {k4K};
+  c.placement = Placement::kSystem;
+  Svm& s = MakeSvm(c);
+  Vm* vm = s.Attach(*devs_[0]).value();
+  const uint64_t len = uint64_t{1} << 20;
+  ASSERT_TRUE(as_->Mmap(kBuf, len, kRW, kAnon).has_value());
+  auto l = vm->LaunchKernel(
+      [&](gpu::KernelContext& k) {
+        for (uint64_t off = k.thread_id() * 4096; off < len; off += 4096 * k.num_threads())
+          k.Store(kBuf + off, off);
+      },
+      {.threads = 16});
+  ASSERT_TRUE(l.has_value());
+  ASSERT_TRUE(l->Wait().has_value());
+  EXPECT_GT(vm->context().fault_unit().Stats().dropped, 0u);
+  for (uint64_t off = 0; off < len; off += 4096) {
+    uint64_t v = 0;
+    ASSERT_TRUE(as_->Read(kBuf + off, &v, 8).has_value());
+    ASSERT_EQ(v, off);
+  }
+}
+
+}  // namespace
+}  // namespace usvm::driver

@@ -932,3 +932,33 @@ TEST_F(GpuSvmTest, RangeEvictBringsEveryDevicePageHome) {
 
 }  // namespace
 }  // namespace usvm::gpusvm::testing
+
+namespace usvm::gpusvm::testing {
+namespace {
+
+// A range the caller still holds (RangeGet) after it was removed -- with
+// its notifier, when it was the last -- is refused by RangeEvict and
+// GetPages (EINVAL) and scans as unpopulated: its notifier is not followed.
+TEST_F(GpuSvmTest, ARemovedRangeIsRefusedNotFollowed) {
+  Map(kBase, kSize64K);
+  Fill(kBase, kSize64K, 5);
+  auto d = TestDriver::Create(as_);
+  auto r = FindOrInsert(*d, kBase);
+  ASSERT_TRUE(r.has_value());
+  Range* held = d->svm().RangeGet(*r);
+  {
+    DriverLockGuard g(d->svm().driver_lock());
+    ASSERT_TRUE(d->svm().RangeRemove(held).has_value());
+  }
+  EXPECT_EQ(d->svm().GetStats().notifiers, 0u);
+  EXPECT_EQ(d->svm().RangeEvict(held).error(), Errc::kInval);
+  EXPECT_EQ(d->svm().ScanMm(held, nullptr, nullptr), ScanResult::kUnpopulated);
+  auto* t = static_cast<TestRange*>(held);
+  d->svm().InitPages(&t->pages, held);
+  EXPECT_EQ(d->svm().GetPages(held, Ctx{}).error(), Errc::kInval);
+  d->svm().RangePut(held);
+  EXPECT_EQ(d->live_ranges(), 0);
+}
+
+}  // namespace
+}  // namespace usvm::gpusvm::testing

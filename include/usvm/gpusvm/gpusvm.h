@@ -467,7 +467,8 @@ class GpuSvm {
   // page is migrated home by its owner). Holes and PROT_NONE parts are
   // skipped (a partially unmapped range is evicted too; drm_gpusvm fails
   // with EFAULT there). Takes the mmap lock (read); the caller must not
-  // hold it or the notifier lock. EINVAL: not a range of this GpuSvm;
+  // hold it or the notifier lock. EINVAL: not a range of this GpuSvm, or
+  // one already removed (as for GetPages; ScanMm answers kUnpopulated);
   // EFAULT: the address space is gone; ENOMEM; ETIME: the range kept
   // changing for the HMM timeout.
   Result<void> RangeEvict(Range* range);

@@ -1,0 +1,343 @@
+// Concurrency tests of the driver (TSan's `concurrency` label): atomics
+// from the CPU and two GPUs on one counter (the page moves between two
+// VRAMs and system memory), and userptr / bind revalidation racing CPU
+// mprotect and munmap-less changes. Short: about a second each in release.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "driver/driver_test_util.h"
+
+namespace usvm::driver::testing {
+namespace {
+
+constexpr auto kDuration = std::chrono::milliseconds(1000);
+
+// Every increment is a compare-exchange whose success the kernel records:
+// a cancelled kernel's CAS does nothing and returns false, so the sum of
+// recorded successes is exactly what the counter must hold.
+TEST(DriverConcurrency, AtomicsFromCpuAndTwoGpusOnOneCounter) {
+  MachineConfig c;
+  c.gpus = 2;
+  c.shared_owner = true;
+  c.peer_access = true;
+  Machine m(c);
+  const uint64_t va = m.MmapAligned(k64K);
+  AttributeUpdate u;
+  u.atomic = AtomicMode::kGlobal;
+  USVM_ASSERT_OK(m.svm().SetAttributes(va, k64K, u));
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> gpu_incs{0}, cpu_incs{0}, launches{0}, cancelled{0};
+  std::vector<std::string> errors;
+  std::mutex err_mu;
+  std::vector<std::thread> threads;
+  for (uint32_t g = 0; g < 2; ++g) {
+    threads.emplace_back([&, g] {
+      while (!stop.load()) {
+        constexpr uint32_t kThreads = 4;
+        auto counts = std::make_shared<std::vector<uint64_t>>(kThreads, 0);
+        uint64_t* cnt = counts->data();
+        auto l = m.vm(g).LaunchKernel(
+            [va, cnt](gpu::KernelContext& k) {
+              for (int i = 0; i < 50 && !k.cancelled(); ++i) {
+                uint64_t cur = k.Load(va);
+                for (int tries = 0; tries < 1000 && !k.cancelled(); ++tries) {
+                  if (k.AtomicCas(va, cur, cur + 1)) {
+                    ++cnt[k.thread_id()];
+                    break;
+                  }
+                }
+              }
+            },
+            {.threads = kThreads});
+        if (!l) {
+          std::lock_guard<std::mutex> lk(err_mu);
+          errors.push_back("launch: " + l.error().ToString());
+          return;
+        }
+        auto r = WaitLaunch(*l);
+        ++launches;
+        if (!r) {
+          ++cancelled;
+          std::lock_guard<std::mutex> lk(err_mu);
+          if (errors.size() < 10) errors.push_back("GPU " + std::to_string(g) + ": " + r.error().ToString());
+        }
+        for (uint64_t n : *counts) gpu_incs += n;
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    while (!stop.load()) {
+      auto r = m.as().AtomicFetchAdd(va, 1);
+      if (!r) {
+        std::lock_guard<std::mutex> lk(err_mu);
+        errors.push_back("CPU: " + r.error().ToString());
+        return;
+      }
+      ++cpu_incs;
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  });
+  std::this_thread::sleep_for(kDuration);
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  auto v = m.as().AtomicLoad(va);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, gpu_incs.load() + cpu_incs.load()) << "increments lost or duplicated";
+  EXPECT_GT(gpu_incs.load(), 0u);
+  EXPECT_GT(cpu_incs.load(), 0u);
+  // Contention between two GPUs and the CPU is no reason to cancel a
+  // kernel (the atomic timeslice and retries are there for it).
+  std::string all;
+  for (auto& e : errors) all += e + "\n";
+  EXPECT_EQ(cancelled.load(), 0u) << "of " << launches.load() << " launches:\n" << all;
+  printf("atomics: %llu GPU + %llu CPU increments, %llu launches, %llu cancelled\n",
+         (unsigned long long)gpu_incs.load(), (unsigned long long)cpu_incs.load(),
+         (unsigned long long)launches.load(), (unsigned long long)cancelled.load());
+}
+
+// A userptr over constant data, revalidated by every launch while another
+// thread keeps invalidating it (mprotect there and back, fork), and a plain
+// bind beside it revalidated on faults: every GPU read is exact.
+TEST(DriverConcurrency, UserptrRevalidationRacesInvalidations) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 128 * 1024;
+  const uint64_t up = m.MmapAligned(len), bd = m.MmapAligned(len);
+  Ref rup(up, len), rbd(bd, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), up, len, 1));
+  USVM_ASSERT_OK(CpuFill(m.as(), bd, len, 2));
+  rup.Fill(up, len, 1);
+  rbd.Fill(bd, len, 2);
+  auto h0 = m.vm(0).Bind(up, len, {.userptr = true});
+  auto h1 = m.vm(1).Bind(bd, len);
+  ASSERT_TRUE(h0.has_value() && h1.has_value());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> reads{0}, flips{0};
+  std::vector<std::string> errors;
+  std::mutex err_mu;
+  auto fail = [&](std::string s) {
+    std::lock_guard<std::mutex> lk(err_mu);
+    if (errors.size() < 10) errors.push_back(std::move(s));
+  };
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {
+    while (!stop.load()) {
+      if (auto ok = GpuMatches(m.vm(0), rup); !ok) fail(std::string("userptr: ") + ok.message());
+      ++reads;
+    }
+  });
+  threads.emplace_back([&] {
+    while (!stop.load()) {
+      if (auto ok = GpuMatches(m.vm(1), rbd); !ok) fail(std::string("bind: ") + ok.message());
+      ++reads;
+    }
+  });
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i) {
+      if (i % 8 == 7) {
+        auto child = m.as().Fork();  // write-protects both buffers
+        if (!child) fail("fork: " + child.error().ToString());
+        else (*child)->Exit();
+      } else {
+        const uint64_t a = (i % 2) ? up : bd;
+        if (!m.as().Mprotect(a, len, mm::kProtRead)) fail("mprotect ro");
+        if (!m.as().Mprotect(a, len, kRW)) fail("mprotect rw");
+      }
+      ++flips;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  });
+  std::this_thread::sleep_for(kDuration);
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  std::string all;
+  for (auto& e : errors) all += e + "\n";
+  EXPECT_TRUE(errors.empty()) << all;
+  EXPECT_GT(reads.load(), 10u);
+  EXPECT_GT(flips.load(), 10u);
+  EXPECT_GT(m.vm(0).stats().bind_invalidations, 0u);
+  EXPECT_GT(m.vm(1).stats().bind_invalidations, 0u);
+  EXPECT_EQ(m.svm().stats().ranges, 0u) << "accesses inside binds made SVM ranges";
+  // Still coherent with the CPU afterwards.
+  USVM_ASSERT_OK(CpuFill(m.as(), up, len, 3));
+  rup.Fill(up, len, 3);
+  EXPECT_TRUE(GpuMatches(m.vm(0), rup));
+  USVM_ASSERT_OK(m.vm(0).Unbind(*h0));
+  USVM_ASSERT_OK(m.vm(1).Unbind(*h1));
+}
+
+// CPU threads keep writing their slices of one 2 MiB range while another
+// thread moves the range back and forth (Prefetch to VRAM / to system,
+// Device::EvictAll) and a GPU reads a constant part of it. Migration must
+// never lose or resurrect a CPU write: each slice ends as last written,
+// and every in-flight read-back is exact.
+TEST(DriverConcurrency, MigrationsRaceCpuWriters) {
+  Machine m;
+  constexpr uint32_t kCpus = 3;
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  const uint64_t slice = 256 * 1024;
+  const uint64_t konst = va + kCpus * slice;  // the rest: constant
+  Ref rk(konst, len - kCpus * slice);
+  USVM_ASSERT_OK(CpuFill(m.as(), konst, rk.len(), 7));
+  rk.Fill(konst, rk.len(), 7);
+  std::atomic<bool> stop{false};
+  std::vector<uint64_t> last(kCpus, 0);
+  std::vector<std::string> errors;
+  std::mutex err_mu;
+  auto fail = [&](std::string e) {
+    std::lock_guard<std::mutex> lk(err_mu);
+    if (errors.size() < 10) errors.push_back(std::move(e));
+  };
+  std::atomic<uint64_t> moves{0};
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < kCpus; ++t) {
+    threads.emplace_back([&, t] {
+      const uint64_t a = va + t * slice;
+      Ref ref(a, slice);
+      for (uint64_t i = 1; !stop.load(); ++i) {
+        const uint64_t seed = 100 * (t + 1) + i;
+        for (uint64_t p = a; p < a + slice; p += k64K)
+          if (!CpuFill(m.as(), p, k64K, seed)) fail("cpu fill");
+        ref.Fill(a, slice, seed);
+        last[t] = seed;
+        if (auto ok = CpuMatches(m.as(), ref); !ok) fail("CPU " + std::to_string(t) + ": " + ok.message());
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i) {
+      Result<void> r;
+      switch (i % 3) {
+        case 0: r = m.vm().Prefetch(va, len, Location::Device(0)); break;
+        case 1: r = m.vm().Prefetch(va, len, Location::System()); break;
+        case 2: (void)m.dev().EvictAll(); break;
+      }
+      if (!r) fail("prefetch: " + r.error().ToString());
+      ++moves;
+    }
+  });
+  threads.emplace_back([&] {
+    while (!stop.load())
+      if (auto ok = GpuMatches(m.vm(), rk); !ok) fail(std::string("GPU constant part: ") + ok.message());
+  });
+  std::this_thread::sleep_for(kDuration);
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  std::string all;
+  for (auto& e : errors) all += e + "\n";
+  EXPECT_TRUE(errors.empty()) << all;
+  EXPECT_GT(moves.load(), 3u);
+  for (uint32_t t = 0; t < kCpus; ++t) {
+    Ref want(va + t * slice, slice);
+    want.Fill(va + t * slice, slice, last[t]);
+    EXPECT_TRUE(GpuMatches(m.vm(), want)) << "slice " << t;
+    EXPECT_TRUE(CpuMatches(m.as(), want)) << "slice " << t;
+  }
+  EXPECT_TRUE(CpuMatches(m.as(), rk));
+}
+
+// Detach while kernels fault on the device: every kernel ends (done or
+// cancelled), nothing hangs; the other GPU and a re-attach work.
+TEST(DriverConcurrency, DetachWithKernelsInFlight) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 8 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  std::vector<gpu::Launch> launches;
+  for (uint64_t off = 0; off < len; off += k2M) {
+    auto l = LaunchWords(m.vm(1), va + off, k2M, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, a); });
+    ASSERT_TRUE(l.has_value());
+    launches.push_back(*l);
+  }
+  USVM_ASSERT_OK(m.svm().Detach(m.dev(1)));
+  size_t done = 0;
+  for (auto& l : launches) done += WaitLaunch(l).has_value();
+  printf("detach in flight: %zu of %zu kernels completed\n", done, launches.size());
+  EXPECT_EQ(m.svm().vm(1), nullptr);
+  // GPU 0 reads what landed: words are either 0 or their own address.
+  auto got = GpuRead(m.vm(0), va, len);
+  ASSERT_TRUE(got.has_value()) << got.error().ToString();
+  for (uint64_t i = 0; i < len / 8; ++i) {
+    uint64_t w;
+    std::memcpy(&w, got->data() + i * 8, 8);
+    ASSERT_TRUE(w == 0 || w == va + i * 8) << "word " << i << " = " << w;
+  }
+  auto vm1 = m.svm().Attach(m.dev(1));
+  ASSERT_TRUE(vm1.has_value()) << vm1.error().ToString();
+  Ref ref(va, k2M);
+  USVM_ASSERT_OK(GpuFill(**vm1, va, k2M, 9));
+  ref.Fill(va, k2M, 9);
+  EXPECT_TRUE(GpuMatches(m.vm(0), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// Svm::Close while other threads keep calling into the Svm and its Vms
+// (prefetch, attributes, binds, launches): every call returns (success or
+// an error), nothing crashes or hangs, and Close leaves no device page.
+TEST(DriverConcurrency, CloseRacesApiCalls) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 4 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 1));
+  Ref ref(va, len);
+  ref.Fill(va, len, 1);
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> calls{0};
+  std::vector<std::thread> threads;
+  Svm& svm = m.svm();
+  Vm& vm0 = m.vm(0);
+  Vm& vm1 = m.vm(1);
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls)
+      (void)vm0.Prefetch(va + (i % 4) * k2M, k2M, i % 2 ? Location::System() : Location::Device(0));
+  });
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls) {
+      AttributeUpdate u;
+      u.preferred = i % 2 ? Location::Device(1) : Location::Default();
+      (void)svm.SetAttributes(va + k2M, k2M, u);
+    }
+  });
+  threads.emplace_back([&] {
+    for (uint64_t i = 0; !stop.load(); ++i, ++calls) {
+      auto h = vm1.Bind(va + 3 * k2M, k64K, {.userptr = (i % 2) == 1});
+      if (h) (void)vm1.Unbind(*h);
+    }
+  });
+  for (Vm* vm : {&vm0, &vm1}) {
+    threads.emplace_back([&, vm] {
+      while (!stop.load()) {
+        (void)GpuRead(*vm, va, len);
+        ++calls;
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  svm.Close();
+  const uint64_t at_close = calls.load();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  EXPECT_GT(at_close, 5u);
+  EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
+  EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_EQ(svm.stats().ranges, 0u);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+}  // namespace
+}  // namespace usvm::driver::testing

@@ -1,0 +1,217 @@
+// The driver under injected failures (Env fault points) and unusual
+// lifetimes: the collector failing (the VM error state), VRAM allocation,
+// copies, page-table allocation and range allocation failing, a Device
+// destroyed before its Svm, Close with kernels in flight. Data must stay
+// byte-exact wherever an operation reports success.
+#include <gtest/gtest.h>
+
+#include <thread>
+#include <vector>
+
+#include "driver/driver_test_util.h"
+
+namespace usvm::driver::testing {
+namespace {
+
+using gpu::PteKind;
+
+// "driver.gc": the collector fails to remove a range; the VM enters its
+// error state and every later fault is cancelled with it.
+TEST(DriverFaults, CollectorFailureSetsTheVmErrorState) {
+  MachineConfig c;
+  c.svm.gc_worker = false;
+  Machine m(c);
+  const uint64_t a = m.MmapAligned(k64K), b = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(GpuFill(m.vm(), a, k64K, 1));
+  USVM_EXPECT_OK(m.svm().error());
+  USVM_ASSERT_OK(m.as().Munmap(a, k64K));
+  m.env().faults().FailNth("driver.gc", 1);
+  auto r = m.svm().CollectGarbage();
+  m.env().faults().ClearAll();
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code(), Errc::kIo);
+  EXPECT_EQ(Code(m.svm().error()), Errc::kIo);
+  // Every later fault fails with the error state.
+  EXPECT_EQ(Code(GpuFill(m.vm(), b, k64K, 2)), Errc::kIo);
+  // The CPU is unaffected; Close still cleans up.
+  Ref ref(b, k64K);
+  USVM_ASSERT_OK(CpuFill(m.as(), b, k64K, 3));
+  ref.Fill(b, k64K, 3);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  m.svm().Close();
+  EXPECT_EQ(m.dev().vram_stats().allocations, 0u);
+}
+
+// "gpu.vram_alloc" always failing: no device memory, ever. Plain accesses
+// are served from system memory; atomics fail with EACCES.
+TEST(DriverFaults, NoVramAllocationFallsBackToSystemMemory) {
+  Machine m;
+  const uint64_t len = k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 4));
+  ref.Fill(va, len, 4);
+  m.env().faults().FailEvery("gpu.vram_alloc", 1);
+  USVM_ASSERT_OK(GpuAdd(m.vm(), va, len, 1));
+  for (uint64_t a = va; a < va + len; a += 8) ref.Set64(a, ref.Get64(a) + 1);
+  EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
+  EXPECT_EQ(GpuPteKind(m.vm(), va), PteKind::kSystem);
+  EXPECT_GT(m.vm().stats().migrate_failures, 0u);
+  auto at = Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); }));
+  ASSERT_FALSE(at.has_value());
+  EXPECT_EQ(at.error().code(), Errc::kAcces) << at.error().ToString();
+  m.env().faults().ClearAll();
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  // With VRAM back, the atomic works (and migrates).
+  USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va, 1); })));
+  ref.Set64(va, ref.Get64(va) + 1);
+  EXPECT_TRUE(InDeviceMemory(m.as(), va));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// "gpu.copy" failing now and then while migrating to VRAM: a failed
+// migration leaves the data where it was; nothing is lost.
+TEST(DriverFaults, CopyFailuresDuringMigrationLoseNothing) {
+  Machine m;
+  const uint64_t len = 8 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  Ref ref(va, len);
+  USVM_ASSERT_OK(CpuFill(m.as(), va, len, 5));
+  ref.Fill(va, len, 5);
+  m.env().faults().FailEvery("gpu.copy", 3);
+  for (uint64_t off = 0; off < len; off += k2M) {
+    USVM_ASSERT_OK(GpuAdd(m.vm(), va + off, k2M, off / k2M + 1));
+    for (uint64_t a = va + off; a < va + off + k2M; a += 8) ref.Set64(a, ref.Get64(a) + off / k2M + 1);
+  }
+  m.env().faults().ClearAll();
+  EXPECT_GT(m.vm().stats().migrate_failures, 0u) << "no copy failed: the fault point was not reached";
+  EXPECT_TRUE(GpuMatches(m.vm(), ref));
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+}
+
+// "gpu.pt_alloc": the GPU page table cannot grow: the fault fails with
+// ENOMEM, the kernel is cancelled; the next launch works.
+TEST(DriverFaults, PageTableAllocationFailureCancelsTheKernelOnly) {
+  Machine m;
+  const uint64_t va = m.MmapAligned(k64K);
+  m.env().faults().FailEvery("gpu.pt_alloc", 1);
+  auto r = GpuFill(m.vm(), va, k64K, 6);
+  m.env().faults().ClearAll();
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code(), Errc::kNoMem) << r.error().ToString();
+  Ref ref(va, k64K);
+  USVM_ASSERT_OK(GpuFill(m.vm(), va, k64K, 7));
+  ref.Fill(va, k64K, 7);
+  EXPECT_TRUE(CpuMatches(m.as(), ref));
+  USVM_EXPECT_OK(m.svm().error());
+}
+
+// "gpusvm.range_alloc" / "gpusvm.notifier_alloc": ENOMEM for that fault.
+TEST(DriverFaults, RangeAndNotifierAllocationFailures) {
+  Machine m;
+  uint64_t far = uint64_t{0x300000000000};
+  for (const char* site : {"gpusvm.range_alloc", "gpusvm.notifier_alloc"}) {
+    // A fresh notifier-sized region each time (notifiers are 512 MiB).
+    const uint64_t va = m.Mmap(k64K, far);
+    far += uint64_t{1} << 30;
+    m.env().faults().FailEvery(site, 1);
+    auto r = GpuRead(m.vm(), va, k64K);
+    m.env().faults().ClearAll();
+    ASSERT_FALSE(r.has_value()) << site;
+    EXPECT_EQ(r.error().code(), Errc::kNoMem) << site << ": " << r.error().ToString();
+    Ref ref(va, k64K);
+    USVM_ASSERT_OK(GpuFill(m.vm(), va, k64K, 8));
+    ref.Fill(va, k64K, 8);
+    EXPECT_TRUE(CpuMatches(m.as(), ref)) << site;
+  }
+  USVM_EXPECT_OK(m.svm().error());
+}
+
+// A Device destroyed before the Svm detaches itself; what it held in VRAM
+// comes home intact, the other GPU keeps working.
+TEST(DriverFaults, DeviceDestroyedBeforeItsSvm) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = k2M;
+  const uint64_t a = m.MmapAligned(len), b = m.MmapAligned(len);
+  Ref ra(a, len), rb(b, len);
+  USVM_ASSERT_OK(GpuFill(m.vm(0), a, len, 9));
+  USVM_ASSERT_OK(GpuFill(m.vm(1), b, len, 10));
+  ra.Fill(a, len, 9);
+  rb.Fill(b, len, 10);
+  ASSERT_EQ(DevicePages(m.as(), b, len), len / k4K);
+  m.DestroyDevice(1);
+  EXPECT_EQ(m.svm().vm(1), nullptr);
+  EXPECT_EQ(DevicePages(m.as(), b, len), 0u);
+  EXPECT_TRUE(GpuMatches(m.vm(0), rb));
+  EXPECT_TRUE(GpuMatches(m.vm(0), ra));
+  EXPECT_TRUE(CpuMatches(m.as(), ra));
+  EXPECT_TRUE(CpuMatches(m.as(), rb));
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+// Close while kernels are faulting: every kernel ends (completes or is
+// cancelled), nothing hangs, no device page is left.
+TEST(DriverFaults, CloseWithKernelsInFlight) {
+  MachineConfig c;
+  c.gpus = 2;
+  Machine m(c);
+  const uint64_t len = 8 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  std::vector<gpu::Launch> launches;
+  std::vector<uint64_t> chunk;
+  for (uint32_t g = 0; g < 2; ++g) {
+    for (uint64_t off = g * len / 2; off < (g + 1) * len / 2; off += k2M) {
+      auto l = LaunchWords(m.vm(g), va + off, k2M, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, a); });
+      ASSERT_TRUE(l.has_value());
+      launches.push_back(*l);
+      chunk.push_back(va + off);
+    }
+  }
+  m.svm().Close();
+  size_t ok = 0;
+  std::vector<bool> done;
+  for (auto& l : launches) {
+    done.push_back(WaitLaunch(l).has_value());
+    ok += done.back();
+  }
+  EXPECT_EQ(m.dev(0).vram_stats().allocations, 0u);
+  EXPECT_EQ(m.dev(1).vram_stats().allocations, 0u);
+  EXPECT_EQ(DevicePages(m.as(), va, len), 0u);
+  // The kernels that completed wrote their chunk completely.
+  for (size_t i = 0; i < launches.size(); ++i) {
+    if (!done[i]) continue;
+    Ref want(chunk[i], k2M);
+    for (uint64_t a = chunk[i]; a < chunk[i] + k2M; a += 8) want.Set64(a, a);
+    EXPECT_TRUE(CpuMatches(m.as(), want)) << "completed kernel " << i;
+  }
+  printf("close in flight: %zu of %zu kernels completed\n", ok, launches.size());
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+// The address space exits while kernels fault on it: they end with an
+// error (or complete), nothing hangs, no device page is left.
+TEST(DriverFaults, ExitWithKernelsInFlight) {
+  Machine m;
+  const uint64_t len = 4 * k2M;
+  const uint64_t va = m.MmapAligned(len);
+  std::vector<gpu::Launch> launches;
+  for (uint64_t off = 0; off < len; off += k2M) {
+    auto l = LaunchWords(m.vm(), va + off, k2M, [](gpu::KernelContext& k, uint64_t, uint64_t a) { k.Store(a, a); });
+    ASSERT_TRUE(l.has_value());
+    launches.push_back(*l);
+  }
+  m.as().Exit();
+  for (auto& l : launches) (void)WaitLaunch(l);
+  EXPECT_NE(Code(GpuRead(m.vm(), va, 8)), Errc::kOk);
+  Eventually([&] { return m.dev().vram_stats().allocations == 0; });
+  m.Teardown();
+  EXPECT_EQ(m.pool().GetStats().free_frames, m.baseline_free_frames()) << "frames leaked";
+}
+
+}  // namespace
+}  // namespace usvm::driver::testing
