@@ -88,6 +88,9 @@ Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint
       ++stats_.dropped;
       dropped = true;
       gen = answer_gen_.load(std::memory_order_relaxed);
+      // Counted under lock_, so an answer that bumps the generation after
+      // this point sees it and wakes the queue.
+      dropped_waiting_.fetch_add(1, std::memory_order_relaxed);
     } else {
       p = std::make_shared<Pending>();
       p->id = next_id_++;
@@ -105,13 +108,17 @@ Result<void> FaultUnit::Raise(uint64_t va, uint8_t access, uint32_t engine, uint
   }
   if (dropped) {
     answers_.Wait([&] { return answer_gen_.load(std::memory_order_acquire) != gen; });
+    dropped_waiting_.fetch_sub(1, std::memory_order_relaxed);
     MutexLock l(lock_);
     if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
     return {};
   }
   if (fresh) arrivals_.WakeAll();
+  // Each fault has its own wake-up (a futex on its answer): answering one
+  // fault wakes only its raisers, so a batch of B answers costs B wake-ups,
+  // not B^2 (a shared queue would wake every raiser on every answer).
   if (!SpinFor([&] { return p->answer.load(std::memory_order_acquire) != 0; }))
-    answers_.Wait([&] { return p->answer.load(std::memory_order_acquire) != 0; });
+    while (p->answer.load(std::memory_order_acquire) == 0) p->answer.wait(0, std::memory_order_acquire);
   if (p->answer.load(std::memory_order_acquire) == 1) return {};
   return Err(p->error);
 }
@@ -183,25 +190,31 @@ Result<void> FaultUnit::AnswerLocked(uint64_t id, Errc code, const char* what) {
     p->error = Error(code, what);
     p->answer.store(2, std::memory_order_release);
   }
+  // The raisers hold `p` while they wait, so it outlives the wake-up.
+  p->answer.notify_all();
   return {};
 }
 
 Result<void> FaultUnit::Replay(uint64_t id) {
+  bool wake_dropped;
   {
     MutexLock l(lock_);
     USVM_TRY(AnswerLocked(id, Errc::kOk, nullptr));
+    wake_dropped = dropped_waiting_.load(std::memory_order_relaxed) != 0;
   }
-  answers_.WakeAll();
+  if (wake_dropped) answers_.WakeAll();
   return {};
 }
 
 Result<void> FaultUnit::Cancel(uint64_t id, Error error) {
   if (error.code() == Errc::kOk) return Err(Errc::kInval, "cancel needs an error");
+  bool wake_dropped;
   {
     MutexLock l(lock_);
     USVM_TRY(AnswerLocked(id, error.code(), error.what()));
+    wake_dropped = dropped_waiting_.load(std::memory_order_relaxed) != 0;
   }
-  answers_.WakeAll();
+  if (wake_dropped) answers_.WakeAll();
   return {};
 }
 

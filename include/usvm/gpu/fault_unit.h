@@ -35,7 +35,8 @@
 // GPUs. Coalescing into an outstanding fault needs no entry.
 //
 // Locking: one Mutex guards the queue and the page index; raisers sleep
-// on a WaitQueue (answers are atomics read by the wait condition).
+// on their fault's answer atomic (atomic wait/notify: a futex each), the
+// raisers of dropped faults on a WaitQueue.
 #ifndef USVM_GPU_FAULT_UNIT_H_
 #define USVM_GPU_FAULT_UNIT_H_
 
@@ -130,9 +131,15 @@ class FaultUnit {
   uint64_t next_id_ USVM_GUARDED_BY(lock_) = 1;
   bool shutdown_ USVM_GUARDED_BY(lock_) = false;
   FaultStats stats_ USVM_GUARDED_BY(lock_);
-  // Raisers wait here for answers; the driver waits here for faults.
+  // Raisers of dropped faults (no entry) wait here for the next answer;
+  // raisers with an entry wait on their fault's own answer atomic (one
+  // futex per fault, so an answer wakes only its raisers). The driver
+  // waits on arrivals_ for faults.
   WaitQueue answers_;
   WaitQueue arrivals_;
+  // Dropped raisers between registering (under lock_) and waking: answers
+  // wake answers_ only when there are some.
+  std::atomic<uint32_t> dropped_waiting_{0};
 };
 
 }  // namespace usvm::gpu
