@@ -441,6 +441,7 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
   bool exec = false;
   double secs = 0;
   uint64_t n = 0;
+  std::vector<uint64_t> lat;
   for (auto _ : state) {
     exec = !exec;  // RW <-> RWX: a PROTECTION_VMA invalidation each time
     if (auto r = m->as().Mprotect(va, k4K, kRW | (exec ? uint32_t{mm::kProtExec} : 0u)); !r)
@@ -449,7 +450,15 @@ void DriverFaultRoundTrip(benchmark::State& state, bool polling) {
     const double s = double(ns.load()) / 1e9;
     secs += s;
     ++n;
+    lat.push_back(ns.load());
     state.SetIterationTime(s);
+  }
+  if (!lat.empty()) {
+    // The distribution within the run (a loaded machine makes it bimodal).
+    std::sort(lat.begin(), lat.end());
+    state.counters["us_min"] = double(lat.front()) / 1e3;
+    state.counters["us_p10"] = double(lat[lat.size() / 10]) / 1e3;
+    state.counters["us_p50"] = double(lat[lat.size() / 2]) / 1e3;
   }
   const SvmStats s1 = m->svm().stats();
   if (wrong.load()) return state.SkipWithError("wrong data read by the GPU");
@@ -657,8 +666,14 @@ class RatioReporter : public usvm::bench::MedianReporter {
       out << line;
     }
     if (rt > 0) {
-      std::snprintf(line, sizeof line, "  %-34s %12.3g us%s\n", "DriverFaultRoundTrip", rt,
+      // The mean, and the median access of the run (hand-offs that went to
+      // sleep make a tail that the mean carries).
+      const double p50 = Get("DriverFaultRoundTrip", "us_p50");
+      std::snprintf(line, sizeof line, "  %-34s %12.3g us mean%s\n", "DriverFaultRoundTrip", rt,
                     rt <= 10 ? "  (goal <= 10 us met)" : "  (GOAL <= 10 us MISSED)");
+      out << line;
+      std::snprintf(line, sizeof line, "  %-34s %12.3g us median access%s\n", "DriverFaultRoundTrip", p50,
+                    p50 <= 10 ? "  (goal <= 10 us met)" : "  (GOAL <= 10 us MISSED)");
       out << line;
     }
     ConsoleReporter::Finalize();

@@ -28,18 +28,25 @@
 // Device). An Svm keeps its address space structure alive (shared_ptr to
 // the mm::Mm). Neither may be destroyed while another thread uses it.
 //
-// Locking (outer to inner):
-//   1. Svm driver lock (the GpuSvm's DriverLock; xe's vm->lock): held by the
-//      fault handler for a whole fault, by prefetch, binds, attribute
-//      changes and the garbage collector;
-//   2. the mmap lock (taken inside gpusvm and mm calls);
-//   3. the GpuSvm notifier lock (write in invalidation callbacks; read to
-//      commit GPU PTEs), and the userptr notifier lock likewise;
-//   4. leaf locks: a GPU page table's, the VRAM manager's, the collector
+// Locking (outer to inner; docs/driver.md has the details):
+//   1. a Device's attach lock (an rwsem): held for read by its fault thread
+//      while it serves a batch, for write by attach and detach;
+//   2. the Svm driver lock (the GpuSvm's DriverLock; xe's vm->lock): held by
+//      the fault handler for a whole batch, by prefetch, binds, attribute
+//      changes, detach and the garbage collector;
+//   3. the migrate lock (xe's): around "EBUSY -> evict -> migrate again";
+//   4. the mmap lock (taken inside gpusvm and mm calls);
+//   5. the GpuSvm notifier lock (write in invalidation callbacks and in the
+//      driver's own invalidations; read to commit GPU PTEs), and the binds'
+//      notifier lock likewise;
+//   6. leaf locks: a GPU page table's, the VRAM manager's, the collector
 //      queue's, the attribute map's.
-// Invalidation callbacks never take the driver lock. No lock of this
-// layer is held across a TLB-fence wait except the notifier lock in the
-// single-pass callback (as the kernel's single-pass drivers do).
+// Invalidation callbacks never take the driver lock. TLB fences are waited
+// for under the notifier lock (write) by the single-pass callback, by the
+// driver's own invalidations (before a migration, on an attribute change)
+// and by the bind callbacks -- as the kernel's single-pass drivers do --
+// and under the attach and driver locks by detach and close. The two-pass
+// callback waits in its finish pass, with no lock of this layer held.
 #ifndef USVM_DRIVER_DRIVER_H_
 #define USVM_DRIVER_DRIVER_H_
 
