@@ -302,7 +302,9 @@ class Vm::Impl {
 
   // Commits range `r`'s valid pages on this GPU. REQUIRES: the driver
   // lock and the notifier lock (read); pages valid.
-  Result<void> CommitRange(DrvRange* r);
+  // allow_atomic: false where the atomic attribute is kCpu (no PTE gets
+  // the atomic permission, so a GPU atomic faults and is refused).
+  Result<void> CommitRange(DrvRange* r, bool allow_atomic);
 
   // Fault servicing of this Vm's context: one batch (waiting up to
   // timeout_ns for the first fault). The faults answered.

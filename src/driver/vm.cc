@@ -99,7 +99,7 @@ VmStats Vm::stats() const {
 
 // ---- PTE commit ---------------------------------------------------------------
 
-Result<void> Vm::Impl::CommitRange(DrvRange* r) {
+Result<void> Vm::Impl::CommitRange(DrvRange* r, bool allow_atomic) {
   const gpusvm::Pages& p = r->rpages;
   const uint32_t g = dev.id;
   // This GPU's binds inside the range cut it: those pages are theirs.
@@ -121,8 +121,9 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r) {
   auto prot_for = [&](const gpu::PhysAddr& pa) -> uint32_t {
     uint32_t prot = gpu::kProtRead;
     if (writable) prot |= gpu::kProtWrite;
-    // Atomics only in local VRAM (system and peer memory: migrate first).
-    if (writable && pa.kind == gpu::MemKind::kVram && pa.gpu == g) prot |= gpu::kProtAtomic;
+    // Atomics only in local VRAM (system and peer memory: migrate first),
+    // and never where the atomic attribute is "cpu".
+    if (allow_atomic && writable && pa.kind == gpu::MemKind::kVram && pa.gpu == g) prot |= gpu::kProtAtomic;
     return prot;
   };
   uint32_t run_prot = 0;
@@ -468,7 +469,7 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         evict = atomic;  // devmem_only: cannot happen; be safe
       }
       if (!evict) {
-        USVM_TRY(CommitRange(r));
+        USVM_TRY(CommitRange(r, attrs.atomic != AtomicMode::kCpu));
         if (owner_dev) {
           const gpusvm::DeviceAddr d0 = r->rpages.addrs()[0];
           owner_dev->LruTouch(owner_dev->pagemap->DevmemOf(owner_dev->PfnOfOffset(VramOffset(d0.addr))));
