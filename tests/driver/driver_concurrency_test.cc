@@ -403,9 +403,8 @@ TEST(DriverConcurrency, ThreadsNewBufferEachIteration) {
   Eventually([&] { return m.dev(0).vram_stats().allocations + m.dev(1).vram_stats().allocations == 0; });
 }
 
-// DRIVER BUG? Fails: after the last SetAttributes(kCpu) a GPU atomic still
-// succeeds -- a read fault (the CAS loop's Load) committed an atomic PTE
-// under kCpu (see DriverE2e.MadviseAtomicCpuAfterAReadFault).
+// (It found a bug, now fixed: a read fault committed an atomic PTE under
+// kCpu, so a later GPU atomic succeeded without faulting.)
 // Attribute changes racing GPU atomics: the atomic mode flips between kCpu
 // and the default while kernels CAS-increment a counter. A kernel either
 // works or is cancelled with EACCES; the counter holds exactly the

@@ -3,10 +3,6 @@
 // software GPUs (driver::Device) share buffers through driver::Svm, and
 // every byte is checked against a host reference, from the CPU and from
 // GPU kernels.
-//
-// A comment marked "DRIVER BUG?" flags an assertion the implementation
-// failed when it was written (none is open at main 9bfd1b3: every one
-// found was fixed).
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -363,13 +359,12 @@ TEST(DriverE2e, MadviseAtomicCpuRefusesGpuAtomicsWithEacces) {
   EXPECT_TRUE(CpuMatches(m.as(), ref));
 }
 
-// DRIVER BUG? AtomicMode::kCpu is enforced only when an atomic *faults*: a
-// read or write fault that maps pages of this GPU's VRAM commits the PTE
-// with the atomic permission, so a later GPU atomic hits the PTE and
-// succeeds without a fault. Both variants: the page already in VRAM, and a
-// page the read fault itself migrates there (default placement). Found by
-// DriverConcurrency.AttributeChangesRaceGpuAtomics; here deterministic.
-// (CommitRange should leave kProtAtomic off under kCpu.)
+// AtomicMode::kCpu holds for atomics that find a PTE too: a read fault that
+// maps pages of this GPU's VRAM commits no atomic permission under kCpu, so
+// a later GPU atomic faults and is refused. Both variants: the page already
+// in VRAM, and a page the read fault itself migrates there (default
+// placement). (Once a bug: found by
+// DriverConcurrency.AttributeChangesRaceGpuAtomics.)
 TEST(DriverE2e, MadviseAtomicCpuAfterAReadFault) {
   for (bool in_vram : {true, false}) {
     Machine m;
@@ -391,8 +386,6 @@ TEST(DriverE2e, MadviseAtomicCpuAfterAReadFault) {
 
 // The same through Prefetch: under kCpu, a prefetch into VRAM maps the
 // range here; a GPU atomic afterwards must still be refused.
-// DRIVER BUG? fails: the prefetch's commit grants the atomic permission
-// too (same root cause as MadviseAtomicCpuAfterAReadFault).
 TEST(DriverE2e, MadviseAtomicCpuAfterAPrefetch) {
   Machine m;
   const uint64_t va = m.MmapAligned(k64K);
