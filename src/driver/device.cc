@@ -73,21 +73,9 @@ bool Device::CanMapVramOf(const Device& other) const {
 Result<size_t> Device::ServiceFaults(uint64_t timeout_ns) { return impl_->ServiceBatch(timeout_ns); }
 
 Result<void> Device::EvictFor(uint64_t bytes) {
-  if (bytes == 0 || !std::has_single_bit(bytes)) return Err(Errc::kInval, "driver: size not a power of two");
-  uint64_t failures = 0;
-  for (;;) {
-    auto off = impl_->gpu->vram().Alloc(bytes);
-    if (off) {
-      (void)impl_->gpu->vram().Free(*off);
-      return {};
-    }
-    const Impl::Evict e = impl_->EvictOne(nullptr);
-    if (e == Impl::Evict::kNone) return Err(Errc::kNoMem, "driver: nothing left to evict");
-    if (e == Impl::Evict::kFailed) {
-      MutexLock l(impl_->lock_);
-      if (++failures > impl_->lru_.size() + 1) return Err(Errc::kNoMem, "driver: every allocation busy");
-    }
-  }
+  const uint64_t off = USVM_TRY(impl_->AllocVram(bytes));
+  (void)impl_->gpu->vram().Free(off);
+  return {};
 }
 
 uint64_t Device::EvictAll(const mm::Mm* mm) {
@@ -125,18 +113,12 @@ VramStats Device::vram_stats() const {
 
 // ---- the VRAM manager -------------------------------------------------------
 
-Result<std::shared_ptr<VramBo>> Device::Impl::AllocBo(const std::shared_ptr<mm::Mm>& mm, uint64_t size) {
-  if (size == 0 || !std::has_single_bit(size)) return Err(Errc::kInval, "driver: allocation size");
+Result<uint64_t> Device::Impl::AllocVram(uint64_t size) {
+  if (size == 0 || !std::has_single_bit(size)) return Err(Errc::kInval, "driver: size not a power of two");
   uint64_t failures = 0;
   for (;;) {
     auto off = gpu->vram().Alloc(size);
-    if (off) {
-      auto bo = std::make_shared<VramBo>(*pagemap, this, mm, size, *off);
-      MutexLock l(lock_);
-      ++live_;
-      return bo;
-    }
-    if (off.error() != Errc::kNoMem) return Err(off.error());
+    if (off || off.error() != Errc::kNoMem) return off;
     // VRAM full: the least recently used allocation goes home. Busy ones
     // go to the tail; give up once every allocation was tried and failed.
     const Evict e = EvictOne(nullptr);
@@ -146,6 +128,14 @@ Result<std::shared_ptr<VramBo>> Device::Impl::AllocBo(const std::shared_ptr<mm::
       if (++failures > lru_.size() + 1) return Err(Errc::kNoMem, "driver: VRAM full and every allocation busy");
     }
   }
+}
+
+Result<std::shared_ptr<VramBo>> Device::Impl::AllocBo(const std::shared_ptr<mm::Mm>& mm, uint64_t size) {
+  const uint64_t off = USVM_TRY(AllocVram(size));
+  auto bo = std::make_shared<VramBo>(*pagemap, this, mm, size, off);
+  MutexLock l(lock_);
+  ++live_;
+  return bo;
 }
 
 void Device::Impl::LruAdd(const std::shared_ptr<VramBo>& bo) {

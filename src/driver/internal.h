@@ -65,6 +65,8 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   // least recently used allocations while VRAM is full. ENOMEM when
   // nothing is left to evict.
   Result<std::shared_ptr<VramBo>> AllocBo(const std::shared_ptr<mm::Mm>& mm, uint64_t size);
+  // A VRAM block of `size` bytes (a power of two), evicting as AllocBo.
+  Result<uint64_t> AllocVram(uint64_t size);
   // After a successful migration: the allocation joins the LRU (as most
   // recently used).
   void LruAdd(const std::shared_ptr<VramBo>& bo);
@@ -203,11 +205,12 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   void DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range, mm::MmuIntervalFinish** finish)
       USVM_REQUIRES(svm->notifier_lock());
 
-  // Zaps `r` on every GPU mapping it, flushes their TLBs and waits, then
-  // unmaps its pages: the driver's own invalidation (before a migration it
-  // starts, on an attribute change, before a bind). REQUIRES: the driver
-  // lock; not the notifier lock.
-  void InvalidateRangeNow(DrvRange* r);
+  // Zaps `r` on every GPU of `gpus` mapping it, flushes their TLBs and
+  // waits, then -- once no GPU maps it -- unmaps its pages: the driver's own
+  // invalidation (before a migration it starts, on an attribute change;
+  // one GPU's before a bind of that GPU). REQUIRES: the driver lock; not
+  // the notifier lock.
+  void InvalidateRangeNow(DrvRange* r, uint32_t gpus = ~0u);
   // Zaps r on GPU `g` (under the notifier lock for write); the span zapped.
   void ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) USVM_REQUIRES(svm->notifier_lock());
 

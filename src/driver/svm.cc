@@ -380,12 +380,12 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
   });
 }
 
-void Svm::Impl::InvalidateRangeNow(DrvRange* r) {
+void Svm::Impl::InvalidateRangeNow(DrvRange* r, uint32_t gpus) {
   std::array<gpu::Fence, kMaxGpus> fences{};
   uint32_t nf = 0;
   {
     WriteLock nl(svm->notifier_lock());
-    const uint32_t mask = r->present.exchange(0);
+    const uint32_t mask = r->present.fetch_and(~gpus) & gpus;
     r->invalidated.fetch_or(mask);
     for (uint32_t m = mask; m; m &= m - 1) {
       const uint32_t g = std::countr_zero(m);
@@ -399,7 +399,7 @@ void Svm::Impl::InvalidateRangeNow(DrvRange* r) {
       if (f) fences[nf++] = *f;
     }
     (void)gpu::Fence::WaitAll({fences.data(), nf});
-    if (r->pages()) {
+    if (r->pages() && r->present.load() == 0) {
       gpusvm::Ctx ctx;
       ctx.in_notifier = true;
       svm->UnmapPages(&r->rpages, ctx);

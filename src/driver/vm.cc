@@ -39,6 +39,51 @@ void EmitRun(const Run& run, uint32_t prot, std::vector<gpu::BindOp>* ops, uint6
   }
 }
 
+// Appends the leaves that map `p` (its first page at `start`): physically
+// contiguous runs of pages with one permission (prot_of(pa)), each emitted
+// with the largest leaves alignment allows (seed 001's build_sg). Pages
+// inside `cuts` (sorted, disjoint spans) are left out.
+template <typename ProtOf>
+void BuildLeaves(const gpusvm::Pages& p, uint64_t start, ProtOf prot_of,
+                 const std::vector<std::pair<uint64_t, uint64_t>>& cuts, std::vector<gpu::BindOp>* ops,
+                 uint64_t* leaves) {
+  Run run;
+  uint32_t run_prot = 0;
+  auto flush = [&] {
+    if (run.valid) EmitRun(run, run_prot, ops, leaves);
+    run.valid = false;
+  };
+  size_t ci = 0;
+  const gpusvm::DeviceAddr* a = p.addrs();
+  for (uint64_t i = 0; i < p.npages();) {
+    const gpusvm::DeviceAddr d = a[i];
+    const uint64_t n = uint64_t{1} << d.order;
+    const gpu::PhysAddr pa = d.proto == gpusvm::AddrProto::kSystem
+                                 ? gpu::PhysAddr::System(d.addr >> 12)
+                                 : gpu::PhysAddr::Vram(VramGpu(d.addr), VramOffset(d.addr));
+    const uint32_t prot = prot_of(pa);
+    for (uint64_t k = 0; k < n; ++k) {
+      const uint64_t va = start + (i + k) * k4K;
+      while (ci < cuts.size() && cuts[ci].second <= va) ++ci;
+      if (ci < cuts.size() && va >= cuts[ci].first) {
+        flush();
+        continue;
+      }
+      const gpu::PhysAddr pk = pa + k * k4K;
+      if (run.valid && prot == run_prot && pk.kind == run.pa.kind && pk.gpu == run.pa.gpu &&
+          pk.addr == run.pa.addr + run.bytes && va == run.va + run.bytes) {
+        run.bytes += k4K;
+      } else {
+        flush();
+        run = {va, pk, k4K, true};
+        run_prot = prot;
+      }
+    }
+    i += n;
+  }
+  flush();
+}
+
 }  // namespace
 
 // ---- Vm ---------------------------------------------------------------------
@@ -116,54 +161,19 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool allow_atomic) {
   thread_local std::vector<gpu::BindOp> ops;
   ops.clear();
   uint64_t leaves[3] = {0, 0, 0};
-  Run run;
   bool peer = false;
-  auto prot_for = [&](const gpu::PhysAddr& pa) -> uint32_t {
-    uint32_t prot = gpu::kProtRead;
-    if (writable) prot |= gpu::kProtWrite;
-    // Atomics only in local VRAM (system and peer memory: migrate first),
-    // and never where the atomic attribute is "cpu".
-    if (allow_atomic && writable && pa.kind == gpu::MemKind::kVram && pa.gpu == g) prot |= gpu::kProtAtomic;
-    return prot;
-  };
-  uint32_t run_prot = 0;
-  auto flush = [&] {
-    if (run.valid) EmitRun(run, run_prot, &ops, leaves);
-    run.valid = false;
-  };
-  size_t ci = 0;
-  const gpusvm::DeviceAddr* a = p.addrs();
-  for (uint64_t i = 0; i < p.npages();) {
-    const gpusvm::DeviceAddr d = a[i];
-    const uint64_t n = uint64_t{1} << d.order;
-    gpu::PhysAddr pa;
-    if (d.proto == gpusvm::AddrProto::kSystem) {
-      pa = gpu::PhysAddr::System(d.addr >> 12);
-    } else {
-      pa = gpu::PhysAddr::Vram(VramGpu(d.addr), VramOffset(d.addr));
-      if (pa.gpu != g) peer = true;
-    }
-    const uint32_t prot = prot_for(pa);
-    for (uint64_t k = 0; k < n; ++k) {
-      const uint64_t va = r->start() + (i + k) * k4K;
-      while (ci < cuts.size() && cuts[ci].second <= va) ++ci;
-      if (ci < cuts.size() && va >= cuts[ci].first) {
-        flush();
-        continue;
-      }
-      const gpu::PhysAddr pk = pa + k * k4K;
-      if (run.valid && prot == run_prot && pk.kind == run.pa.kind && pk.gpu == run.pa.gpu &&
-          pk.addr == run.pa.addr + run.bytes && va == run.va + run.bytes) {
-        run.bytes += k4K;
-      } else {
-        flush();
-        run = {va, pk, k4K, true};
-        run_prot = prot;
-      }
-    }
-    i += n;
-  }
-  flush();
+  BuildLeaves(
+      p, r->start(),
+      [&](const gpu::PhysAddr& pa) -> uint32_t {
+        uint32_t prot = gpu::kProtRead;
+        if (writable) prot |= gpu::kProtWrite;
+        if (pa.kind == gpu::MemKind::kVram && pa.gpu != g) peer = true;
+        // Atomics only in local VRAM (system and peer memory: migrate
+        // first), and never where the atomic attribute is "cpu".
+        if (allow_atomic && writable && pa.kind == gpu::MemKind::kVram && pa.gpu == g) prot |= gpu::kProtAtomic;
+        return prot;
+      },
+      cuts, &ops, leaves);
   gpu::PageTable& pt = ctx->page_table();
   // A mapping of the range left by an earlier commit may use other leaf
   // sizes: clear it first (binds never split a larger leaf).
@@ -556,28 +566,13 @@ Result<void> Vm::Impl::ValidateBinding(Binding* b, bool need_write) {
     if (!bs.PagesValid(b->pages)) continue;
     if (need_write && b->pages.read_only()) return Err(Errc::kPerm, "driver: write to a read-only mapping");
     if (b->valid.load() && (!need_write || b->writable.load())) return {};
-    // Build the leaves of [start, end) from the pages.
+    // Binds map system memory only (no device owner: device pages came home).
+    if (b->pages.has_devmem_pages()) return Err(Errc::kFault, "driver: bind found a device page");
     std::vector<gpu::BindOp> ops;
     uint64_t leaves[3] = {0, 0, 0};
-    const gpusvm::DeviceAddr* a = b->pages.addrs();
-    Run run;
     const uint32_t prot = b->flags.read_only || b->pages.read_only() ? gpu::kProtRead
                                                                       : uint32_t(gpu::kProtRead | gpu::kProtWrite);
-    for (uint64_t i = 0; i < b->pages.npages();) {
-      const gpusvm::DeviceAddr d = a[i];
-      const uint64_t n = uint64_t{1} << d.order;
-      if (d.proto != gpusvm::AddrProto::kSystem) return Err(Errc::kFault, "driver: bind found a device page");
-      const gpu::PhysAddr pa = gpu::PhysAddr::System(d.addr >> 12);
-      const uint64_t va = b->start + i * k4K;
-      if (run.valid && pa.addr == run.pa.addr + run.bytes && va == run.va + run.bytes) {
-        run.bytes += n * k4K;
-      } else {
-        if (run.valid) EmitRun(run, prot, &ops, leaves);
-        run = {va, pa, n * k4K, true};
-      }
-      i += n;
-    }
-    if (run.valid) EmitRun(run, prot, &ops, leaves);
+    BuildLeaves(b->pages, b->start, [prot](const gpu::PhysAddr&) { return prot; }, {}, &ops, leaves);
     gpu::PageTable& pt = ctx->page_table();
     if (b->mapped.load()) (void)pt.Zap(b->start, b->end - b->start);
     USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
@@ -629,18 +624,7 @@ Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
   v.svm.svm->ForEachNotifierSafe(start, end, [&](gpusvm::Notifier* n) {
     gpusvm::GpuSvm::ForEachRangeSafe(n, start, end, [&](gpusvm::Range* gr) {
       auto* r = static_cast<DrvRange*>(gr);
-      if (r->present.load() & (1u << v.dev.id)) {
-        {
-          WriteLock nl(v.svm.svm->notifier_lock());
-          uint64_t lo = UINT64_MAX, hi = 0;
-          v.svm.ZapRangeOn(r, v.dev.id, &lo, &hi);
-          r->present.fetch_and(~(1u << v.dev.id));
-          if (lo < hi) {
-            auto f = v.ctx->InvalidateTlb(lo, hi - lo);
-            if (f) (void)f->Wait();
-          }
-        }
-      }
+      if (r->present.load() & (1u << v.dev.id)) v.svm.InvalidateRangeNow(r, 1u << v.dev.id);
     });
   });
   auto r = v.ValidateBinding(raw, !flags.read_only);
