@@ -86,6 +86,7 @@ uint64_t Device::EvictAll(const mm::Mm* mm) {
       if (!mm || bo->mm() == mm) all.push_back(bo);
   }
   uint64_t stayed = 0;
+  MigrationReasonScope why(MigrateReason::kEviction);
   for (auto& bo : all) {
     auto r = impl_->pagemap->EvictToRam(bo);
     if (!r) ++stayed;
@@ -166,6 +167,8 @@ Device::Impl::Evict Device::Impl::EvictOne(const mm::Mm* mm) {
     }
   }
   if (!victim) return Evict::kNone;
+  MigrationReasonScope why(MigrateReason::kEviction);
+  EventSpan ev(env, {.kind = EventKind::kEviction, .gpu = id, .len = victim->size()});
   auto r = pagemap->EvictToRam(victim);
   if (!r) {
     // Busy (pages in use): back at the tail, the others are tried first.
@@ -231,6 +234,8 @@ Result<void> Device::Impl::CopyToDevmem(gpusvm::Devmem& devmem, const mm::Device
   std::vector<gpu::PhysAddr> d(n);
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
+  EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kGpuFault),
+                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToDevice, {src, n}, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);
@@ -242,6 +247,8 @@ Result<void> Device::Impl::CopyToRam(gpusvm::Devmem& devmem, const mm::DevicePfn
   std::vector<gpu::PhysAddr> s(n);
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) s[i] = gpu::PhysAddr::Vram(id, (src[i] - base) << 12);
+  EventSpan ev(env, {.kind = EventKind::kMigrateToRam, .reason = MigrateReasonOr(MigrateReason::kCpuFault),
+                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToHost, {dst, n}, s));
   USVM_TRY(f.Wait());
   Bump(bytes_to_ram, n << 12);
@@ -262,6 +269,8 @@ Result<void> Device::Impl::CopyFromPeer(gpusvm::Devmem& devmem, const mm::Device
     s[i] = gpu::PhysAddr::Vram(peer->id, (src[i] - pbase) << 12);
     d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
   }
+  EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kPeer),
+                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
   auto f = USVM_TRY(gpu->Copy(0, s, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);

@@ -14,6 +14,7 @@
 #include "usvm/base/mutex.h"
 #include "usvm/base/wait_queue.h"
 #include "usvm/driver/driver.h"
+#include "usvm/driver/events.h"
 #include "usvm/gpusvm/gpusvm.h"
 #include "usvm/gpusvm/pagemap.h"
 #include "usvm/mm/mm.h"

@@ -263,7 +263,10 @@ void Svm::Impl::ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) 
 
 void InvalFinish::Finish(const mm::NotifierRange& range, uint64_t cur_seq) {
   Svm::Impl* s = svm;
-  (void)gpu::Fence::WaitAll({fences.data(), nfences});
+  {
+    EventSpan ev(s->env, {.kind = EventKind::kTlbWait, .va = range.start, .len = range.end - range.start});
+    (void)gpu::Fence::WaitAll({fences.data(), nfences});
+  }
   for (uint32_t i = 0; i < nfences; ++i) fences[i] = gpu::Fence();
   nfences = 0;
   Bump(s->two_pass_finishes);
@@ -281,6 +284,8 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
     return;
   }
   Bump(invalidations);
+  EventSpan ev(env, {.kind = EventKind::kInvalidate, .detail = static_cast<uint32_t>(range.event),
+                     .va = range.start, .len = range.end - range.start});
   const bool unmap = range.event == mm::NotifyEvent::kUnmap;
   if (unmap) Bump(unmap_events);
   // Per GPU: the span its TLB must forget.
@@ -313,6 +318,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
         if (!vi) continue;
         auto f = vi->ctx->InvalidateTlb(l, h - l);
         Bump(tlb_flushes);
+        EmitTlbFlush(env, g, l, h);
         if (f) (void)f->Wait();
       }
     } else {
@@ -351,6 +357,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
       if (!vi) continue;
       auto fe = vi->ctx->InvalidateTlb(lo[g], hi[g] - lo[g]);
       Bump(tlb_flushes);
+      EmitTlbFlush(env, g, lo[g], hi[g]);
       if (fe) fences[nf++] = *fe;
     }
     if (f) {
@@ -395,6 +402,7 @@ void Svm::Impl::InvalidateRangeNow(DrvRange* r, uint32_t gpus) {
       if (!vi || lo >= hi) continue;
       auto f = vi->ctx->InvalidateTlb(lo, hi - lo);
       Bump(tlb_flushes);
+      EmitTlbFlush(env, g, lo, hi);
       Bump(vi->c.by_size[SizeIndex(r->size())][kTlbInvals]);
       if (f) fences[nf++] = *f;
     }
@@ -446,6 +454,7 @@ Result<void> Svm::Impl::CollectLocked() {
     // Device pages of the part still mapped go home (ranges are never
     // split: the range goes, what is left is faulted again as new ranges).
     if (partial && r->migrate_devmem() && r->in_tree()) {
+      MigrationReasonScope why(MigrateReason::kPartialUnmap, r->start());
       (void)svm->RangeEvict(r);
       Bump(gc_evictions);
     }

@@ -503,6 +503,7 @@ Result<void> Vm::Impl::PrefetchLocked(uint64_t start, uint64_t end, Location whe
   // and, when this GPU can reach it there, mapped here; ranges already
   // valid there are skipped.
   uint64_t va = start;
+  MigrationReasonScope why(MigrateReason::kPrefetch, start);
   while (va < end) {
     Device::Impl* target = DeviceAt(where);
     const bool map_here = where.kind != Location::Kind::kDevice || CanReach(target);
@@ -695,8 +696,14 @@ void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch
     gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
     // The collector runs first (xe: garbage collection before faults).
     (void)vm->svm.CollectLocked();
+    const uint64_t t0 = EventsEnabled() ? vm->svm.env.NowNs() : 0;
     for (const gpu::Fault& f : batch) {
+      MigrationReasonScope why(f.access & gpu::kAccessAtomic ? MigrateReason::kGpuAtomic : MigrateReason::kGpuFault, f.va);
       auto r = vm->HandleFaultLocked(f.va, f.access);
+      if (EventsEnabled())
+        EmitEvent({.kind = EventKind::kGpuFault, .gpu = vm->dev.id, .detail = f.access,
+                   .result = r ? 0 : r.error().errnum(), .va = f.va, .len = k4K, .begin_ns = t0,
+                   .end_ns = vm->svm.env.NowNs()});
       if (r) ok.push_back(f.id);
       else failed.emplace_back(f.id, r.error());
     }

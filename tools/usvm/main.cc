@@ -1,45 +1,40 @@
 // usvm: the command-line tool. Every failure prints one line and exits
-// non-zero.
+// non-zero: 1 a data mismatch (or a run that could not finish), 2 bad
+// input (a malformed scenario, an unknown option or --set key).
 #include <fmt/core.h>
+#include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <charconv>
 #include <cstring>
+#include <fstream>
 #include <string_view>
 
 #include "demo.h"
+#include "usvm/sim/runner.h"
+#include "usvm/sim/scenario.h"
+
+#ifndef USVM_VERSION
+#define USVM_VERSION "0.0.0"
+#endif
 
 namespace {
 
-constexpr const char* kUsage =
-    "usage: usvm <command> [options]\n"
-    "commands:\n"
-    "  demo [--buffer-mib N] [--gpu-threads N] [--verbose]\n"
-    "      one process and one simulated GPU share a buffer: the GPU faults\n"
-    "      pages in through an interval notifier mirror, then munmap,\n"
-    "      mprotect, madvise, fork and mremap tear its mappings down first\n"
-    "      (the main job until the scenario runner exists)\n"
-    "  help\n";
+constexpr int kExitMismatch = 1;
+constexpr int kExitBadInput = 2;
 
 bool ParseU64(std::string_view s, uint64_t* out) {
   auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
   return ec == std::errc() && p == s.data() + s.size();
 }
 
-int Fail(const std::string& msg) {
+int Fail(const std::string& msg, int code = kExitBadInput) {
   fmt::print(stderr, "usvm: {}\n", msg);
-  return 2;
+  return code;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  if (argc < 2) return Fail("no command given (try `usvm help`)");
-  std::string_view cmd = argv[1];
-  if (cmd == "help" || cmd == "--help" || cmd == "-h") {
-    fmt::print("{}", kUsage);
-    return 0;
-  }
-  if (cmd != "demo") return Fail(fmt::format("unknown command '{}' (try `usvm help`)", cmd));
+// `usvm demo` keeps its own small parser (the pre-scenario demonstration).
+int Demo(int argc, char** argv) {
   usvm::tools::DemoOptions opts;
   for (int i = 2; i < argc; ++i) {
     std::string_view a = argv[i];
@@ -56,9 +51,174 @@ int main(int argc, char** argv) {
       opts.gpu_threads = static_cast<uint32_t>(v);
     } else if (a == "--verbose") {
       opts.verbose = true;
+    } else if (a == "--help" || a == "-h") {
+      fmt::print("usage: usvm demo [--buffer-mib N] [--gpu-threads N] [--verbose]\n");
+      return 0;
     } else {
       return Fail(fmt::format("unknown option '{}' for demo", a));
     }
   }
   return usvm::tools::RunDemo(opts);
+}
+
+bool WriteFile(const std::string& path, const std::string& text) {
+  std::ofstream out(path);
+  if (!out) return false;
+  out << text;
+  out.close();
+  return static_cast<bool>(out);
+}
+
+// FILE.json -> FILE.SETTING.json
+std::string WithSuffix(const std::string& path, const std::string& setting) {
+  const auto dot = path.rfind('.');
+  const auto slash = path.rfind('/');
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return path + "." + setting;
+  return path.substr(0, dot) + "." + setting + path.substr(dot);
+}
+
+struct RunArgs {
+  std::string file;
+  uint64_t seed = 0;
+  bool seed_set = false;
+  std::vector<std::string> sets;
+  std::string json, trace, compare;
+  bool quiet = false;
+  bool no_verify = false;
+};
+
+int Run(const RunArgs& a) {
+  using namespace usvm::sim;
+  auto parsed = a.file.empty() ? ParseScenarioString(DefaultScenarioYaml(), "<default>") : ParseScenarioFile(a.file);
+  if (!parsed) return Fail(parsed.error().ToString());
+  Scenario s = std::move(*parsed);
+  if (a.seed_set) s.seed = a.seed;
+  if (a.no_verify) s.verify = false;
+  for (const std::string& kv : a.sets)
+    if (auto r = ApplyOverride(s, kv); !r) return Fail(r.error().ToString());
+
+  // The settings to run: one (the scenario as given), or --compare's.
+  std::vector<std::pair<std::string, Scenario>> runs;
+  if (a.compare.empty()) {
+    runs.emplace_back("", s);
+  } else {
+    std::string names = a.compare;
+    size_t pos = 0;
+    while (pos <= names.size()) {
+      const size_t comma = names.find(',', pos);
+      const std::string name = names.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+      pos = comma == std::string::npos ? names.size() + 1 : comma + 1;
+      if (name.empty()) return Fail("--compare: empty setting name");
+      auto it = s.settings.find(name);
+      if (it == s.settings.end()) {
+        std::string known;
+        for (const auto& [k, v] : s.settings) known += (known.empty() ? "" : ", ") + k;
+        return Fail(fmt::format("--compare: no setting '{}' in the scenario (settings: {})", name,
+                                known.empty() ? "none" : known));
+      }
+      Scenario v = s;
+      for (const auto& [k, val] : it->second)
+        if (auto r = ApplyOverride(v, k, val); !r) return Fail(r.error().ToString());
+      runs.emplace_back(name, std::move(v));
+    }
+    if (runs.size() < 2) return Fail("--compare needs at least two settings (A,B)");
+  }
+
+  std::vector<RunResult> results;
+  for (auto& [name, sc] : runs) {
+    RunOptions o;
+    o.progress = !a.quiet && isatty(STDOUT_FILENO) && isatty(STDERR_FILENO);
+    if (!a.trace.empty()) o.trace_path = name.empty() ? a.trace : WithSuffix(a.trace, name);
+    auto r = RunScenario(sc, o);
+    if (!r) return Fail(fmt::format("run{} failed: {}", name.empty() ? "" : " of " + name, r.error()), kExitMismatch);
+    r->metrics.setting = name;
+    results.push_back(std::move(*r));
+  }
+  bool mismatch = false;
+  for (const RunResult& r : results) mismatch |= r.mismatch.has_value();
+  if (!a.json.empty()) {
+    std::string text;
+    if (results.size() == 1) {
+      text = MetricsJson(results[0].metrics, results[0].mismatch ? &*results[0].mismatch : nullptr);
+    } else {
+      std::vector<const Metrics*> ms;
+      std::vector<const Mismatch*> mm;
+      for (const RunResult& r : results) {
+        ms.push_back(&r.metrics);
+        mm.push_back(r.mismatch ? &*r.mismatch : nullptr);
+      }
+      text = MetricsJsonArray(ms, mm);
+    }
+    if (!WriteFile(a.json, text)) return Fail("cannot write " + a.json, kExitBadInput);
+  }
+  if (!a.quiet) {
+    if (results.size() == 1) {
+      fmt::print("{}", SummaryTable(results[0]));
+    } else {
+      std::vector<const RunResult*> rs;
+      for (const RunResult& r : results) rs.push_back(&r);
+      fmt::print("{}", CompareTable(rs));
+    }
+  }
+  for (const RunResult& r : results)
+    if (r.mismatch)
+      fmt::print(stderr, "usvm: {}{}\n", r.metrics.setting.empty() ? "" : r.metrics.setting + ": ",
+                 r.mismatch->ToString());
+  return mismatch ? kExitMismatch : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc >= 2 && std::strcmp(argv[1], "demo") == 0) return Demo(argc, argv);
+
+  CLI::App app{"usvm: a user-space GPU shared-virtual-memory stack (HMM, interval notifiers, gpusvm,\n"
+               "pagemap, an xe-like driver) on simulated GPUs with real bytes"};
+  app.set_version_flag("--version", std::string("usvm ") + USVM_VERSION);
+  app.require_subcommand(1);
+  app.footer(
+      "exit codes: 0 ok, 1 data mismatch (or a run that could not finish), 2 bad input\n"
+      "`usvm demo --help`: the address-space demonstration");
+
+  RunArgs ra;
+  CLI::App* run = app.add_subcommand("run", "run a scenario (the built-in default without a file) and print a summary");
+  run->add_option("scenario", ra.file, "scenario YAML file (docs/scenarios.md)");
+  run->add_option("--seed", ra.seed, "override the scenario's seed")->each([&](const std::string&) { ra.seed_set = true; });
+  run->add_option("--set", ra.sets,
+                  "override a field, key=value (seed, verify, machine.gpus, machine.vram, framework.invalidation, "
+                  "framework.placement, buffers.NAME.size, ...); repeatable")
+      ->take_all();
+  run->add_option("--json", ra.json, "write the metrics as JSON to FILE");
+  run->add_option("--trace", ra.trace, "write a Chrome/Perfetto trace-event JSON to FILE (ui.perfetto.dev)");
+  run->add_option("--compare", ra.compare,
+                  "run the same scenario and seed under settings A,B,... (the scenario's `settings:`) side by side");
+  run->add_flag("--quiet,-q", ra.quiet, "print nothing but errors");
+  run->add_flag("--no-verify", ra.no_verify, "skip the reference checks");
+
+  std::string vfile;
+  CLI::App* validate = app.add_subcommand("validate", "check a scenario file; prints 'ok' or the first error");
+  validate->add_option("file", vfile, "scenario YAML file")->required();
+  app.add_subcommand("demo", "the address-space demonstration (usvm demo --help)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::string what = e.what();
+    if (auto nl = what.find('\n'); nl != std::string::npos) what.resize(nl);
+    return Fail(what + " (try `usvm --help`)");
+  }
+  if (run->parsed()) return Run(ra);
+  if (validate->parsed()) {
+    auto s = usvm::sim::ParseScenarioFile(vfile);
+    if (!s) return Fail(s.error().ToString());
+    fmt::print("{}: ok ({} buffers, {} phases)\n", vfile, s->buffers.size(), s->phases.size());
+    return 0;
+  }
+  return Fail("no command given (try `usvm --help`)");
 }
