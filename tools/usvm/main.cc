@@ -85,6 +85,7 @@ struct RunArgs {
   std::string json, trace, compare;
   bool quiet = false;
   bool no_verify = false;
+  std::string corrupt;  // tests: PHASE:BUFFER:OFFSET
 };
 
 int Run(const RunArgs& a) {
@@ -127,6 +128,15 @@ int Run(const RunArgs& a) {
   std::vector<RunResult> results;
   for (auto& [name, sc] : runs) {
     RunOptions o;
+    if (!a.corrupt.empty()) {
+      const auto c1 = a.corrupt.find(':'), c2 = a.corrupt.rfind(':');
+      uint64_t phase = 0, off = 0;
+      if (c1 == c2 || !ParseU64(a.corrupt.substr(0, c1), &phase) || !ParseU64(a.corrupt.substr(c2 + 1), &off))
+        return Fail("--corrupt-reference needs PHASE:BUFFER:OFFSET");
+      o.corrupt_after_phase = static_cast<int>(phase);
+      o.corrupt_buffer = a.corrupt.substr(c1 + 1, c2 - c1 - 1);
+      o.corrupt_offset = off;
+    }
     o.progress = !a.quiet && isatty(STDOUT_FILENO) && isatty(STDERR_FILENO);
     if (!a.trace.empty()) o.trace_path = name.empty() ? a.trace : WithSuffix(a.trace, name);
     auto r = RunScenario(sc, o);
@@ -194,6 +204,9 @@ int main(int argc, char** argv) {
                   "run the same scenario and seed under settings A,B,... (the scenario's `settings:`) side by side");
   run->add_flag("--quiet,-q", ra.quiet, "print nothing but errors");
   run->add_flag("--no-verify", ra.no_verify, "skip the reference checks");
+  // Hidden (no group): flips a byte of the reference after a phase, so the
+  // tests can see a mismatch end to end.
+  run->add_option("--corrupt-reference", ra.corrupt, "testing: PHASE:BUFFER:OFFSET")->group("");
 
   std::string vfile;
   CLI::App* validate = app.add_subcommand("validate", "check a scenario file; prints 'ok' or the first error");
