@@ -1,7 +1,8 @@
 # usvm: `make run` and `make test` work on a fresh Debian 12 machine; they
 # install what is missing with apt-get (as root, or through sudo).
 SHELL := /bin/bash
-PKGS := cmake ninja-build g++ clang libgtest-dev libgmock-dev libbenchmark-dev libfmt-dev
+PKGS := cmake ninja-build g++ clang libgtest-dev libgmock-dev libbenchmark-dev libfmt-dev \
+        libyaml-cpp-dev libcli11-dev nlohmann-json3-dev
 CTEST_JOBS ?= 2
 BENCH_OUT := build/bench
 
@@ -24,10 +25,14 @@ build: deps
 	@cmake --preset release >/dev/null
 	cmake --build build/release
 
-# The main job on the built-in default scenario. Until the scenario runner
-# exists this is the end-to-end demonstration of the address space.
-run: build
-	./build/release/tools/usvm/usvm demo
+# The main job: the built-in default scenario (two GPUs, VRAM oversubscribed
+# 2x, CPU and GPUs sharing buffers, a prefetch, atomics, a fork and a munmap
+# in the middle), every byte checked, and its summary. Only the tool is
+# built. `usvm run --help` for scenario files, --compare, --json, --trace.
+run: deps
+	@cmake --preset release >/dev/null
+	cmake --build build/release --target usvm
+	./build/release/tools/usvm/usvm run
 
 # Every test (optimised build, assertions on), then every test again under
 # AddressSanitizer + UndefinedBehaviorSanitizer (use-after-free is the class

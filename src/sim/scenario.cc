@@ -580,7 +580,20 @@ std::vector<std::string> OverrideKeys() {
   return k;
 }
 
+namespace {
+ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std::string& value);
+}
+
+// On a copy: a failed override leaves the scenario as it was.
 ParseResult<void> ApplyOverride(Scenario& s, const std::string& key, const std::string& value) {
+  Scenario copy = s;
+  auto r = ApplyOverrideTo(copy, key, value);
+  if (r) s = std::move(copy);
+  return r;
+}
+
+namespace {
+ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std::string& value) {
   // Reuse the YAML field checks: build the one-field document and parse it.
   auto err = [&](const std::string& msg) {
     return std::unexpected(ParseError{"--set", 0, key, msg});
@@ -648,6 +661,7 @@ ParseResult<void> ApplyOverride(Scenario& s, const std::string& key, const std::
   }
   return err("unknown key (keys: seed, verify, machine.*, framework.*, buffers.<name>.size; see `usvm run --help`)");
 }
+}  // namespace
 
 ParseResult<void> ApplyOverride(Scenario& s, const std::string& assignment) {
   const auto eq = assignment.find('=');

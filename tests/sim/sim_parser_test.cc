@@ -242,6 +242,7 @@ TEST(ScenarioOverride, BadKeysAndValues) {
   auto g = ApplyOverride(s, "machine.gpus=1");
   ASSERT_FALSE(g.has_value());
   EXPECT_NE(g.error().ToString().find("does not exist"), std::string::npos);
+  EXPECT_EQ(s.machine.gpus, 2u);  // a failed override changes nothing
   // A buffer shrunk below a step's explicit span.
   auto sh = ApplyOverride(s, "buffers.a.size=4KiB");
   ASSERT_FALSE(sh.has_value());
