@@ -244,7 +244,12 @@ TEST(ScenarioOverride, BadKeysAndValues) {
   EXPECT_NE(g.error().ToString().find("does not exist"), std::string::npos);
   EXPECT_EQ(s.machine.gpus, 2u);  // a failed override changes nothing
   // A buffer shrunk below a step's explicit span.
-  auto sh = ApplyOverride(s, "buffers.a.size=4KiB");
+  auto r2 = ParseScenarioString(
+      "buffers:\n  - {name: a, size: 8KiB}\nphases:\n  - steps:\n      - cpu_write: {buffer: a, offset: 4KiB}\n",
+      "x.yaml");
+  ASSERT_TRUE(r2.has_value()) << r2.error().ToString();
+  Scenario s2 = *r2;
+  auto sh = ApplyOverride(s2, "buffers.a.size=4KiB");
   ASSERT_FALSE(sh.has_value());
   EXPECT_NE(sh.error().ToString().find("beyond buffer"), std::string::npos) << sh.error().ToString();
 }
