@@ -624,9 +624,9 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
         ++m.checks;
         ++m.checksums_verified;
         if (ls.checksum != want) {
-          // Where does the GPU's view differ? Read the span back on the
-          // CPU: a wrong byte in memory is named; else the GPU read stale
-          // or misplaced pages.
+          // Where does the GPU's view differ? The same GPU copies the span
+          // out word by word; the first byte that differs is named (if the
+          // copy matches, the span's start is).
           Mismatch mm;
           mm.buffer = b.spec->name;
           mm.va = va;
@@ -634,7 +634,31 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
           mm.view = fmt::format("gpu{} {} checksum (got {:#x}, want {:#x})", st.gpu, PatternName(st.pattern),
                                 ls.checksum, want);
           mm.when = desc;
-          mm.last_step = b.last[off / kPage] ? touched_by_[b.last[off / kPage]] : "(none: never written)";
+          auto host = std::make_shared<std::vector<uint64_t>>(words);
+          uint64_t* out = host->data();
+          auto copy = VmOf(st.gpu).LaunchKernel(
+              [va, words, out](gpu::KernelContext& k) {
+                for (uint64_t w = k.thread_id(); w < words && !k.cancelled(); w += k.num_threads())
+                  out[w] = k.Load(va + w * 8);
+              },
+              {.threads = 4});
+          if (copy && copy->Wait()) {
+            const auto* got = reinterpret_cast<const uint8_t*>(host->data());
+            const uint8_t* want_bytes = &b.ref[off];
+            uint64_t i = 0;
+            while (i < len && got[i] == want_bytes[i]) ++i;
+            if (i < len) {
+              mm.offset = off + i;
+              mm.va = va + i;
+              mm.got = got[i];
+              mm.want = want_bytes[i];
+              for (uint64_t j = i; j < len; ++j) mm.bytes_differ += got[j] != want_bytes[j];
+              mm.view = fmt::format("gpu{} (its {} checksum differed; a copy-out kernel found the byte)", st.gpu,
+                                    PatternName(st.pattern));
+            }
+          }
+          const uint32_t last = b.last[mm.offset / kPage];
+          mm.last_step = last ? touched_by_[last] : "(none: never written)";
           return Stop{mm, ""};
         }
       }
@@ -812,11 +836,13 @@ std::expected<RunResult, std::string> Run::Go() {
                    total, ph.name.substr(0, 24));
       }
       const uint64_t p0 = Now();
-      stop = RunSteps(ph.steps, ph.name);
-      if (!stop && int(pi) == o_.corrupt_after_phase) {
+      auto corrupt = [&] {
         for (Buf& b : bufs_)
           if (b.spec->name == o_.corrupt_buffer && o_.corrupt_offset < b.size()) b.ref[o_.corrupt_offset] ^= 0x5a;
-      }
+      };
+      if (int(pi) == o_.corrupt_before_phase && r == 0) corrupt();
+      stop = RunSteps(ph.steps, ph.name);
+      if (!stop && int(pi) == o_.corrupt_after_phase && r == 0) corrupt();
       if (!stop) stop = VerifyAll(fmt::format("after phase '{}'", ph.name));
       spans_.push_back({ph.name, "phase", UINT32_MAX, cpu_thread_, p0, Now(), ""});
       ++done;

@@ -133,6 +133,35 @@ TEST(SimRunner, CorruptionInAnotherBufferAfterALaterPhase) {
   EXPECT_NE(r->mismatch->last_step.find("gpu_atomic gpu1"), std::string::npos) << r->mismatch->ToString();
 }
 
+TEST(SimRunner, GpuChecksumMismatchNamesTheByte) {
+  Scenario s = Parse(R"(
+machine: {gpus: 2, vram: 4MiB, system_memory: 32MiB}
+buffers: [{name: a, size: 4MiB}]
+phases:
+  - name: fill
+    steps:
+      - cpu_write: {buffer: a}
+      - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write}
+  - name: read
+    steps:
+      - gpu_kernel: {gpu: 1, buffer: a, offset: 1MiB, size: 1MiB, pattern: stream_read}
+)");
+  RunOptions o;
+  o.corrupt_before_phase = 1;
+  o.corrupt_buffer = "a";
+  o.corrupt_offset = 0x100007;
+  auto r = RunScenario(s, o);
+  ASSERT_TRUE(r.has_value()) << r.error();
+  ASSERT_TRUE(r->mismatch.has_value());
+  const Mismatch& mm = *r->mismatch;
+  EXPECT_EQ(mm.buffer, "a");
+  EXPECT_EQ(mm.offset, 0x100007u) << mm.ToString();
+  EXPECT_EQ(mm.bytes_differ, 1u) << mm.ToString();
+  EXPECT_NE(mm.view.find("gpu1"), std::string::npos) << mm.ToString();
+  EXPECT_NE(mm.when.find("stream_read on gpu1"), std::string::npos) << mm.ToString();
+  EXPECT_NE(mm.last_step.find("read_modify_write on gpu0"), std::string::npos) << mm.ToString();
+}
+
 TEST(SimRunner, KernelOnFreedMemoryIsAResultNotACrash) {
   Scenario s = Parse(R"(
 machine: {gpus: 1, vram: 4MiB, system_memory: 32MiB}

@@ -47,6 +47,8 @@ struct RunOptions {
   // the reference of `corrupt_buffer` at `corrupt_offset`, so the check
   // that follows must catch it.
   int corrupt_after_phase = -1;
+  // ... or before phase `corrupt_before_phase` runs (its steps see it).
+  int corrupt_before_phase = -1;
   std::string corrupt_buffer;
   uint64_t corrupt_offset = 0;
   // Kernels that run longer than this are a hang: the run stops with an
