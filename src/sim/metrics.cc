@@ -102,9 +102,14 @@ std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
   rows.push_back({"fault service p50 / p99", fmt::format("{} / {}", Us(m.fault_latency_p50_ns), Us(m.fault_latency_p99_ns))});
   rows.push_back({"migrations to VRAM", fmt::format("{} ({})", m.migrations_to_vram, FormatBytes(m.bytes_to_vram))});
   rows.push_back({"migrations to RAM", fmt::format("{} ({})", m.migrations_to_ram, FormatBytes(m.bytes_to_ram))});
-  std::string why;
-  for (const auto& [k, v] : m.migrations_by_reason) why += fmt::format("{}{}={}", why.empty() ? "" : " ", k, v);
-  rows.push_back({"  why", why.empty() ? "-" : why});
+  // Why they moved: "to_vram:prefetch" -> the to-VRAM row's "prefetch N".
+  for (const char* dir : {"to_vram", "to_ram"}) {
+    std::string why;
+    for (const auto& [k, v] : m.migrations_by_reason)
+      if (k.starts_with(std::string(dir) + ":"))
+        why += fmt::format("{}{} {}", why.empty() ? "" : ", ", k.substr(k.find(':') + 1), v);
+    rows.push_back({fmt::format("  why {}", dir == std::string("to_vram") ? "to VRAM" : "to RAM"), why.empty() ? "-" : why});
+  }
   rows.push_back({"invalidations (TLB flushes)", fmt::format("{} ({})", m.invalidations, m.tlb_flushes)});
   rows.push_back({"invalidation time (p99)", fmt::format("{} ({})", Us(m.invalidation_ns), Us(m.invalidation_p99_ns))});
   rows.push_back({"evictions", fmt::format("{} ({})", m.evictions, FormatBytes(m.bytes_evicted))});
