@@ -168,7 +168,7 @@ Device::Impl::Evict Device::Impl::EvictOne(const mm::Mm* mm) {
   }
   if (!victim) return Evict::kNone;
   MigrationReasonScope why(MigrateReason::kEviction);
-  EventSpan ev(env, {.kind = EventKind::kEviction, .gpu = id, .len = victim->size()});
+  EventSpan ev(env, {.kind = EventKind::kEviction, .gpu = id, .va = victim->va, .len = victim->size()});
   auto r = pagemap->EvictToRam(victim);
   if (!r) {
     // Busy (pages in use): back at the tail, the others are tried first.
@@ -195,6 +195,7 @@ Result<void> Device::Impl::PopulateMm(gpusvm::Pagemap& pm, uint64_t start, uint6
                                       const std::shared_ptr<mm::Mm>& mm, uint64_t timeslice_ms) {
   const uint64_t size = std::bit_ceil(end - start);
   auto bo = USVM_TRY(AllocBo(mm, size));
+  bo->va = start;
   gpusvm::MigrateDetails d;
   d.timeslice_ms = timeslice_ms;
   d.source_peer_migrates = true;
@@ -235,7 +236,7 @@ Result<void> Device::Impl::CopyToDevmem(gpusvm::Devmem& devmem, const mm::Device
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
   EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kGpuFault),
-                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToDevice, {src, n}, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);
@@ -248,7 +249,7 @@ Result<void> Device::Impl::CopyToRam(gpusvm::Devmem& devmem, const mm::DevicePfn
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) s[i] = gpu::PhysAddr::Vram(id, (src[i] - base) << 12);
   EventSpan ev(env, {.kind = EventKind::kMigrateToRam, .reason = MigrateReasonOr(MigrateReason::kCpuFault),
-                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToHost, {dst, n}, s));
   USVM_TRY(f.Wait());
   Bump(bytes_to_ram, n << 12);
@@ -270,7 +271,7 @@ Result<void> Device::Impl::CopyFromPeer(gpusvm::Devmem& devmem, const mm::Device
     d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
   }
   EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kPeer),
-                     .gpu = id, .va = CurrentMigrateVa(), .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
   auto f = USVM_TRY(gpu->Copy(0, s, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);

@@ -44,6 +44,7 @@ struct VramBo final : gpusvm::Devmem {
          uint64_t offset)
       : Devmem(pm, ops, std::move(mm), size), offset(offset) {}
   const uint64_t offset;  // VRAM byte offset of the block
+  uint64_t va = 0;        // start of the range it holds (events only; 0: unknown)
   // Guarded by the owning Device::Impl::lock_.
   std::list<std::shared_ptr<VramBo>>::iterator lru_it;
   bool in_lru = false;

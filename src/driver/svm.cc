@@ -454,7 +454,7 @@ Result<void> Svm::Impl::CollectLocked() {
     // Device pages of the part still mapped go home (ranges are never
     // split: the range goes, what is left is faulted again as new ranges).
     if (partial && r->migrate_devmem() && r->in_tree()) {
-      MigrationReasonScope why(MigrateReason::kPartialUnmap, r->start());
+      MigrationReasonScope why(MigrateReason::kPartialUnmap);
       (void)svm->RangeEvict(r);
       Bump(gc_evictions);
     }

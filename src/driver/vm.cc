@@ -361,6 +361,7 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
       // own invalidation first: the MIGRATE event it causes is skipped.
       svm.InvalidateRangeNow(r);
       auto bo = target->AllocBo(svm.mm, std::bit_ceil(r->size()));
+      if (bo) (*bo)->va = r->start();
       Result<void> m;
       if (!bo) {
         m = Err(bo.error());
@@ -503,7 +504,7 @@ Result<void> Vm::Impl::PrefetchLocked(uint64_t start, uint64_t end, Location whe
   // and, when this GPU can reach it there, mapped here; ranges already
   // valid there are skipped.
   uint64_t va = start;
-  MigrationReasonScope why(MigrateReason::kPrefetch, start);
+  MigrationReasonScope why(MigrateReason::kPrefetch);
   while (va < end) {
     Device::Impl* target = DeviceAt(where);
     const bool map_here = where.kind != Location::Kind::kDevice || CanReach(target);
@@ -698,7 +699,7 @@ void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch
     (void)vm->svm.CollectLocked();
     const uint64_t t0 = EventsEnabled() ? vm->svm.env.NowNs() : 0;
     for (const gpu::Fault& f : batch) {
-      MigrationReasonScope why(f.access & gpu::kAccessAtomic ? MigrateReason::kGpuAtomic : MigrateReason::kGpuFault, f.va);
+      MigrationReasonScope why(f.access & gpu::kAccessAtomic ? MigrateReason::kGpuAtomic : MigrateReason::kGpuFault);
       auto r = vm->HandleFaultLocked(f.va, f.access);
       if (EventsEnabled())
         EmitEvent({.kind = EventKind::kGpuFault, .gpu = vm->dev.id, .detail = f.access,

@@ -59,7 +59,8 @@ struct Event {
   // else 0.
   uint32_t detail = 0;
   int32_t result = 0;     // 0, or the errno of a failed fault
-  uint64_t va = 0;        // 0 when unknown (copies name frames, not VAs)
+  uint64_t va = 0;        // copies, evictions: the start of the range the
+                          // VRAM allocation holds; 0 when unknown
   uint64_t len = 0;       // VA span, or bytes for copies and evictions
   uint64_t begin_ns = 0;  // on the Env clock of the reporting object
   uint64_t end_ns = 0;
@@ -75,7 +76,6 @@ class EventObserver {
 namespace detail {
 inline std::atomic<EventObserver*> g_event_observer{nullptr};
 inline thread_local MigrateReason tls_migrate_reason = MigrateReason::kNone;
-inline thread_local uint64_t tls_migrate_va = 0;
 inline std::atomic<uint32_t> g_next_thread_id{1};
 }  // namespace detail
 
@@ -101,28 +101,21 @@ inline void EmitEvent(Event e) {
 // The reason of migrations started on this thread while in scope (nests).
 class MigrationReasonScope {
  public:
-  MigrationReasonScope(MigrateReason r, uint64_t va = 0)
-      : prev_(detail::tls_migrate_reason), prev_va_(detail::tls_migrate_va) {
+  explicit MigrationReasonScope(MigrateReason r) : prev_(detail::tls_migrate_reason) {
     detail::tls_migrate_reason = r;
-    detail::tls_migrate_va = va;
   }
-  ~MigrationReasonScope() {
-    detail::tls_migrate_reason = prev_;
-    detail::tls_migrate_va = prev_va_;
-  }
+  ~MigrationReasonScope() { detail::tls_migrate_reason = prev_; }
   MigrationReasonScope(const MigrationReasonScope&) = delete;
   MigrationReasonScope& operator=(const MigrationReasonScope&) = delete;
 
  private:
   MigrateReason prev_;
-  uint64_t prev_va_;
 };
 inline MigrateReason CurrentMigrateReason() { return detail::tls_migrate_reason; }
 // The reason in scope, or `fallback` when none is.
 inline MigrateReason MigrateReasonOr(MigrateReason fallback) {
   return detail::tls_migrate_reason == MigrateReason::kNone ? fallback : detail::tls_migrate_reason;
 }
-inline uint64_t CurrentMigrateVa() { return detail::tls_migrate_va; }
 
 // Reports an event spanning its lifetime (begin at construction, end at
 // destruction) when an observer is installed. `now` reads the clock.
