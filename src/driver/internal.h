@@ -55,7 +55,7 @@ struct CounterSet {
   std::array<std::array<Counter, 7>, 3> by_size{};  // SizeCounters fields, in order
   Counter faults{0}, faults_cancelled{0}, commit_retries{0}, evict_retries{0}, migrate_failures{0},
       leaves_4k{0}, leaves_64k{0}, leaves_2m{0}, peer_maps{0}, prefetches{0}, binds{0}, unbinds{0},
-      rebinds{0}, bind_invalidations{0};
+      rebinds{0}, bind_invalidations{0}, commit_flushes{0};
 };
 enum SizeField { kFaults, kValidFaults, kMigrations, kGetPages, kBinds, kBytesCopied, kTlbInvals };
 
@@ -153,10 +153,20 @@ struct DrvRange final : gpusvm::Range {
 // The second pass of a two-pass invalidation: waits for the TLB fences
 // the first pass started.
 struct InvalFinish final : mm::MmuIntervalFinish {
+  // Room for this invalidation's own flushes (one per GPU) and as many of
+  // other invalidations still in flight; more are waited for at once.
+  static constexpr uint32_t kCap = 2 * kMaxGpus;
   void Finish(const mm::NotifierRange& range, uint64_t cur_seq) override;
   Svm::Impl* svm = nullptr;
-  std::array<gpu::Fence, kMaxGpus> fences{};
+  std::array<gpu::Fence, kCap> fences{};
   uint32_t nfences = 0;
+};
+
+// A TLB flush that a two-pass invalidation started and waits for only in
+// its finish pass, with the span it covers on its GPU.
+struct PendingFlush {
+  uint64_t lo = 0, hi = 0;
+  gpu::Fence fence;
 };
 
 // An explicit bind or userptr of one Vm: its own interval notifier, pages
@@ -213,6 +223,11 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   // one GPU's before a bind of that GPU). REQUIRES: the driver lock; not
   // the notifier lock.
   void InvalidateRangeNow(DrvRange* r, uint32_t gpus = ~0u);
+  // Adds to out[*n] (at most `cap`) the fences of flushes still in flight
+  // that other invalidations started over spans meeting [a, b); those that
+  // do not fit are waited for here. Drops the signalled ones.
+  void CollectPendingFlushes(uint64_t a, uint64_t b, gpu::Fence* out, uint32_t* n, uint32_t cap)
+      USVM_REQUIRES(svm->notifier_lock());
   // Zaps r on GPU `g` (under the notifier lock for write); the span zapped.
   void ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) USVM_REQUIRES(svm->notifier_lock());
 
@@ -269,10 +284,18 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   std::atomic<bool> closed{false};
 
   mm::MmuIntervalFinishPool<InvalFinish, 64> finish_pool;
+  // Two-pass flushes whose finish pass may not have run yet. A second
+  // invalidation of the same pages finds the ranges zapped already (their
+  // present masks are clear), yet a GPU access through the old translation
+  // may still land until that flush drains: before it lets the mm change
+  // the pages, it waits for these too (its own finish pass does). Written
+  // and read under the GpuSvm notifier lock (write); signalled entries are
+  // dropped lazily.
+  std::vector<PendingFlush> pending_flushes USVM_GUARDED_BY(svm->notifier_lock());
 
   Counter invalidations{0}, ranges_zapped{0}, tlb_flushes{0}, two_pass_finishes{0},
       single_pass_fallbacks{0}, own_migrate_ignored{0}, unmap_events{0}, gc_runs{0},
-      ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0};
+      ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0}, pending_flush_waits{0};
 };
 
 class Vm::Impl {

@@ -214,6 +214,7 @@ SvmStats Svm::stats() const {
   o.two_pass_finishes = Load(s.two_pass_finishes);
   o.single_pass_fallbacks = Load(s.single_pass_fallbacks);
   o.own_migrate_ignored = Load(s.own_migrate_ignored);
+  o.pending_flush_waits = Load(s.pending_flush_waits);
   o.unmap_events = Load(s.unmap_events);
   o.gc_runs = Load(s.gc_runs);
   o.ranges_collected = Load(s.ranges_collected);
@@ -273,13 +274,38 @@ void InvalFinish::Finish(const mm::NotifierRange& range, uint64_t cur_seq) {
   s->finish_pool.Free(this);
 }
 
+void Svm::Impl::CollectPendingFlushes(uint64_t a, uint64_t b, gpu::Fence* out, uint32_t* n, uint32_t cap) {
+  for (size_t i = 0; i < pending_flushes.size();) {
+    PendingFlush& p = pending_flushes[i];
+    if (p.fence.IsSignalled()) {
+      p = std::move(pending_flushes.back());
+      pending_flushes.pop_back();
+      continue;
+    }
+    if (p.lo < b && a < p.hi) {
+      Bump(pending_flush_waits);
+      if (*n < cap)
+        out[(*n)++] = p.fence;
+      else
+        (void)p.fence.Wait();
+    }
+    ++i;
+  }
+}
+
 void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range,
                              mm::MmuIntervalFinish** finish) {
   if (config.ignore_own_migrate && range.event == mm::NotifyEvent::kMigrate &&
       tls_self_migration.svm == this && range.start >= tls_self_migration.start &&
       range.end <= tls_self_migration.end) {
     // Our own migration: the driver invalidated the range on every GPU
-    // before starting it (InvalidateRangeNow).
+    // before starting it (InvalidateRangeNow, which also waited for the
+    // flushes of other invalidations then in flight). Waiting for any
+    // still pending here costs nothing when there are none.
+    std::array<gpu::Fence, InvalFinish::kCap> pend{};
+    uint32_t np = 0;
+    CollectPendingFlushes(range.start, range.end, pend.data(), &np, InvalFinish::kCap);
+    (void)gpu::Fence::WaitAll({pend.data(), np});
     Bump(own_migrate_ignored);
     return;
   }
@@ -346,11 +372,16 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
     }
   });
   flush_hits();
-  // Two-pass: every GPU's flush is started before any is waited for.
-  if (finish != nullptr && gpus) {
-    InvalFinish* f = finish_pool.TryAlloc();
-    std::array<gpu::Fence, kMaxGpus> fences{};
-    uint32_t nf = 0;
+  // Flushes other invalidations started over these pages and wait for only
+  // in their finish pass: the ranges they zapped look unmapped to us, but
+  // the pages may not change before those flushes drain either.
+  std::array<gpu::Fence, InvalFinish::kCap> fences{};
+  uint32_t nf = 0;
+  CollectPendingFlushes(range.start, range.end, fences.data(), &nf, InvalFinish::kCap);
+  if (finish == nullptr) {
+    (void)gpu::Fence::WaitAll({fences.data(), nf});
+  } else {
+    // Two-pass: every GPU's flush is started before any is waited for.
     for (uint32_t m = gpus; m; m &= m - 1) {
       const uint32_t g = std::countr_zero(m);
       Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
@@ -358,17 +389,24 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
       auto fe = vi->ctx->InvalidateTlb(lo[g], hi[g] - lo[g]);
       Bump(tlb_flushes);
       EmitTlbFlush(env, g, lo[g], hi[g]);
-      if (fe) fences[nf++] = *fe;
+      if (!fe) continue;
+      pending_flushes.push_back({lo[g], hi[g], *fe});
+      if (nf < InvalFinish::kCap)
+        fences[nf++] = *fe;
+      else
+        (void)fe->Wait();
     }
-    if (f) {
-      f->svm = this;
-      f->fences = fences;
-      f->nfences = nf;
-      *finish = f;
-    } else {
-      // No finish object: wait here (the seed's fallback to single pass).
-      Bump(single_pass_fallbacks);
-      (void)gpu::Fence::WaitAll({fences.data(), nf});
+    if (nf) {
+      if (InvalFinish* f = finish_pool.TryAlloc()) {
+        f->svm = this;
+        f->fences = fences;
+        f->nfences = nf;
+        *finish = f;
+      } else {
+        // No finish object: wait here (the seed's fallback to single pass).
+        Bump(single_pass_fallbacks);
+        (void)gpu::Fence::WaitAll({fences.data(), nf});
+      }
     }
   }
   // No device mapping survives the invalidation: the pages are unmapped
@@ -388,10 +426,13 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
 }
 
 void Svm::Impl::InvalidateRangeNow(DrvRange* r, uint32_t gpus) {
-  std::array<gpu::Fence, kMaxGpus> fences{};
+  std::array<gpu::Fence, InvalFinish::kCap> fences{};
   uint32_t nf = 0;
   {
     WriteLock nl(svm->notifier_lock());
+    // Flushes of two-pass invalidations still in flight over this range:
+    // our caller is about to move its pages.
+    CollectPendingFlushes(r->start(), r->end(), fences.data(), &nf, InvalFinish::kCap - kMaxGpus);
     const uint32_t mask = r->present.fetch_and(~gpus) & gpus;
     r->invalidated.fetch_or(mask);
     for (uint32_t m = mask; m; m &= m - 1) {

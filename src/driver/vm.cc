@@ -138,6 +138,7 @@ VmStats Vm::stats() const {
   s.binds = Load(c.binds);
   s.unbinds = Load(c.unbinds);
   s.rebinds = Load(c.rebinds);
+  s.commit_flushes = Load(c.commit_flushes);
   s.bind_invalidations = Load(c.bind_invalidations);
   return s;
 }
@@ -176,13 +177,25 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool allow_atomic) {
       cuts, &ops, leaves);
   gpu::PageTable& pt = ctx->page_table();
   // A mapping of the range left by an earlier commit may use other leaf
-  // sizes: clear it first (binds never split a larger leaf).
+  // sizes and other pages: clear it first (binds never split a larger
+  // leaf), and flush it out of the TLB before the new one goes in, so no
+  // access through the old translation lands after this commit (xe
+  // invalidates the TLB when a bind overwrites valid PTEs).
   if (r->present.load() & (1u << g)) {
+    uint64_t lo = r->start(), hi = r->end();
     if (r->cut && !(*r->cut)[g].empty()) {
-      for (const gpu::VaRange& v : (*r->cut)[g]) (void)pt.Zap(v.start, v.size);
+      lo = UINT64_MAX;
+      hi = 0;
+      for (const gpu::VaRange& v : (*r->cut)[g]) {
+        (void)pt.Zap(v.start, v.size);
+        lo = std::min(lo, v.start);
+        hi = std::max(hi, v.start + v.size);
+      }
     } else {
       (void)pt.Zap(r->start(), r->size());
     }
+    if (auto f = ctx->InvalidateTlb(lo, hi - lo)) (void)f->Wait();
+    Bump(c.commit_flushes);
   }
   if (!ops.empty()) USVM_TRY(pt.Bind(ops, gpu::BindMode::kReplace));
   if (!cuts.empty()) {

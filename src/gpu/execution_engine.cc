@@ -1,5 +1,8 @@
 #include "usvm/gpu/execution_engine.h"
 
+#include <chrono>
+#include <thread>
+
 namespace usvm::gpu {
 
 namespace detail {
@@ -53,6 +56,8 @@ Error KernelContext::error() const {
   return launch_.error;
 }
 
+void KernelContext::InFlightSlow() { exec_.HoldInFlight(utlb_); }
+
 std::byte* KernelContext::TranslateSlow(uint64_t va, uint8_t access, uint64_t align_mask) {
   return exec_.TranslateSlow(*this, va, access, align_mask);
 }
@@ -60,7 +65,10 @@ std::byte* KernelContext::TranslateSlow(uint64_t va, uint8_t access, uint64_t al
 ExecutionEngine::ExecutionEngine(uint32_t threads, PageTable& pt, Tlb& tlb, FaultUnit& faults,
                                  HostResolver resolve, const LatencyModel& latency, Env& env)
     : pt_(pt), tlb_(tlb), faults_(faults), resolve_(std::move(resolve)), latency_(latency), env_(env) {
-  for (uint32_t i = 0; i < threads; ++i) utlbs_.push_back(std::make_unique<detail::MicroTlb>());
+  for (uint32_t i = 0; i < threads; ++i) {
+    utlbs_.push_back(std::make_unique<detail::MicroTlb>());
+    if (latency_.inflight_store_every) utlbs_.back()->inflight_countdown = latency_.inflight_store_every;
+  }
   for (uint32_t i = 0; i < threads; ++i) threads_.emplace_back([this, i] { Run(i); });
 }
 
@@ -140,6 +148,13 @@ void ExecutionEngine::Run(uint32_t index) {
       launch->fence.Signal(r);
     }
   }
+}
+
+void ExecutionEngine::HoldInFlight(detail::MicroTlb& utlb) {
+  const uint32_t every = latency_.inflight_store_every;
+  utlb.inflight_countdown = every ? every : UINT32_MAX;
+  if (every && latency_.inflight_store_ns)
+    std::this_thread::sleep_for(std::chrono::nanoseconds(latency_.inflight_store_ns));
 }
 
 std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8_t access,

@@ -245,6 +245,76 @@ TEST(DriverConcurrency, MigrationsRaceCpuWriters) {
   EXPECT_TRUE(CpuMatches(m.as(), rk));
 }
 
+// Two-pass: an invalidation that finds a range already zapped by another
+// one whose finish pass has not run yet (the CPU threads below migrate
+// pages of one range home at the same time) must still wait for that
+// other's TLB flushes before the mm changes the pages: a GPU store held in
+// flight past its translation would otherwise land in the old page after
+// it was copied, and one increment would be lost.
+TEST(DriverConcurrency, TwoPassInvalidationsOfOneRangeWaitForEachOthersFlushes) {
+  constexpr uint32_t kGpus = 2, kCpus = 2;
+  constexpr uint64_t kSlice = 256 * 1024;
+  MachineConfig c;
+  c.gpus = kGpus;
+  c.vram_bytes = uint64_t{8} << 20;
+  c.shared_owner = true;
+  c.peer_access = true;
+  c.svm.invalidation = InvalidationMode::kTwoPass;
+  c.latency.inflight_store_every = 509;
+  c.latency.inflight_store_ns = 200'000;
+  Machine m(c);
+  const uint64_t va = m.MmapAligned(k2M);
+  auto cpu_slice = [&](uint32_t t) { return va + t * kSlice; };
+  auto gpu_slice = [&](uint32_t g) { return va + (kCpus + g) * kSlice; };
+  for (uint32_t g = 0; g < kGpus; ++g) USVM_ASSERT_OK(CpuFill(m.as(), gpu_slice(g), kSlice, 40 + g));
+  std::atomic<bool> stop{false};
+  std::vector<uint64_t> adds(kGpus, 0), last(kCpus, 0);
+  std::vector<std::string> errors;
+  std::mutex err_mu;
+  auto fail = [&](std::string e) {
+    std::lock_guard<std::mutex> lk(err_mu);
+    if (errors.size() < 10) errors.push_back(std::move(e));
+  };
+  std::vector<std::thread> threads;
+  for (uint32_t g = 0; g < kGpus; ++g)
+    threads.emplace_back([&, g] {
+      while (!stop.load()) {
+        if (auto r = GpuAdd(m.vm(g), gpu_slice(g), kSlice, 1); !r) {
+          fail("GPU add: " + r.error().ToString());
+          return;
+        }
+        ++adds[g];
+      }
+    });
+  for (uint32_t t = 0; t < kCpus; ++t)
+    threads.emplace_back([&, t] {
+      for (uint64_t i = 1; !stop.load(); ++i) {
+        for (uint64_t p = cpu_slice(t); p < cpu_slice(t) + kSlice; p += k64K)
+          if (!CpuFill(m.as(), p, k64K, 1000 * (t + 1) + i)) fail("cpu fill");
+        last[t] = 1000 * (t + 1) + i;
+      }
+    });
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  stop.store(true);
+  for (auto& t : threads) t.join();
+  std::string all;
+  for (auto& e : errors) all += e + "\n";
+  EXPECT_TRUE(errors.empty()) << all;
+  for (uint32_t g = 0; g < kGpus; ++g) {
+    EXPECT_GT(adds[g], 0u);
+    Ref want(gpu_slice(g), kSlice);
+    want.Fill(gpu_slice(g), kSlice, 40 + g);
+    for (uint64_t a = want.va; a < want.end(); a += 8) want.Set64(a, want.Get64(a) + adds[g]);
+    EXPECT_TRUE(CpuMatches(m.as(), want)) << "GPU slice " << g << " after " << adds[g] << " adds";
+  }
+  for (uint32_t t = 0; t < kCpus; ++t) {
+    Ref want(cpu_slice(t), kSlice);
+    want.Fill(cpu_slice(t), kSlice, last[t]);
+    EXPECT_TRUE(CpuMatches(m.as(), want)) << "CPU slice " << t;
+  }
+  EXPECT_GT(m.svm().stats().pending_flush_waits, 0u) << "no invalidation met another one's flush";
+}
+
 // Detach while kernels fault on the device: every kernel ends (done or
 // cancelled), nothing hangs; the other GPU and a re-attach work.
 TEST(DriverConcurrency, DetachWithKernelsInFlight) {

@@ -70,6 +70,11 @@ TEST_P(DriverStressTest, CpuThreadsMunmapForkAndGpuKernels) {
   c.shared_owner = true;
   c.peer_access = true;
   c.svm.invalidation = GetParam();
+  // Now and then a GPU store stays in flight past its translation: an
+  // invalidation that lets the old page go before its TLB flush drained
+  // loses it (two concurrent two-pass invalidations of one range did).
+  c.latency.inflight_store_every = 997;
+  c.latency.inflight_store_ns = 200'000;
   Machine m(c);
   AddressSpace& as = m.as();
 

@@ -248,6 +248,7 @@ inline std::optional<gpu::PteKind> GpuPteKind(Device& d, uint64_t va) {
 
 struct MachineConfig {
   uint64_t pool_bytes = uint64_t{1} << 30;
+  gpu::LatencyModel latency = gpu::LatencyModel::Zero();
   uint32_t gpus = 1;
   uint64_t vram_bytes = uint64_t{64} << 20;
   uint32_t exec_threads = 2;
@@ -278,7 +279,7 @@ class Machine {
       dc.gpu.vram_bytes = c.vram_bytes;
       dc.gpu.exec_threads = c.exec_threads;
       dc.gpu.copy_engines = 2;
-      dc.gpu.latency = gpu::LatencyModel::Zero();
+      dc.gpu.latency = c.latency;
       dc.fault_thread = c.fault_thread;
       dc.fault_batch = c.fault_batch;
       dc.gpu.fault_buffer_entries = c.fault_buffer_entries;

@@ -202,6 +202,7 @@ struct VmStats {
   uint64_t prefetches = 0;        // ranges prefetched
   uint64_t binds = 0, unbinds = 0, rebinds = 0;  // explicit binds and userptrs
   uint64_t bind_invalidations = 0;
+  uint64_t commit_flushes = 0;    // TLB flushes of a commit replacing this GPU's mapping
 };
 
 struct SvmStats {
@@ -211,6 +212,7 @@ struct SvmStats {
   uint64_t two_pass_finishes = 0;     // finish passes run
   uint64_t single_pass_fallbacks = 0; // two-pass mode without a finish object
   uint64_t own_migrate_ignored = 0;   // MIGRATE events of our own migrations
+  uint64_t pending_flush_waits = 0;   // another invalidation's in-flight flush waited for
   uint64_t unmap_events = 0;
   uint64_t gc_runs = 0;
   uint64_t ranges_collected = 0;

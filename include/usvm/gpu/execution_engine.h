@@ -119,6 +119,8 @@ class ExecutionEngine {
   friend class KernelContext;
   void Run(uint32_t index);
   std::byte* TranslateSlow(KernelContext& ctx, uint64_t va, uint8_t access, uint64_t align_mask);
+  // Holds one write in flight and rearms the thread's countdown.
+  void HoldInFlight(detail::MicroTlb& utlb);
   void CancelLaunch(detail::LaunchState& l, Error e);
 
   // Constant after construction.

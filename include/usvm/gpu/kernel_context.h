@@ -48,6 +48,9 @@ struct MicroTlb {
   }
   Entry e_[kEntries];
   uint64_t gen = UINT64_MAX;
+  // Stores and atomics until the next one held in flight
+  // (LatencyModel::inflight_store_every).
+  uint32_t inflight_countdown = UINT32_MAX;
 };
 }  // namespace detail
 
@@ -68,7 +71,9 @@ class KernelContext {
   }
   void Store(uint64_t va, uint64_t v) {
     std::byte* p = Translate(va, kAccessWrite, 7);
-    if (p) std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).store(v, std::memory_order_relaxed);
+    if (!p) return;
+    InFlight();
+    std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).store(v, std::memory_order_relaxed);
   }
   uint32_t Load32(uint64_t va) {
     std::byte* p = Translate(va, kAccessRead, 3);
@@ -76,17 +81,23 @@ class KernelContext {
   }
   void Store32(uint64_t va, uint32_t v) {
     std::byte* p = Translate(va, kAccessWrite, 3);
-    if (p) std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(p)).store(v, std::memory_order_relaxed);
+    if (!p) return;
+    InFlight();
+    std::atomic_ref<uint32_t>(*reinterpret_cast<uint32_t*>(p)).store(v, std::memory_order_relaxed);
   }
   // Atomic fetch-add; the old value (0 if cancelled).
   uint64_t AtomicAdd(uint64_t va, uint64_t v) {
     std::byte* p = Translate(va, kAccessRead | kAccessWrite | kAccessAtomic, 7);
-    return p ? std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).fetch_add(v, std::memory_order_acq_rel) : 0;
+    if (!p) return 0;
+    InFlight();
+    return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p)).fetch_add(v, std::memory_order_acq_rel);
   }
   // Atomic compare-exchange; false (and `expected` unchanged) if cancelled.
   bool AtomicCas(uint64_t va, uint64_t& expected, uint64_t desired) {
     std::byte* p = Translate(va, kAccessRead | kAccessWrite | kAccessAtomic, 7);
-    return p && std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p))
+    if (!p) return false;
+    InFlight();
+    return std::atomic_ref<uint64_t>(*reinterpret_cast<uint64_t*>(p))
                     .compare_exchange_strong(expected, desired, std::memory_order_acq_rel);
   }
 
@@ -121,6 +132,13 @@ class KernelContext {
     return TranslateSlow(va, access, align_mask);
   }
   std::byte* TranslateSlow(uint64_t va, uint8_t access, uint64_t align_mask);
+  // Between a write's translation and the write itself: now and then the
+  // write is held in flight (LatencyModel::inflight_store_every).
+  void InFlight() {
+    if (--utlb_.inflight_countdown == 0) [[unlikely]]
+      InFlightSlow();
+  }
+  void InFlightSlow();
   // From now on every access of this thread takes the slow path and is
   // dropped (the micro-TLB is only a cache; emptying it is always safe).
   void MarkCancelled() {

@@ -27,6 +27,13 @@ struct LatencyModel {
   uint64_t link_latency_ns = 0;
   // Local VRAM <-> VRAM copies.
   uint64_t vram_bandwidth_bytes_per_s = 0;  // 0: infinite
+  // Every Nth store or atomic of an execution thread stays in flight for
+  // inflight_store_ns of real time between its translation and its write
+  // (a slow memory access). A TLB shootdown must wait for it: tests set
+  // this to catch an invalidation that lets the old page go too early.
+  // 0: never.
+  uint32_t inflight_store_every = 0;
+  uint64_t inflight_store_ns = 0;
 
   static constexpr LatencyModel Zero() { return {}; }
   // Round numbers of a PCIe 4.0 x16 discrete GPU.
