@@ -96,7 +96,7 @@ struct Stop {
 class Run {
  public:
   Run(const Scenario& s, const RunOptions& o) : s_(s), o_(o) {}
-  std::expected<RunResult, std::string> Go();
+  Expected<RunResult, std::string> Go();
 
  private:
   // Setup / teardown.
@@ -806,7 +806,7 @@ std::optional<Stop> Run::VerifyAll(const std::string& when) {
   return std::nullopt;
 }
 
-std::expected<RunResult, std::string> Run::Go() {
+Expected<RunResult, std::string> Run::Go() {
   Metrics& m = res_.metrics;
   m.scenario = s_.name;
   m.seed = s_.seed;
@@ -818,7 +818,7 @@ std::expected<RunResult, std::string> Run::Go() {
   const auto wall0 = std::chrono::steady_clock::now();
   if (std::string err = Setup(); !err.empty()) {
     Teardown();
-    return std::unexpected(err);
+    return MakeUnexpected(err);
   }
   t0_ = Now();
   std::optional<Stop> stop;
@@ -927,20 +927,20 @@ std::expected<RunResult, std::string> Run::Go() {
   m.invalidation_p99_ns = Percentile(inval, 0.99);
   m.kernel_p50_ns = Percentile(kernel_ns_, 0.5);
   m.kernel_max_ns = Percentile(kernel_ns_, 1.0);
-  if (stop && !stop->error.empty()) return std::unexpected(stop->error);
+  if (stop && !stop->error.empty()) return MakeUnexpected(stop->error);
   if (stop) res_.mismatch = stop->mismatch;
   m.verified = s_.verify && !res_.mismatch;
   if (!o_.trace_path.empty()) {
     std::string err;
-    if (!WriteTrace(o_.trace_path, t0_, s_.machine.gpus, events, spans_, &err)) return std::unexpected(err);
+    if (!WriteTrace(o_.trace_path, t0_, s_.machine.gpus, events, spans_, &err)) return MakeUnexpected(err);
   }
   return std::move(res_);
 }
 
 }  // namespace
 
-std::expected<RunResult, std::string> RunScenario(const Scenario& s, const RunOptions& opts) {
-  if (auto c = CheckScenario(s); !c) return std::unexpected(c.error().ToString());
+Expected<RunResult, std::string> RunScenario(const Scenario& s, const RunOptions& opts) {
+  if (auto c = CheckScenario(s); !c) return MakeUnexpected(c.error().ToString());
   Run run(s, opts);
   return run.Go();
 }

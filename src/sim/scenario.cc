@@ -90,10 +90,10 @@ constexpr uint64_t kPage = 4096;
 struct Parser {
   std::string file;
 
-  std::unexpected<ParseError> Fail(const YAML::Node& n, const std::string& field, const std::string& msg) const {
+  Unexpected<ParseError> Fail(const YAML::Node& n, const std::string& field, const std::string& msg) const {
     int line = n.IsDefined() ? n.Mark().line + 1 : 0;
     if (line < 0 || n.Mark().line < 0) line = 0;
-    return std::unexpected(ParseError{file, line, field, msg});
+    return MakeUnexpected(ParseError{file, line, field, msg});
   }
 
   ParseResult<void> Keys(const YAML::Node& map, const std::string& field, std::initializer_list<const char*> allowed) const {
@@ -142,7 +142,7 @@ struct Parser {
   ParseResult<std::string> OneOf(const YAML::Node& n, const std::string& field,
                                  std::initializer_list<const char*> values) const {
     auto s = Str(n, field);
-    if (!s) return std::unexpected(s.error());
+    if (!s) return MakeUnexpected(s.error());
     std::string list;
     for (const char* v : values) {
       if (*s == v) return *s;
@@ -153,7 +153,7 @@ struct Parser {
 
 #define USVM_PTRY(var, expr)                                   \
   auto var##_r = (expr);                                       \
-  if (!var##_r) return std::unexpected(var##_r.error());       \
+  if (!var##_r) return MakeUnexpected(var##_r.error());       \
   auto var = std::move(*var##_r)
 
   ParseResult<void> Machine(const YAML::Node& n, MachineSpec& m) const {
@@ -286,53 +286,53 @@ struct Parser {
     };
     if (kind == "cpu_write" || kind == "cpu_read" || kind == "cpu_atomic") {
       s.kind = kind == "cpu_write" ? StepKind::kCpuWrite : kind == "cpu_read" ? StepKind::kCpuRead : StepKind::kCpuAtomic;
-      if (auto k = Keys(p, f, {"buffer", "offset", "size", "seed", "count", "value", "expect"}); !k) return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+      if (auto k = Keys(p, f, {"buffer", "offset", "size", "seed", "count", "value", "expect"}); !k) return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (p["seed"]) { USVM_PTRY(v, U64(p["seed"], f + ".seed")); s.seed = v; }
       if (p["value"]) { USVM_PTRY(v, U64(p["value"], f + ".value")); s.value = v; }
       s.count = 1024;
       if (p["count"]) { USVM_PTRY(v, U64(p["count"], f + ".count", 1, 1 << 24)); s.count = v; }
-      if (auto r = expect(s); !r) return std::unexpected(r.error());
+      if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "mmap" || kind == "munmap") {
       s.kind = kind == "mmap" ? StepKind::kMmap : StepKind::kMunmap;
       if (auto k = Keys(p, f, kind == "mmap" ? std::initializer_list<const char*>{"buffer"}
                                                 : std::initializer_list<const char*>{"buffer", "offset", "size"});
           !k)
-        return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+        return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
     } else if (kind == "mprotect") {
       s.kind = StepKind::kMprotect;
-      if (auto k = Keys(p, f, {"buffer", "offset", "size", "prot"}); !k) return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+      if (auto k = Keys(p, f, {"buffer", "offset", "size", "prot"}); !k) return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (!p["prot"]) return Fail(p, f + ".prot", "missing");
       USVM_PTRY(v, OneOf(p["prot"], f + ".prot", {"none", "r", "rw"}));
       s.str = v;
     } else if (kind == "madvise") {
       s.kind = StepKind::kMadvise;
-      if (auto k = Keys(p, f, {"buffer", "offset", "size", "advice"}); !k) return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+      if (auto k = Keys(p, f, {"buffer", "offset", "size", "advice"}); !k) return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (!p["advice"]) return Fail(p, f + ".advice", "missing");
       USVM_PTRY(v, OneOf(p["advice"], f + ".advice", {"dontneed", "hugepage", "nohugepage", "normal"}));
       s.str = v;
     } else if (kind == "mremap") {
       s.kind = StepKind::kMremap;
-      if (auto k = Keys(p, f, {"buffer", "new_size"}); !k) return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+      if (auto k = Keys(p, f, {"buffer", "new_size"}); !k) return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (!p["new_size"]) return Fail(p, f + ".new_size", "missing");
       USVM_PTRY(v, Size(p["new_size"], f + ".new_size"));
       if (v == 0 || v % kPage) return Fail(p["new_size"], f + ".new_size", "must be a non-zero multiple of 4KiB");
       s.new_size = v;
     } else if (kind == "fork") {
       s.kind = StepKind::kFork;
-      if (auto k = Keys(p, f, {}); !k) return std::unexpected(k.error());
+      if (auto k = Keys(p, f, {}); !k) return MakeUnexpected(k.error());
     } else if (kind == "gpu_kernel") {
       s.kind = StepKind::kGpuKernel;
       if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "pattern", "value", "count", "stride", "seed",
                               "threads", "iterations", "expect"});
           !k)
-        return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
-      if (auto r = Gpu(p, f, s); !r) return std::unexpected(r.error());
+        return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
+      if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
       if (!p["pattern"]) return Fail(p, f + ".pattern", "missing");
       USVM_PTRY(pat, OneOf(p["pattern"], f + ".pattern",
                            {"stream_read", "stream_write", "stride", "random_gather", "read_modify_write"}));
@@ -353,23 +353,23 @@ struct Parser {
       if (p["seed"]) { USVM_PTRY(v, U64(p["seed"], f + ".seed")); s.seed = v; }
       if (p["threads"]) { USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 256)); s.threads = uint32_t(v); }
       if (p["iterations"]) { USVM_PTRY(v, U64(p["iterations"], f + ".iterations", 1, 1000)); s.iterations = uint32_t(v); }
-      if (auto r = expect(s); !r) return std::unexpected(r.error());
+      if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "gpu_atomic") {
       s.kind = StepKind::kGpuAtomic;
       if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "value", "count", "threads", "expect"}); !k)
-        return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
-      if (auto r = Gpu(p, f, s); !r) return std::unexpected(r.error());
+        return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
+      if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
       if (p["value"]) { USVM_PTRY(v, U64(p["value"], f + ".value")); s.value = v; }
       s.count = 1024;
       if (p["count"]) { USVM_PTRY(v, U64(p["count"], f + ".count", 1, 1 << 24)); s.count = v; }
       if (p["threads"]) { USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 256)); s.threads = uint32_t(v); }
-      if (auto r = expect(s); !r) return std::unexpected(r.error());
+      if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "prefetch") {
       s.kind = StepKind::kPrefetch;
-      if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "to"}); !k) return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
-      if (auto r = Gpu(p, f, s); !r) return std::unexpected(r.error());
+      if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "to"}); !k) return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
+      if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
       s.str = "gpu";
       if (p["to"]) { USVM_PTRY(v, Str(p["to"], f + ".to")); s.str = v; }
       if (s.str != "gpu" && s.str != "system" && !(s.str.size() == 4 && s.str.starts_with("gpu") && isdigit(s.str[3])))
@@ -377,8 +377,8 @@ struct Parser {
     } else if (kind == "advise") {
       s.kind = StepKind::kAdvise;
       if (auto k = Keys(p, f, {"buffer", "offset", "size", "preferred", "atomic", "access_in_place"}); !k)
-        return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
+        return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (p["preferred"]) {
         USVM_PTRY(v, Str(p["preferred"], f + ".preferred"));
         if (v != "default" && v != "system" && !(v.size() == 4 && v.starts_with("gpu") && isdigit(v[3])))
@@ -394,15 +394,15 @@ struct Parser {
       if (auto k = Keys(p, f, kind == "bind" ? std::initializer_list<const char*>{"gpu", "buffer", "offset", "size", "read_only", "userptr"}
                                                 : std::initializer_list<const char*>{"gpu", "buffer", "offset", "size"});
           !k)
-        return std::unexpected(k.error());
-      if (auto r = Span(p, f, s); !r) return std::unexpected(r.error());
-      if (auto r = Gpu(p, f, s); !r) return std::unexpected(r.error());
+        return MakeUnexpected(k.error());
+      if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
+      if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
       if (p["read_only"]) { USVM_PTRY(v, Bool(p["read_only"], f + ".read_only")); s.read_only = v; }
       if (p["userptr"]) { USVM_PTRY(v, Bool(p["userptr"], f + ".userptr")); s.userptr = v; }
     } else if (kind == "loop") {
       s.kind = StepKind::kLoop;
       if (depth >= 4) return Fail(p, f, "loops nest at most 4 deep");
-      if (auto k = Keys(p, f, {"repeat", "steps"}); !k) return std::unexpected(k.error());
+      if (auto k = Keys(p, f, {"repeat", "steps"}); !k) return MakeUnexpected(k.error());
       if (!p["repeat"]) return Fail(p, f + ".repeat", "missing");
       USVM_PTRY(rep, U64(p["repeat"], f + ".repeat", 1, 100000));
       s.repeat = uint32_t(rep);
@@ -469,19 +469,19 @@ struct Parser {
     if (auto k = Keys(root, "", {"name", "description", "seed", "verify", "machine", "framework", "buffers",
                                  "settings", "phases"});
         !k)
-      return std::unexpected(k.error());
+      return MakeUnexpected(k.error());
     if (root["name"]) { USVM_PTRY(v, Str(root["name"], "name")); s.name = v; }
     if (root["description"]) { USVM_PTRY(v, Str(root["description"], "description")); s.description = v; }
     if (root["seed"]) { USVM_PTRY(v, U64(root["seed"], "seed")); s.seed = v; }
     if (root["verify"]) { USVM_PTRY(v, Bool(root["verify"], "verify")); s.verify = v; }
-    if (root["machine"]) if (auto r = Machine(root["machine"], s.machine); !r) return std::unexpected(r.error());
-    if (root["framework"]) if (auto r = Framework(root["framework"], s.framework); !r) return std::unexpected(r.error());
+    if (root["machine"]) if (auto r = Machine(root["machine"], s.machine); !r) return MakeUnexpected(r.error());
+    if (root["framework"]) if (auto r = Framework(root["framework"], s.framework); !r) return MakeUnexpected(r.error());
     if (!root["buffers"]) return Fail(root, "buffers", "missing");
-    if (auto r = Buffers(root["buffers"], s.buffers); !r) return std::unexpected(r.error());
-    if (root["settings"]) if (auto r = Settings(root["settings"], s); !r) return std::unexpected(r.error());
+    if (auto r = Buffers(root["buffers"], s.buffers); !r) return MakeUnexpected(r.error());
+    if (root["settings"]) if (auto r = Settings(root["settings"], s); !r) return MakeUnexpected(r.error());
     if (!root["phases"]) return Fail(root, "phases", "missing");
-    if (auto r = Phases(root["phases"], s.phases); !r) return std::unexpected(r.error());
-    if (auto r = CheckScenario(s); !r) return std::unexpected(r.error());
+    if (auto r = Phases(root["phases"], s.phases); !r) return MakeUnexpected(r.error());
+    if (auto r = CheckScenario(s); !r) return MakeUnexpected(r.error());
     // Settings must apply cleanly (checked now, not at --compare time).
     for (const auto& [name, kv] : s.settings) {
       Scenario copy = s;
@@ -491,7 +491,7 @@ struct Parser {
           e.file = file;
           e.line = root["settings"][name].Mark().line + 1;
           e.field = "settings." + name + "." + k;
-          return std::unexpected(e);
+          return MakeUnexpected(e);
         }
     }
     return s;
@@ -502,7 +502,7 @@ struct Parser {
 ParseResult<void> CheckSteps(const Scenario& s, const std::vector<Step>& steps, const std::string& where) {
   for (const Step& st : steps) {
     auto fail = [&](const std::string& field, const std::string& msg) {
-      return std::unexpected(ParseError{s.file, st.line, where + "." + StepKindName(st.kind) + field, msg});
+      return MakeUnexpected(ParseError{s.file, st.line, where + "." + StepKindName(st.kind) + field, msg});
     };
     if (st.kind == StepKind::kLoop) {
       if (auto r = CheckSteps(s, st.steps, where); !r) return r;
@@ -527,11 +527,11 @@ ParseResult<void> CheckSteps(const Scenario& s, const std::vector<Step>& steps, 
 }  // namespace
 
 ParseResult<void> CheckScenario(const Scenario& s) {
-  if (s.buffers.empty()) return std::unexpected(ParseError{s.file, 0, "buffers", "at least one buffer is needed"});
+  if (s.buffers.empty()) return MakeUnexpected(ParseError{s.file, 0, "buffers", "at least one buffer is needed"});
   uint64_t total = 0;
   for (const BufferSpec& b : s.buffers) total += b.size;
   if (total > s.machine.system_memory_bytes)
-    return std::unexpected(ParseError{s.file, 0, "machine.system_memory",
+    return MakeUnexpected(ParseError{s.file, 0, "machine.system_memory",
                                       fmt::format("buffers total {} but system memory is {}", FormatBytes(total),
                                                   FormatBytes(s.machine.system_memory_bytes))});
   for (const Phase& p : s.phases)
@@ -544,22 +544,22 @@ ParseResult<Scenario> ParseScenarioString(const std::string& text, const std::st
   try {
     root = YAML::Load(text);
   } catch (const YAML::Exception& e) {
-    return std::unexpected(ParseError{file, e.mark.line >= 0 ? e.mark.line + 1 : 0, "", "YAML syntax: " + e.msg});
+    return MakeUnexpected(ParseError{file, e.mark.line >= 0 ? e.mark.line + 1 : 0, "", "YAML syntax: " + e.msg});
   }
   Parser p{file};
   try {
     return p.Top(root);
   } catch (const YAML::Exception& e) {
-    return std::unexpected(ParseError{file, e.mark.line >= 0 ? e.mark.line + 1 : 0, "", e.msg});
+    return MakeUnexpected(ParseError{file, e.mark.line >= 0 ? e.mark.line + 1 : 0, "", e.msg});
   }
 }
 
 ParseResult<Scenario> ParseScenarioFile(const std::string& path) {
   std::ifstream in(path);
-  if (!in) return std::unexpected(ParseError{path, 0, "", "cannot open the file"});
+  if (!in) return MakeUnexpected(ParseError{path, 0, "", "cannot open the file"});
   std::stringstream ss;
   ss << in.rdbuf();
-  if (in.bad()) return std::unexpected(ParseError{path, 0, "", "cannot read the file"});
+  if (in.bad()) return MakeUnexpected(ParseError{path, 0, "", "cannot read the file"});
   return ParseScenarioString(ss.str(), path);
 }
 
@@ -596,7 +596,7 @@ namespace {
 ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std::string& value) {
   // Reuse the YAML field checks: build the one-field document and parse it.
   auto err = [&](const std::string& msg) {
-    return std::unexpected(ParseError{"--set", 0, key, msg});
+    return MakeUnexpected(ParseError{"--set", 0, key, msg});
   };
   Parser p{"--set"};
   YAML::Node v;
@@ -610,7 +610,7 @@ ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std
       ParseError e = r.error();
       e.file = "--set";
       e.line = 0;
-      return std::unexpected(e);
+      return MakeUnexpected(e);
     }
     auto c = CheckScenario(s);
     if (!c) {
@@ -618,7 +618,7 @@ ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std
       e.file = "--set";
       e.line = 0;
       e.field = key + " (" + e.field + ")";
-      return std::unexpected(e);
+      return MakeUnexpected(e);
     }
     return {};
   };
@@ -627,13 +627,13 @@ ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std
   const std::string tail = dot == std::string::npos ? "" : key.substr(dot + 1);
   if (key == "seed") {
     auto r = p.U64(v, "seed");
-    if (!r) return wrap(std::unexpected(r.error()));
+    if (!r) return wrap(MakeUnexpected(r.error()));
     s.seed = *r;
     return {};
   }
   if (key == "verify") {
     auto r = p.Bool(v, "verify");
-    if (!r) return wrap(std::unexpected(r.error()));
+    if (!r) return wrap(MakeUnexpected(r.error()));
     s.verify = *r;
     return {};
   }
@@ -649,7 +649,7 @@ ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std
     for (BufferSpec& b : s.buffers)
       if (b.name == name) {
         auto r = p.Size(v, key);
-        if (!r) return wrap(std::unexpected(r.error()));
+        if (!r) return wrap(MakeUnexpected(r.error()));
         if (*r == 0 || *r % kPage) return err("must be a non-zero multiple of 4KiB");
         const uint64_t old = b.size;
         b.size = *r;
@@ -666,7 +666,7 @@ ParseResult<void> ApplyOverrideTo(Scenario& s, const std::string& key, const std
 ParseResult<void> ApplyOverride(Scenario& s, const std::string& assignment) {
   const auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
-    return std::unexpected(ParseError{"--set", 0, assignment, "expected key=value"});
+    return MakeUnexpected(ParseError{"--set", 0, assignment, "expected key=value"});
   return ApplyOverride(s, assignment.substr(0, eq), assignment.substr(eq + 1));
 }
 

@@ -28,7 +28,6 @@
 #define USVM_SIM_RUNNER_H_
 
 #include <cstdint>
-#include <expected>
 #include <functional>
 #include <optional>
 #include <string>
@@ -63,7 +62,7 @@ struct RunResult {
 
 // Runs `s`. The error (setup failed: not enough memory for the machine,
 // a trace file that cannot be written, a hang) is one line.
-std::expected<RunResult, std::string> RunScenario(const Scenario& s, const RunOptions& opts = {});
+Expected<RunResult, std::string> RunScenario(const Scenario& s, const RunOptions& opts = {});
 
 // The summary table of one run, and of several side by side (--compare;
 // rows whose values differ are marked).

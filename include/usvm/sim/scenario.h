@@ -15,11 +15,12 @@
 #define USVM_SIM_SCENARIO_H_
 
 #include <cstdint>
-#include <expected>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "usvm/sim/expected.h"
 
 namespace usvm::sim {
 
@@ -33,7 +34,7 @@ struct ParseError {
 };
 
 template <typename T>
-using ParseResult = std::expected<T, ParseError>;
+using ParseResult = Expected<T, ParseError>;
 
 struct MachineSpec {
   uint32_t gpus = 1;                          // [1, 8]
