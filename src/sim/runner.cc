@@ -21,6 +21,7 @@
 #include "usvm/mm/address_space.h"
 #include "usvm/mm/frame_pool.h"
 #include "usvm/mm/types.h"
+#include "usvm/sim/report.h"
 #include "usvm/sim/trace.h"
 
 namespace usvm::sim {
@@ -143,6 +144,17 @@ class Run {
   uint32_t seq_ = 0;
   std::vector<uint64_t> kernel_ns_;
   uint32_t cpu_thread_ = 0;
+  // For the report: VRAM in use after each step, and every place a buffer
+  // has lived.
+  std::vector<ResidencySample> residency_;
+  std::vector<BufferExtent> extents_;
+  void Sample() {
+    if (o_.report_path.empty()) return;
+    ResidencySample s;
+    s.t_ns = Now();
+    for (auto& d : devs_) s.vram_used.push_back(d->vram_stats().bytes_used);
+    residency_.push_back(std::move(s));
+  }
 };
 
 std::string Run::Setup() {
@@ -205,6 +217,7 @@ std::string Run::Setup() {
                          mm::kMapPrivate | mm::kMapAnonymous | mm::kMapFixed);
       if (!r) return fmt::format("mmap of buffer '{}': {}", spec.name, r.error().ToString());
       b.va = *r;
+      extents_.push_back({spec.name, b.va, spec.size});
       std::fill(b.state.begin(), b.state.end(), kKnown);
       std::fill(b.prot.begin(), b.prot.end(), mm::kProtRead | mm::kProtWrite);
       if (spec.hugepage) (void)as_->Madvise(b.va, spec.size, mm::kMadvHugePage);
@@ -295,7 +308,9 @@ std::optional<Stop> Run::RunSteps(const std::vector<Step>& steps, const std::str
       continue;
     }
     ++seq_;
-    if (auto stop = DoStep(st, phase)) return stop;
+    auto stop = DoStep(st, phase);
+    Sample();
+    if (stop) return stop;
   }
   return std::nullopt;
 }
@@ -476,6 +491,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
         return std::nullopt;
       }
       b.va = *r;
+      extents_.push_back({b.spec->name, b.va, size});
       b.ref.assign(size, 0);
       b.state.assign(size / kPage, kKnown);
       b.prot.assign(size / kPage, mm::kProtRead | mm::kProtWrite);
@@ -550,6 +566,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       }
       const uint64_t old = b.size();
       b.va = *r;
+      extents_.push_back({b.spec->name, b.va, st.new_size});
       b.ref.resize(st.new_size, 0);
       b.state.resize(st.new_size / kPage, kKnown);
       b.prot.resize(st.new_size / kPage, old ? b.prot[old / kPage - 1] : mm::kProtRead | mm::kProtWrite);
@@ -821,6 +838,7 @@ Expected<RunResult, std::string> Run::Go() {
     return MakeUnexpected(err);
   }
   t0_ = Now();
+  Sample();
   std::optional<Stop> stop;
   const bool tty_progress = o_.progress;
   size_t total = 0;
@@ -933,6 +951,14 @@ Expected<RunResult, std::string> Run::Go() {
   if (!o_.trace_path.empty()) {
     std::string err;
     if (!WriteTrace(o_.trace_path, t0_, s_.machine.gpus, events, spans_, &err)) return MakeUnexpected(err);
+  }
+  if (!o_.report_path.empty()) {
+    std::vector<driver::Event> in_run;
+    for (const driver::Event& e : events)
+      if (e.begin_ns <= t_end) in_run.push_back(e);
+    ReportData d{&res_, t0_, std::move(residency_), std::move(in_run), std::move(extents_)};
+    std::string err;
+    if (!WriteReport(o_.report_path, d, &err)) return MakeUnexpected(err);
   }
   return std::move(res_);
 }

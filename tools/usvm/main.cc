@@ -82,7 +82,7 @@ struct RunArgs {
   uint64_t seed = 0;
   bool seed_set = false;
   std::vector<std::string> sets;
-  std::string json, trace, compare;
+  std::string json, trace, report, compare;
   bool quiet = false;
   bool no_verify = false;
   std::string corrupt;  // tests: PHASE:BUFFER:OFFSET
@@ -139,6 +139,7 @@ int Run(const RunArgs& a) {
     }
     o.progress = !a.quiet && isatty(STDOUT_FILENO) && isatty(STDERR_FILENO);
     if (!a.trace.empty()) o.trace_path = name.empty() ? a.trace : WithSuffix(a.trace, name);
+    if (!a.report.empty()) o.report_path = name.empty() ? a.report : WithSuffix(a.report, name);
     auto r = RunScenario(sc, o);
     if (!r) return Fail(fmt::format("run{} failed: {}", name.empty() ? "" : " of " + name, r.error()), kExitMismatch);
     r->metrics.setting = name;
@@ -200,6 +201,8 @@ int main(int argc, char** argv) {
       ->take_all();
   run->add_option("--json", ra.json, "write the metrics as JSON to FILE");
   run->add_option("--trace", ra.trace, "write a Chrome/Perfetto trace-event JSON to FILE (ui.perfetto.dev)");
+  run->add_option("--report", ra.report,
+                  "write a self-contained HTML report (residency, fault latency, bytes moved, hottest ranges) to FILE");
   run->add_option("--compare", ra.compare,
                   "run the same scenario and seed under settings A,B,... (the scenario's `settings:`) side by side");
   run->add_flag("--quiet,-q", ra.quiet, "print nothing but errors");

@@ -40,6 +40,8 @@ namespace usvm::sim {
 struct RunOptions {
   // Chrome / Perfetto trace-event JSON written here when not empty.
   std::string trace_path;
+  // A self-contained HTML report (report.h) written here when not empty.
+  std::string report_path;
   // A progress line on stderr (the CLI sets it on a terminal).
   bool progress = false;
   // Tests: after phase `corrupt_after_phase` (0-based) flip one byte of
