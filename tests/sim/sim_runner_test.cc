@@ -3,6 +3,9 @@
 // the same verification.
 #include <gtest/gtest.h>
 
+#include <fstream>
+#include <sstream>
+
 #include "usvm/sim/runner.h"
 #include "usvm/sim/scenario.h"
 
@@ -223,6 +226,28 @@ phases:
   EXPECT_NE(t.find("two_pass"), std::string::npos);
   EXPECT_NE(t.find("single_pass"), std::string::npos);
   EXPECT_NE(t.find("*"), std::string::npos);
+}
+
+TEST(SimRunner, HtmlReportHasItsChartsAndTable) {
+  Scenario s = Parse(kSmall);
+  RunOptions o;
+  o.report_path = ::testing::TempDir() + "/usvm_report_test.html";
+  auto r = RunScenario(s, o);
+  ASSERT_TRUE(r.has_value()) << r.error();
+  std::ifstream in(o.report_path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string html = ss.str();
+  for (const char* id : {"id=\"residency\"", "id=\"fault_latency\"", "id=\"bytes_moved\"", "id=\"hot\""})
+    EXPECT_NE(html.find(id), std::string::npos) << id;
+  // Data in the charts: polylines with points, bars, and rows naming buffers.
+  EXPECT_NE(html.find("<polyline class=\"series\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"7"),
+            std::string::npos);
+  EXPECT_NE(html.find("class=\"bar\""), std::string::npos);
+  EXPECT_NE(html.find("<td>a + 0x"), std::string::npos);
+  EXPECT_NE(html.find("to VRAM: gpu_fault"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);  // self-contained, static
+  EXPECT_EQ(html.find("http://") , html.find("http://www.w3.org/2000/svg"));  // no network references
 }
 
 }  // namespace
