@@ -3,16 +3,19 @@
 SHELL := /bin/bash
 PKGS := cmake ninja-build g++ clang libgtest-dev libgmock-dev libbenchmark-dev libfmt-dev \
         libyaml-cpp-dev libcli11-dev nlohmann-json3-dev
+# Only the tests need these (the HTML report is checked in headless Chromium).
+TEST_PKGS := chromium
 CTEST_JOBS ?= 2
 BENCH_OUT := build/bench
 
-.PHONY: all deps build run test test-release test-tsan check-tsa asan bench clean
+.PHONY: all deps test-deps build run test test-release test-tsan check-tsa asan bench clean
 
 all: build
 
-deps:
+# Installs the missing packages of $(1).
+define install_missing
 	@missing=""; \
-	for p in $(PKGS); do \
+	for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -20,6 +23,13 @@ deps:
 	  sudo=""; [ "$$(id -u)" -ne 0 ] && sudo=sudo; \
 	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(PKGS))
+
+test-deps: deps
+	$(call install_missing,$(TEST_PKGS))
 
 build: deps
 	@cmake --preset release >/dev/null
@@ -40,7 +50,7 @@ run: deps
 # ThreadSanitizer, then clang's thread-safety analysis of the libraries.
 test: test-release asan test-tsan check-tsa
 
-test-release: deps
+test-release: test-deps
 	@cmake --preset release >/dev/null
 	cmake --build build/release
 	cd build/release && ctest --output-on-failure -j$(CTEST_JOBS)
@@ -55,7 +65,7 @@ check-tsa: deps
 	@cmake --preset tsa >/dev/null
 	cmake --build build/tsa
 
-asan: deps
+asan: test-deps
 	@cmake --preset asan >/dev/null
 	cmake --build build/asan
 	cd build/asan && ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" \
