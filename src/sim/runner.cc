@@ -106,6 +106,16 @@ class Run {
   // The timeline.
   std::optional<Stop> RunSteps(const std::vector<Step>& steps, const std::string& phase);
   std::optional<Stop> DoStep(const Step& st, const std::string& phase);
+  std::optional<Stop> Compute(const Step& st, const std::string& phase);
+  // CPU writes of words at buffer offset `off` (reference follows).
+  bool CpuWriteWords(Buf& b, uint64_t off, const std::vector<uint64_t>& w, uint32_t seq);
+  // The word at `off` of the reference.
+  static uint64_t RefWord(const Buf& b, uint64_t off) {
+    uint64_t v;
+    std::memcpy(&v, &b.ref[off], 8);
+    return v;
+  }
+  static void SetRefWord(Buf& b, uint64_t off, uint64_t v) { std::memcpy(&b.ref[off], &v, 8); }
   std::optional<Stop> VerifyAll(const std::string& when);
   std::optional<Stop> VerifyBuf(mm::AddressSpace& as, const Buf& b, const std::string& view, const std::string& when);
   // Helpers.
@@ -287,7 +297,9 @@ std::optional<Stop> Run::WaitKernel(const Step& st, const std::string& phase, Re
   auto& pg = res_.metrics.per_gpu[st.gpu];
   pg.kernels++;
   pg.kernel_ns += t1 - t0;
-  spans_.push_back({fmt::format("{} {}", st.kind == StepKind::kGpuAtomic ? "atomic" : PatternName(st.pattern), st.buffer),
+  spans_.push_back({st.kind == StepKind::kGpuCompute
+                        ? fmt::format("{} {}->{}", ComputeName(st.compute), st.a, st.c)
+                        : fmt::format("{} {}", st.kind == StepKind::kGpuAtomic ? "atomic" : PatternName(st.pattern), st.buffer),
                     "kernel", st.gpu, 0, t0, t1,
                     fmt::format("{{\"faults\":{},\"stall_ns\":{},\"accesses\":{},\"step\":\"{}\"}}", stats->faults,
                                 stats->stall_ns, stats->accesses, Describe(st, phase))});
@@ -328,6 +340,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
     spans_.push_back({"fork", "cpu", UINT32_MAX, cpu_thread_, t0, Now(), ""});
     return std::nullopt;
   }
+  if (st.kind == StepKind::kGpuCompute) return Compute(st, phase);
   Buf& b = BufOf(st.buffer);
   uint64_t off = st.offset;
   uint64_t len = st.size ? st.size : (off < b.size() ? b.size() - off : 0);
@@ -757,9 +770,239 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       return std::nullopt;
     }
     case StepKind::kFork:
+    case StepKind::kGpuCompute:
     case StepKind::kLoop:
       break;
   }
+  return std::nullopt;
+}
+
+bool Run::CpuWriteWords(Buf& b, uint64_t off, const std::vector<uint64_t>& w, uint32_t seq) {
+  const uint64_t len = w.size() * 8;
+  if (!as_->Write(b.va + off, w.data(), len)) return false;
+  std::memcpy(&b.ref[off], w.data(), len);
+  // Pages wholly written are known now.
+  for (uint64_t p = (off + kPage - 1) / kPage; p < (off + len) / kPage; ++p) b.state[p] = kKnown;
+  Touch(b, off, len, seq);
+  return true;
+}
+
+std::optional<Stop> Run::Compute(const Step& st, const std::string& phase) {
+  const uint32_t seq = seq_;
+  const std::string desc = Describe(st, phase);
+  Buf& A = BufOf(st.a);
+  Buf* B = st.b.empty() ? nullptr : &BufOf(st.b);
+  Buf& C = BufOf(st.c);
+  uint64_t need_a, need_b, need_c;
+  ComputeFootprint(st, &need_a, &need_b, &need_c);
+  // Usable: big enough (a buffer may have shrunk) and mapped; the result
+  // can be predicted only from known inputs.
+  auto usable = [](const Buf& b, uint64_t len, bool* known) {
+    if (len > b.size()) return false;
+    for (uint64_t p = 0; p < (len + kPage - 1) / kPage; ++p) {
+      if (b.state[p] == kUnmapped) return false;
+      if (b.state[p] != kKnown) *known = false;
+    }
+    return true;
+  };
+  // Inputs whose bytes the result depends on: gemm a, b; spmv b (x);
+  // stencil a; bfs none (the step writes the graph and the levels).
+  bool known = true, ignored = true;
+  const bool a_in = st.compute == ComputeKind::kGemm || st.compute == ComputeKind::kStencil;
+  if (!usable(A, need_a, a_in ? &known : &ignored) || (B && !usable(*B, need_b, &known)) ||
+      !usable(C, need_c, &ignored)) {
+    Fault(st, phase, "a buffer of the kernel is unmapped or too small", st.expect_fault);
+    return std::nullopt;
+  }
+  const uint64_t n = st.n, k = st.k;
+  const uint64_t a = A.va, c = C.va, bva = B ? B->va : 0;
+  driver::Vm& vm = VmOf(st.gpu);
+  touched_by_[seq] = desc;
+  // Marks the outputs unknown (a cancelled or unpredictable kernel).
+  auto outputs_unknown = [&] {
+    for (uint64_t p = 0; p < (need_c + kPage - 1) / kPage; ++p)
+      if (C.state[p] == kKnown) C.state[p] = kUnknown;
+    if (st.compute == ComputeKind::kStencil)
+      for (uint64_t p = 0; p < (need_a + kPage - 1) / kPage; ++p)
+        if (A.state[p] == kKnown) A.state[p] = kUnknown;
+  };
+  // One launch, waited for; false when it was cancelled (or refused).
+  auto launch = [&](gpu::KernelFn fn, std::optional<Stop>* stop) {
+    gpu::LaunchStats ls;
+    bool cancelled = false;
+    *stop = WaitKernel(st, phase, vm.LaunchKernel(std::move(fn), {.threads = st.threads}), Now(), &ls, &cancelled);
+    return !*stop && !cancelled;
+  };
+  std::optional<Stop> stop;
+  Rng rng(st.seed * 0x9E3779B97F4A7C15ull + s_.seed);
+  switch (st.compute) {
+    case ComputeKind::kGemm: {
+      auto fn = [a, bva, c, n](gpu::KernelContext& kc) {
+        constexpr uint64_t T = 8;
+        for (uint64_t ib = uint64_t{kc.thread_id()} * T; ib < n; ib += uint64_t{kc.num_threads()} * T)
+          for (uint64_t jb = 0; jb < n; jb += T) {
+            uint64_t acc[T][T] = {};
+            const uint64_t ie = std::min(ib + T, n), je = std::min(jb + T, n);
+            for (uint64_t kb = 0; kb < n; kb += T) {
+              const uint64_t ke = std::min(kb + T, n);
+              for (uint64_t i = ib; i < ie; ++i)
+                for (uint64_t kk = kb; kk < ke; ++kk) {
+                  const uint64_t av = kc.Load(a + (i * n + kk) * 8);
+                  for (uint64_t j = jb; j < je; ++j) acc[i - ib][j - jb] += av * kc.Load(bva + (kk * n + j) * 8);
+                }
+              if (kc.cancelled()) return;
+            }
+            for (uint64_t i = ib; i < ie; ++i)
+              for (uint64_t j = jb; j < je; ++j) kc.Store(c + (i * n + j) * 8, acc[i - ib][j - jb]);
+          }
+      };
+      if (!launch(fn, &stop)) break;
+      if (!known) {
+        outputs_unknown();
+        break;
+      }
+      std::vector<uint64_t> out(n * n, 0);
+      for (uint64_t i = 0; i < n; ++i)
+        for (uint64_t kk = 0; kk < n; ++kk) {
+          const uint64_t av = RefWord(A, (i * n + kk) * 8);
+          for (uint64_t j = 0; j < n; ++j) out[i * n + j] += av * RefWord(*B, (kk * n + j) * 8);
+        }
+      std::memcpy(&C.ref[0], out.data(), n * n * 8);
+      Touch(C, 0, need_c, seq);
+      return stop;
+    }
+    case ComputeKind::kSpmv: {
+      // The CSR matrix, written by the CPU: row_ptr, col, val.
+      std::vector<uint64_t> m(n + 1 + 2 * n * k);
+      for (uint64_t i = 0; i <= n; ++i) m[i] = i * k;
+      for (uint64_t e = 0; e < n * k; ++e) {
+        m[n + 1 + e] = rng.Uniform(n);
+        m[n + 1 + n * k + e] = rng.Next() | 1;
+      }
+      if (!CpuWriteWords(A, 0, m, seq)) {
+        Fault(st, phase, "the CPU could not write the matrix", st.expect_fault);
+        outputs_unknown();
+        break;
+      }
+      auto fn = [a, bva, c, n, k](gpu::KernelContext& kc) {
+        const uint64_t col = a + (n + 1) * 8, val = col + n * k * 8;
+        for (uint64_t i = kc.thread_id(); i < n && !kc.cancelled(); i += kc.num_threads()) {
+          uint64_t y = 0;
+          const uint64_t lo = kc.Load(a + i * 8), hi = kc.Load(a + (i + 1) * 8);
+          for (uint64_t e = lo; e < hi && e < n * k; ++e) y += kc.Load(val + e * 8) * kc.Load(bva + kc.Load(col + e * 8) % n * 8);
+          kc.Store(c + i * 8, y);
+        }
+      };
+      if (!launch(fn, &stop)) break;
+      if (!known) {
+        outputs_unknown();
+        break;
+      }
+      for (uint64_t i = 0; i < n; ++i) {
+        uint64_t y = 0;
+        for (uint64_t e = m[i]; e < m[i + 1]; ++e) y += m[n + 1 + n * k + e] * RefWord(*B, m[n + 1 + e] * 8);
+        SetRefWord(C, i * 8, y);
+      }
+      Touch(C, 0, need_c, seq);
+      return stop;
+    }
+    case ComputeKind::kBfs: {
+      std::vector<uint64_t> g(n + 1 + n * k);
+      for (uint64_t i = 0; i <= n; ++i) g[i] = i * k;
+      for (uint64_t e = 0; e < n * k; ++e) g[n + 1 + e] = rng.Uniform(n);
+      std::vector<uint64_t> lv(n, UINT64_MAX);
+      lv[0] = 0;
+      if (!CpuWriteWords(A, 0, g, seq) || !CpuWriteWords(C, 0, lv, seq)) {
+        Fault(st, phase, "the CPU could not write the graph", st.expect_fault);
+        outputs_unknown();
+        break;
+      }
+      auto changed = std::make_shared<std::atomic<bool>>(false);
+      for (uint64_t level = 0; level < n; ++level) {
+        changed->store(false);
+        auto fn = [a, c, n, k, level, changed](gpu::KernelContext& kc) {
+          const uint64_t adj = a + (n + 1) * 8;
+          for (uint64_t v = kc.thread_id(); v < n && !kc.cancelled(); v += kc.num_threads()) {
+            if (kc.Load(c + v * 8) != level) continue;
+            for (uint64_t e = v * k; e < (v + 1) * k; ++e) {
+              const uint64_t u = kc.Load(adj + e * 8) % n;
+              if (kc.Load(c + u * 8) == UINT64_MAX) {
+                kc.Store(c + u * 8, level + 1);
+                changed->store(true, std::memory_order_relaxed);
+              }
+            }
+          }
+        };
+        if (!launch(fn, &stop)) {
+          outputs_unknown();
+          return stop;
+        }
+        if (!changed->load()) break;
+      }
+      // The CPU's BFS: levels are unique whatever the order.
+      std::vector<uint64_t> q{0};
+      for (size_t qi = 0; qi < q.size(); ++qi) {
+        const uint64_t v = q[qi];
+        for (uint64_t e = v * k; e < (v + 1) * k; ++e) {
+          const uint64_t u = g[n + 1 + e];
+          if (lv[u] == UINT64_MAX) lv[u] = lv[v] + 1, q.push_back(u);
+        }
+      }
+      std::memcpy(&C.ref[0], lv.data(), n * 8);
+      return stop;
+    }
+    case ComputeKind::kStencil: {
+      for (uint32_t it = 0; it < st.iterations; ++it) {
+        const uint64_t src = it % 2 == 0 ? a : c, dst = it % 2 == 0 ? c : a;
+        auto fn = [src, dst, n](gpu::KernelContext& kc) {
+          for (uint64_t i = kc.thread_id(); i < n && !kc.cancelled(); i += kc.num_threads())
+            for (uint64_t j = 0; j < n; ++j) {
+              uint64_t v = 2 * kc.Load(src + (i * n + j) * 8);
+              if (i > 0) v += kc.Load(src + ((i - 1) * n + j) * 8);
+              if (i + 1 < n) v += kc.Load(src + ((i + 1) * n + j) * 8);
+              if (j > 0) v += kc.Load(src + (i * n + j - 1) * 8);
+              if (j + 1 < n) v += kc.Load(src + (i * n + j + 1) * 8);
+              kc.Store(dst + (i * n + j) * 8, v);
+            }
+        };
+        if (!launch(fn, &stop)) {
+          outputs_unknown();
+          return stop;
+        }
+      }
+      if (!known) {
+        outputs_unknown();
+        break;
+      }
+      std::vector<uint64_t> g0(n * n), g1(n * n);
+      for (uint64_t x = 0; x < n * n; ++x) g0[x] = RefWord(A, x * 8);
+      for (uint32_t it = 0; it < st.iterations; ++it) {
+        std::vector<uint64_t>& s0 = it % 2 == 0 ? g0 : g1;
+        std::vector<uint64_t>& d0 = it % 2 == 0 ? g1 : g0;
+        if (it == 0)
+          for (uint64_t x = 0; x < n * n; ++x) g1[x] = RefWord(C, x * 8);
+        for (uint64_t i = 0; i < n; ++i)
+          for (uint64_t j = 0; j < n; ++j) {
+            uint64_t v = 2 * s0[i * n + j];
+            if (i > 0) v += s0[(i - 1) * n + j];
+            if (i + 1 < n) v += s0[(i + 1) * n + j];
+            if (j > 0) v += s0[i * n + j - 1];
+            if (j + 1 < n) v += s0[i * n + j + 1];
+            d0[i * n + j] = v;
+          }
+      }
+      std::memcpy(&C.ref[0], g1.data(), n * n * 8);
+      if (st.iterations >= 2) {
+        std::memcpy(&A.ref[0], g0.data(), n * n * 8);
+        Touch(A, 0, need_a, seq);
+      }
+      Touch(C, 0, need_c, seq);
+      return stop;
+    }
+  }
+  if (stop) return stop;
+  // Cancelled or refused: what the kernel wrote is unknown.
+  outputs_unknown();
   return std::nullopt;
 }
 

@@ -67,6 +67,7 @@ const char* StepKindName(StepKind k) {
     case StepKind::kAdvise: return "advise";
     case StepKind::kBind: return "bind";
     case StepKind::kUnbind: return "unbind";
+    case StepKind::kGpuCompute: return "gpu_compute";
     case StepKind::kLoop: return "loop";
   }
   return "?";
@@ -81,6 +82,27 @@ const char* PatternName(PatternKind p) {
     case PatternKind::kReadModifyWrite: return "read_modify_write";
   }
   return "?";
+}
+
+const char* ComputeName(ComputeKind c) {
+  switch (c) {
+    case ComputeKind::kGemm: return "gemm";
+    case ComputeKind::kSpmv: return "spmv";
+    case ComputeKind::kBfs: return "bfs";
+    case ComputeKind::kStencil: return "stencil";
+  }
+  return "?";
+}
+
+void ComputeFootprint(const Step& st, uint64_t* a, uint64_t* b, uint64_t* c) {
+  const uint64_t n = st.n, k = st.k;
+  *a = *b = *c = 0;
+  switch (st.compute) {
+    case ComputeKind::kGemm: *a = *b = *c = 8 * n * n; break;
+    case ComputeKind::kSpmv: *a = 8 * (n + 1 + 2 * n * k); *b = *c = 8 * n; break;
+    case ComputeKind::kBfs: *a = 8 * (n + 1 + n * k); *c = 8 * n; break;
+    case ComputeKind::kStencil: *a = *c = 8 * n * n; break;
+  }
 }
 
 namespace {
@@ -399,6 +421,43 @@ struct Parser {
       if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
       if (p["read_only"]) { USVM_PTRY(v, Bool(p["read_only"], f + ".read_only")); s.read_only = v; }
       if (p["userptr"]) { USVM_PTRY(v, Bool(p["userptr"], f + ".userptr")); s.userptr = v; }
+    } else if (kind == "gpu_compute") {
+      s.kind = StepKind::kGpuCompute;
+      if (auto k = Keys(p, f, {"gpu", "kernel", "a", "b", "c", "n", "k", "iterations", "threads", "seed", "expect"}); !k)
+        return MakeUnexpected(k.error());
+      if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
+      if (!p["kernel"]) return Fail(p, f + ".kernel", "missing");
+      USVM_PTRY(kn, OneOf(p["kernel"], f + ".kernel", {"gemm", "spmv", "bfs", "stencil"}));
+      s.compute = kn == "gemm" ? ComputeKind::kGemm : kn == "spmv" ? ComputeKind::kSpmv
+                  : kn == "bfs" ? ComputeKind::kBfs : ComputeKind::kStencil;
+      const bool need_b = s.compute == ComputeKind::kGemm || s.compute == ComputeKind::kSpmv;
+      for (const char* name : {"a", "b", "c"}) {
+        if (!p[name]) {
+          if (std::string(name) == "b" && !need_b) continue;
+          return Fail(p, f + "." + name, "missing (a buffer name)");
+        }
+        USVM_PTRY(v, Str(p[name], f + "." + name));
+        (name[0] == 'a' ? s.a : name[0] == 'b' ? s.b : s.c) = v;
+      }
+      if (!need_b && p["b"]) return Fail(p["b"], f + ".b", std::string("not used by ") + kn);
+      if (!p["n"]) return Fail(p, f + ".n", "missing");
+      USVM_PTRY(n, U64(p["n"], f + ".n", 2, 1 << 20));
+      s.n = n;
+      const bool need_k = s.compute == ComputeKind::kSpmv || s.compute == ComputeKind::kBfs;
+      if (need_k) {
+        if (!p["k"]) return Fail(p, f + ".k", "missing (entries per row)");
+        USVM_PTRY(k, U64(p["k"], f + ".k", 1, 1024));
+        s.k = k;
+      } else if (p["k"]) {
+        return Fail(p["k"], f + ".k", std::string("not used by ") + kn);
+      }
+      if (p["iterations"]) { USVM_PTRY(v, U64(p["iterations"], f + ".iterations", 1, 1000)); s.iterations = uint32_t(v); }
+      if (p["threads"]) { USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 256)); s.threads = uint32_t(v); }
+      s.seed = 1;
+      if (p["seed"]) { USVM_PTRY(v, U64(p["seed"], f + ".seed")); s.seed = v; }
+      if (s.a == s.c || (need_b && (s.a == s.b || s.b == s.c)))
+        return Fail(p, f, "a, b and c must be different buffers");
+      if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "loop") {
       s.kind = StepKind::kLoop;
       if (depth >= 4) return Fail(p, f, "loops nest at most 4 deep");
@@ -411,7 +470,7 @@ struct Parser {
     } else {
       return Fail(it->first, field + "." + kind,
                   "unknown action (expected cpu_write, cpu_read, cpu_atomic, mmap, munmap, mprotect, madvise, "
-                  "mremap, fork, gpu_kernel, gpu_atomic, prefetch, advise, bind, unbind, loop)");
+                  "mremap, fork, gpu_kernel, gpu_atomic, gpu_compute, prefetch, advise, bind, unbind, loop)");
     }
     return s;
   }
@@ -509,6 +568,24 @@ ParseResult<void> CheckSteps(const Scenario& s, const std::vector<Step>& steps, 
       continue;
     }
     if (st.kind == StepKind::kFork) continue;
+    if (st.kind == StepKind::kGpuCompute) {
+      uint64_t need[3];
+      ComputeFootprint(st, &need[0], &need[1], &need[2]);
+      const std::string* names[3] = {&st.a, &st.b, &st.c};
+      for (int i = 0; i < 3; ++i) {
+        if (need[i] == 0) continue;
+        const BufferSpec* b = nullptr;
+        for (const BufferSpec& x : s.buffers)
+          if (x.name == *names[i]) b = &x;
+        const std::string field = std::string(".") + char('a' + i);
+        if (!b) return fail(field, "no buffer named '" + *names[i] + "'");
+        if (b->size < need[i])
+          return fail(field, fmt::format("{} n={} needs {} bytes in '{}', which has {}", ComputeName(st.compute), st.n,
+                                         need[i], b->name, b->size));
+      }
+      if (st.gpu >= s.machine.gpus) return fail(".gpu", fmt::format("GPU {} does not exist (machine.gpus = {})", st.gpu, s.machine.gpus));
+      continue;
+    }
     const BufferSpec* b = nullptr;
     for (const BufferSpec& x : s.buffers)
       if (x.name == st.buffer) b = &x;

@@ -172,6 +172,33 @@ TEST(ScenarioParser, GpuBeyondMachine) {
       6, "gpu_kernel.gpu", "does not exist");
 }
 
+TEST(ScenarioParser, ComputeStep) {
+  auto r = ParseScenarioString(
+      "buffers:\n  - {name: a, size: 2MiB}\n  - {name: b, size: 2MiB}\n  - {name: c, size: 2MiB}\nphases:\n"
+      "  - steps:\n      - gpu_compute: {kernel: gemm, a: a, b: b, c: c, n: 256}\n"
+      "      - gpu_compute: {kernel: bfs, a: a, c: c, n: 1000, k: 4}\n",
+      "c.yaml");
+  ASSERT_TRUE(r.has_value()) << r.error().ToString();
+  EXPECT_EQ(r->phases[0].steps[0].compute, ComputeKind::kGemm);
+  EXPECT_EQ(r->phases[0].steps[1].k, 4u);
+  // 512 x 512 words do not fit 2 MiB... they do exactly; 513 do not.
+  ExpectError(
+      "buffers:\n  - {name: a, size: 2MiB}\n  - {name: b, size: 2MiB}\n  - {name: c, size: 2MiB}\nphases:\n"
+      "  - steps:\n      - gpu_compute: {kernel: gemm, a: a, b: b, c: c, n: 513}\n",
+      7, "gpu_compute.a", "needs 2105352 bytes");
+  ExpectError(
+      "buffers:\n  - {name: a, size: 2MiB}\nphases:\n  - steps:\n      - gpu_compute: {kernel: spmv, a: a, c: a, n: 8}\n",
+      5, "gpu_compute.b", "missing");
+  ExpectError(
+      "buffers:\n  - {name: a, size: 2MiB}\nphases:\n  - steps:\n"
+      "      - gpu_compute: {kernel: stencil, a: a, c: a, n: 8, k: 2}\n",
+      5, "gpu_compute.k", "not used by stencil");
+  ExpectError(
+      "buffers:\n  - {name: a, size: 2MiB}\n  - {name: c, size: 2MiB}\nphases:\n  - steps:\n"
+      "      - gpu_compute: {kernel: fft, a: a, c: c, n: 8}\n",
+      6, "gpu_compute.kernel", "not one of");
+}
+
 TEST(ScenarioParser, BadSettingOverride) {
   ExpectError(
       "buffers:\n  - {name: a, size: 8KiB}\nsettings:\n  x: {framework.colour: red}\nphases:\n  - steps:\n"

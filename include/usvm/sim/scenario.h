@@ -86,8 +86,24 @@ enum class StepKind : uint8_t {
   kAdvise,      // preferred / atomic / access_in_place attributes
   kBind,        // an explicit bind (or userptr) of the span on `gpu`
   kUnbind,      // removes that bind
+  kGpuCompute,  // a real kernel (ComputeKind) over named buffers, checked
+                // against the same computation on the CPU
   kLoop,        // `repeat` times `steps`
 };
+
+// The compute kernels of kGpuCompute (64-bit integer arithmetic, so the
+// GPU's result and the CPU's are bit-identical whatever the order):
+//   gemm     c = a * b, n x n matrices of words, tiled
+//   spmv     y (c) = M (a) * x (b): M is an n x n CSR matrix with k entries
+//            per row that the step generates into a (row_ptr[n+1],
+//            col[n*k], val[n*k]); x is whatever b holds
+//   bfs      levels (c) of a BFS from vertex 0 over a random graph of n
+//            vertices and degree k that the step generates into a
+//            (row_ptr[n+1], adj[n*k]); one kernel launch per level
+//   stencil  `iterations` sweeps of a 5-point stencil over an n x n grid,
+//            a -> c, then c -> a, ... (the result is in c after an odd
+//            number of sweeps, in a after an even one)
+enum class ComputeKind : uint8_t { kGemm, kSpmv, kBfs, kStencil };
 
 enum class PatternKind : uint8_t { kStreamRead, kStreamWrite, kStride, kRandomGather, kReadModifyWrite };
 
@@ -116,6 +132,11 @@ struct Step {
   // memory is gone or protected); counted, not an error either way.
   bool expect_fault = false;
   uint64_t new_size = 0;      // kMremap
+  // kGpuCompute: the kernel, its buffers (a, b, c; see ComputeKind),
+  // the problem size n and the per-row count k.
+  ComputeKind compute = ComputeKind::kGemm;
+  std::string a, b, c;
+  uint64_t n = 0, k = 0;
   uint32_t repeat = 1;        // kLoop
   std::vector<Step> steps;    // kLoop
 };
@@ -168,6 +189,9 @@ std::string FormatBytes(uint64_t bytes);
 
 const char* StepKindName(StepKind k);
 const char* PatternName(PatternKind p);
+const char* ComputeName(ComputeKind c);
+// Bytes a compute step needs in buffer a, b and c.
+void ComputeFootprint(const Step& st, uint64_t* a, uint64_t* b, uint64_t* c);
 
 }  // namespace usvm::sim
 
