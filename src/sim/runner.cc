@@ -180,6 +180,9 @@ std::string Run::Setup() {
     dc.gpu.copy_engines = s_.machine.copy_engines;
     dc.gpu.fault_buffer_entries = s_.machine.fault_buffer_entries;
     dc.gpu.latency = s_.machine.latency == "default" ? gpu::LatencyModel::Default() : gpu::LatencyModel::Zero();
+    if (s_.machine.tlb_flush_ns >= 0) dc.gpu.latency.tlb_invalidate_ns = uint64_t(s_.machine.tlb_flush_ns);
+    if (s_.machine.fault_latency_ns >= 0) dc.gpu.latency.fault_service_ns = uint64_t(s_.machine.fault_latency_ns);
+    if (s_.machine.link_bandwidth >= 0) dc.gpu.latency.link_bandwidth_bytes_per_s = uint64_t(s_.machine.link_bandwidth);
     dc.fault_batch = s_.machine.fault_batch;
     dc.owner = s_.machine.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
     auto d = driver::Device::TryCreate(i, dc, sysmem_.get(), *env_);
@@ -1090,7 +1093,8 @@ Expected<RunResult, std::string> Run::Go() {
   for (size_t pi = 0; pi < s_.phases.size() && !stop; ++pi) {
     const Phase& ph = s_.phases[pi];
     for (uint32_t r = 0; r < ph.repeat && !stop; ++r) {
-      if (tty_progress) {
+      // The bar appears once the run has lasted a second.
+      if (tty_progress && std::chrono::steady_clock::now() - wall0 > std::chrono::seconds(1)) {
         const int width = 30;
         const int filled = int(width * done / std::max<size_t>(total, 1));
         fmt::print(stderr, "\r[{}{}] {}/{} {:<24}", std::string(filled, '#'), std::string(width - filled, '.'), done,

@@ -181,7 +181,7 @@ struct Parser {
   ParseResult<void> Machine(const YAML::Node& n, MachineSpec& m) const {
     if (auto k = Keys(n, "machine", {"gpus", "vram", "system_memory", "exec_threads", "copy_engines",
                                      "fault_batch", "fault_buffer_entries", "latency", "shared_owner",
-                                     "peer_access"});
+                                     "peer_access", "tlb_flush_ns", "fault_latency_ns", "link_bandwidth"});
         !k)
       return k;
     if (n["gpus"]) { USVM_PTRY(v, U64(n["gpus"], "machine.gpus", 1, 8)); m.gpus = uint32_t(v); }
@@ -202,6 +202,12 @@ struct Parser {
     if (n["fault_batch"]) { USVM_PTRY(v, U64(n["fault_batch"], "machine.fault_batch", 1, 4096)); m.fault_batch = uint32_t(v); }
     if (n["fault_buffer_entries"]) { USVM_PTRY(v, U64(n["fault_buffer_entries"], "machine.fault_buffer_entries", 0, 1 << 20)); m.fault_buffer_entries = uint32_t(v); }
     if (n["latency"]) { USVM_PTRY(v, OneOf(n["latency"], "machine.latency", {"zero", "default"})); m.latency = v; }
+    if (n["tlb_flush_ns"]) { USVM_PTRY(v, U64(n["tlb_flush_ns"], "machine.tlb_flush_ns", 0, 1'000'000'000)); m.tlb_flush_ns = int64_t(v); }
+    if (n["fault_latency_ns"]) { USVM_PTRY(v, U64(n["fault_latency_ns"], "machine.fault_latency_ns", 0, 1'000'000'000)); m.fault_latency_ns = int64_t(v); }
+    if (n["link_bandwidth"]) {
+      USVM_PTRY(v, Size(n["link_bandwidth"], "machine.link_bandwidth"));
+      m.link_bandwidth = int64_t(std::min<uint64_t>(v, INT64_MAX));
+    }
     if (n["shared_owner"]) { USVM_PTRY(v, Bool(n["shared_owner"], "machine.shared_owner")); m.shared_owner = v; }
     if (n["peer_access"]) { USVM_PTRY(v, Bool(n["peer_access"], "machine.peer_access")); m.peer_access = v; }
     return {};
@@ -646,7 +652,8 @@ namespace {
 const char* const kKeys[] = {"seed", "verify", "machine.gpus", "machine.vram", "machine.system_memory",
                              "machine.exec_threads", "machine.copy_engines", "machine.fault_batch",
                              "machine.fault_buffer_entries", "machine.latency", "machine.shared_owner",
-                             "machine.peer_access", "framework.notifier_size", "framework.chunk_sizes",
+                             "machine.peer_access", "machine.tlb_flush_ns", "machine.fault_latency_ns",
+                             "machine.link_bandwidth", "framework.notifier_size", "framework.chunk_sizes",
                              "framework.check_pages_threshold", "framework.invalidation", "framework.placement",
                              "framework.peer_policy", "framework.atomic_timeslice_ms", "framework.atomic_tries"};
 }

@@ -192,7 +192,7 @@ TEST(SimRunner, CompareSettingsVerifyAlikeAndTimeDiffers) {
   // different invalidation times.
   Scenario base = Parse(R"(
 seed: 5
-machine: {gpus: 4, vram: 8MiB, system_memory: 64MiB, latency: default}
+machine: {gpus: 4, vram: 8MiB, system_memory: 64MiB, latency: default, tlb_flush_ns: 100000}
 buffers: [{name: a, size: 4MiB}]
 phases:
   - steps:
@@ -220,6 +220,13 @@ phases:
   EXPECT_EQ(a->metrics.checksums_verified, b->metrics.checksums_verified);
   EXPECT_GT(a->metrics.two_pass_finishes, 0u);
   EXPECT_EQ(b->metrics.two_pass_finishes, 0u);
+  EXPECT_EQ(a->metrics.invalidations, b->metrics.invalidations);
+  EXPECT_EQ(a->metrics.tlb_flushes, b->metrics.tlb_flushes);
+  // Single pass waits for each GPU's 100 us flush in turn, two-pass for all
+  // four at once: at least 4 x 100 us per invalidation against about 100.
+  EXPECT_GE(b->metrics.invalidation_ns, 4 * 4 * 100'000u);
+  EXPECT_GT(b->metrics.invalidation_ns, a->metrics.invalidation_ns + 4 * 200'000u)
+      << "two-pass " << a->metrics.invalidation_ns << " ns, single-pass " << b->metrics.invalidation_ns << " ns";
   a->metrics.setting = "two_pass";
   b->metrics.setting = "single_pass";
   const std::string t = CompareTable({&*a, &*b});

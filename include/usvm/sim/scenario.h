@@ -45,6 +45,10 @@ struct MachineSpec {
   uint32_t fault_batch = 256;
   uint32_t fault_buffer_entries = 0;          // 0: unbounded
   std::string latency = "zero";               // "zero" | "default"
+  // Overrides of the chosen model's figures (-1: keep the model's).
+  int64_t tlb_flush_ns = -1;
+  int64_t fault_latency_ns = -1;
+  int64_t link_bandwidth = -1;                // bytes per second, 0: infinite
   bool shared_owner = true;                   // the GPUs see each other's pages
   bool peer_access = true;                    // ... and may map them
 };
