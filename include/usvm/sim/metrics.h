@@ -69,6 +69,7 @@ struct Metrics {
   uint64_t tlb_flushes = 0;
   uint64_t two_pass_finishes = 0;
   uint64_t invalidation_ns = 0;       // time spent in callbacks, finish passes included
+  uint64_t invalidation_p50_ns = 0;   // per callback (finish pass included)
   uint64_t invalidation_p99_ns = 0;
   // Eviction and collection.
   uint64_t evictions = 0, bytes_evicted = 0;
