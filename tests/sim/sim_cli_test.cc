@@ -91,6 +91,8 @@ TEST(UsvmCli, BadSetIsOneLineExit2) {
   EXPECT_EQ(v.code, 2) << v.text;
   Out n = Usvm("run " + f + " --set nokey");
   EXPECT_EQ(n.code, 2) << n.text;
+  Out cmd = Usvm("frob");
+  EXPECT_EQ(cmd.code, 2) << cmd.text;
   Out u = Usvm("run " + f + " --bogus");
   EXPECT_EQ(u.code, 2) << u.text;
   Out c = Usvm("run " + f + " --compare one,nope");
@@ -124,6 +126,13 @@ TEST(UsvmCli, RunWritesJsonAndTrace) {
   for (const char* c : {"fault", "migration", "invalidation", "tlb", "kernel", "cpu"})
     EXPECT_TRUE(cats.count(c)) << "no '" << c << "' events in the trace";
   EXPECT_TRUE(procs.count("CPU") && procs.count("GPU 0") && procs.count("GPU 1"));
+  // --set is repeatable, each takes one value (the file may follow it).
+  Out two = Usvm("run --set seed=4 " + f + " --set machine.gpus=3 --quiet --json " + json);
+  ASSERT_EQ(two.code, 0) << two.text;
+  auto m2 = nlohmann::json::parse(std::ifstream(json), nullptr, false);
+  EXPECT_EQ(m2["seed"], 4);
+  EXPECT_EQ(m2["gpus"], 3);
+  EXPECT_EQ(m2["scenario"], "tiny");
   Out q = Usvm("run " + f + " --quiet");
   EXPECT_EQ(q.code, 0);
   EXPECT_EQ(q.text, "");

@@ -198,6 +198,7 @@ int main(int argc, char** argv) {
   run->add_option("--set", ra.sets,
                   "override a field, key=value (seed, verify, machine.gpus, machine.vram, framework.invalidation, "
                   "framework.placement, buffers.NAME.size, ...); repeatable")
+      ->allow_extra_args(false)
       ->take_all();
   run->add_option("--json", ra.json, "write the metrics as JSON to FILE");
   run->add_option("--trace", ra.trace, "write a Chrome/Perfetto trace-event JSON to FILE (ui.perfetto.dev)");
@@ -216,6 +217,8 @@ int main(int argc, char** argv) {
   validate->add_option("file", vfile, "scenario YAML file")->required();
   app.add_subcommand("demo", "the address-space demonstration (usvm demo --help)");
 
+  if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "run") != 0 && std::strcmp(argv[1], "validate") != 0)
+    return Fail(fmt::format("unknown command '{}' (try `usvm --help`)", argv[1]));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
