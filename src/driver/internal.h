@@ -339,12 +339,18 @@ class Vm::Impl {
   Result<size_t> ServiceBatch(uint64_t timeout_ns);
   // The thread of a Vm with a context of its own.
   void FaultLoop();
+  // Userptrs invalidated since their last use are bound again; ENODEV
+  // once detached. REQUIRES: the driver lock.
+  Result<void> RevalidateUserptrsLocked() USVM_REQUIRES(svm.svm->driver_lock());
 
   Svm::Impl& svm;
   Device::Impl& dev;
   Vm* pub = nullptr;
   // The GPU context (address space) this Vm runs in: the device's default
-  // one, or own_ctx. Set at attach; reset to the default at detach.
+  // one, or own_ctx. Set at attach; reset to the default at detach, under
+  // the driver lock and the device's attach lock (write). Users hold one
+  // of them and check detached_ first, or are callbacks that found this
+  // Vm in Svm::Impl::vms (cleared under the notifier lock before).
   gpu::GpuContext* ctx = nullptr;
   std::unique_ptr<gpu::GpuContext> own_ctx;
   std::thread fault_thread;

@@ -143,14 +143,16 @@ void Svm::Impl::DetachVm(Vm::Impl* vi) {
     auto f = vi->ctx->tlb().InvalidateAll();
     (void)f.Wait();
     vi->detached_.store(true);
+    // A context of its own goes now (kernels still blocked in it end with
+    // ECANCELED); the Vm object stays until the Svm goes (a caller may
+    // still hold it: its calls then fail with ENODEV). Under the driver
+    // lock and the attach lock: every user of ctx holds one of them and
+    // checks detached_ under it first.
+    vi->ctx = &d.gpu->default_context();
+    vi->own_ctx.reset();
   }
   if (d.vm_ == vi) d.vm_ = nullptr;
   std::erase(d.attached_, vi);
-  // A context of its own goes now (kernels still blocked in it end with
-  // ECANCELED); the Vm object stays until the Svm goes (a caller may
-  // still hold it: its calls then fail with ENODEV).
-  vi->ctx = &d.gpu->default_context();
-  vi->own_ctx.reset();
 }
 
 Vm* Svm::vm(uint32_t gpu_id) const {

@@ -621,8 +621,8 @@ Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {
     return Err(Errc::kInval, "driver: bind range empty or not page aligned");
   if (start < v.svm.config.va_start || end > v.svm.config.va_start + v.svm.config.va_size)
     return Err(Errc::kInval, "driver: bind range outside the GPU VA window");
-  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
   gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
   if (v.FindBinding(start, end)) return Err(Errc::kExist, "driver: overlaps another bind");
   auto b = std::make_unique<Binding>();
   b->vm = &v;
@@ -669,26 +669,39 @@ Result<bool> Vm::BindValid(uint64_t handle) const {
   return it->second->valid.load();
 }
 
-Result<void> Vm::RevalidateUserptrs() {
-  Impl& v = *impl_;
-  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
-  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
-  for (auto& [s, b] : v.binds_) {
+Result<void> Vm::Impl::RevalidateUserptrsLocked() {
+  if (detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  for (auto& [s, b] : binds_) {
     if (!b->flags.userptr || b->valid.load()) continue;
-    USVM_TRY(v.ValidateBinding(b.get(), false));
-    Bump(v.c.rebinds);
+    USVM_TRY(ValidateBinding(b.get(), false));
+    Bump(c.rebinds);
   }
   return {};
 }
 
+Result<void> Vm::RevalidateUserptrs() {
+  Impl& v = *impl_;
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  return v.RevalidateUserptrsLocked();
+}
+
+// The launch goes in under the driver lock: a detach (which swaps the
+// context under it) is either before -- ENODEV -- or after.
 Result<gpu::Launch> Vm::LaunchKernel(gpu::KernelFn fn, const gpu::LaunchParams& params) {
-  USVM_TRY(RevalidateUserptrs());
-  return impl_->ctx->LaunchKernel(std::move(fn), params);
+  Impl& v = *impl_;
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  USVM_TRY(v.RevalidateUserptrsLocked());
+  return v.ctx->LaunchKernel(std::move(fn), params);
 }
 
 Result<gpu::Launch> Vm::LaunchPattern(const gpu::PatternParams& params) {
-  USVM_TRY(RevalidateUserptrs());
-  return impl_->ctx->LaunchPattern(params);
+  Impl& v = *impl_;
+  if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+  gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  USVM_TRY(v.RevalidateUserptrsLocked());
+  return v.ctx->LaunchPattern(params);
 }
 
 // ---- the device's fault loop ------------------------------------------------
@@ -760,11 +773,20 @@ void Vm::Impl::FaultLoop() {
 }
 
 Result<size_t> Vm::ServiceFaults(uint64_t timeout_ns) {
-  if (impl_->detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
-  if (impl_->ctx == &impl_->dev.gpu->default_context()) return impl_->dev.ServiceBatch(timeout_ns);
-  return impl_->ServiceBatch(timeout_ns);
+  Impl& v = *impl_;
+  {
+    // A detach waits for this (it shuts the fault unit of a context of
+    // our own down first, which ends a Fetch in progress).
+    ReadLock al(v.dev.attach_lock_);
+    if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
+    if (v.ctx != &v.dev.gpu->default_context()) return v.ServiceBatch(timeout_ns);
+  }
+  return v.dev.ServiceBatch(timeout_ns);
 }
 
-gpu::GpuContext& Vm::context() const { return *impl_->ctx; }
+gpu::GpuContext& Vm::context() const {
+  ReadLock al(impl_->dev.attach_lock_);
+  return *impl_->ctx;
+}
 
 }  // namespace usvm::driver

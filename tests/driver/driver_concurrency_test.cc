@@ -312,7 +312,10 @@ TEST(DriverConcurrency, TwoPassInvalidationsOfOneRangeWaitForEachOthersFlushes) 
     want.Fill(cpu_slice(t), kSlice, last[t]);
     EXPECT_TRUE(CpuMatches(m.as(), want)) << "CPU slice " << t;
   }
-  EXPECT_GT(m.svm().stats().pending_flush_waits, 0u) << "no invalidation met another one's flush";
+  // How often the race this test is about happened (not asserted: it is a
+  // race; without the wait the test failed in every run of 5).
+  printf("in-flight flushes of other invalidations waited for: %llu\n",
+         (unsigned long long)m.svm().stats().pending_flush_waits);
 }
 
 // Detach while kernels fault on the device: every kernel ends (done or
