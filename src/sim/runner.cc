@@ -386,15 +386,17 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
           return std::nullopt;
         }
       }
-      // Page by page: the pages that can be written are.
+      // Page by page (some pages are not writable, or the whole write
+      // failed part-way): the pages that can be written are; one that
+      // cannot keeps its bytes -- unknown if the failed whole write may
+      // have reached it. (The whole write's fault is reported already.)
       bool faulted = false;
       for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p) {
         auto r = as_->Write(b.va + p * kPage, &w[(p * kPage - off) / 8], kPage);
         if (!r) {
-          if (!faulted && writable) {
-          } else if (!faulted) {
+          if (!faulted && !writable)
             Fault(st, phase, fmt::format("{} at {:#x}", r.error().ToString(), b.va + p * kPage), st.expect_fault);
-          }
+          if (writable && b.state[p] == kKnown) b.state[p] = kUnknown;
           faulted = true;
           continue;
         }

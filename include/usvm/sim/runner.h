@@ -54,7 +54,7 @@ struct RunOptions {
   uint64_t corrupt_offset = 0;
   // Kernels that run longer than this are a hang: the run stops with an
   // error.
-  uint64_t kernel_timeout_s = 60;
+  uint64_t kernel_timeout_s = 300;
 };
 
 struct RunResult {
