@@ -37,7 +37,7 @@ settings:                  # for --compare
 phases:
   - name: init
     steps:
-      - cpu_write: {buffer: data}
+      - cpu_write: {buffer: data, threads: 2}
       - cpu_write: {buffer: shared}
   - name: oversubscribe
     steps:
@@ -73,7 +73,7 @@ phases:
           repeat: 3
           steps:
             - gpu_kernel: {gpu: 0, buffer: data, offset: 6MiB, size: 4MiB, pattern: read_modify_write, value: 1}
-            - cpu_read: {buffer: data, offset: 6MiB, size: 4MiB}
+            - cpu_read: {buffer: data, offset: 6MiB, size: 4MiB, threads: 2}
             - gpu_kernel: {gpu: 1, buffer: data, offset: 6MiB, size: 4MiB, pattern: read_modify_write, value: 2}
             - cpu_atomic: {buffer: data, offset: 8MiB, size: 4KiB, count: 16}
 )yaml";

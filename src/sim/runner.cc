@@ -107,6 +107,11 @@ class Run {
   std::optional<Stop> RunSteps(const std::vector<Step>& steps, const std::string& phase);
   std::optional<Stop> DoStep(const Step& st, const std::string& phase);
   std::optional<Stop> Compute(const Step& st, const std::string& phase);
+  // Runs fn(first, last) over [0, n) split into `threads` contiguous
+  // parts, each on a CPU thread of its own (inline for one), with a trace
+  // span per thread.
+  template <typename Fn>
+  void ParallelPages(uint32_t threads, uint64_t n, const std::string& name, Fn fn);
   // CPU writes of words at buffer offset `off` (reference follows).
   bool CpuWriteWords(Buf& b, uint64_t off, const std::vector<uint64_t>& w, uint32_t seq);
   // The word at `off` of the reference.
@@ -371,7 +376,18 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       for (uint64_t i = 0; i < w.size(); ++i) w[i] = Word(seed, off + i * 8);
       const bool writable = all_pages([&](uint64_t p) { return b.state[p] != kUnmapped && (b.prot[p] & mm::kProtWrite); });
       if (writable) {
-        auto r = as_->Write(va, w.data(), len);
+        // One write per CPU thread, each over its part of the span.
+        std::vector<Result<void>> parts(std::max<uint32_t>(st.threads, 1), Result<void>{});
+        std::atomic<uint32_t> next{0};
+        ParallelPages(st.threads, len / kPage, fmt::format("cpu_write {}", SpanName(b, off, len)),
+                      [&](uint64_t first, uint64_t last) {
+                        const uint32_t slot = next.fetch_add(1);
+                        if (last > first)
+                          parts[slot] = as_->Write(va + first * kPage, &w[first * kPage / 8], (last - first) * kPage);
+                      });
+        Result<void> r;
+        for (auto& x : parts)
+          if (!x) r = x;
         if (!r) {
           Fault(st, phase, r.error().ToString(), st.expect_fault);
           // Which pages got written is unknown: write them page by page below.
@@ -412,18 +428,27 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
     }
     case StepKind::kCpuRead: {
       ++m.cpu_steps;
-      // Page runs that are mapped and readable are read and compared.
-      std::vector<uint8_t> got(kPage);
+      // Every page is read (by `threads` CPU threads, each a part), then
+      // compared in order: mapped, readable ones with the reference; the
+      // others must fault.
+      const uint64_t np = len / kPage;
+      std::vector<uint8_t> all(len);
+      std::vector<Result<void>> res(np, Result<void>{});
+      ParallelPages(st.threads, np, fmt::format("cpu_read {}", SpanName(b, off, len)),
+                    [&](uint64_t first, uint64_t last) {
+                      for (uint64_t i = first; i < last; ++i)
+                        res[i] = as_->Read(va + i * kPage, &all[i * kPage], kPage);
+                    });
       bool faulted = false;
       for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p) {
+        const uint8_t* got = &all[(p - off / kPage) * kPage];
+        const Result<void>& r = res[p - off / kPage];
         if (b.state[p] == kUnmapped || !(b.prot[p] & mm::kProtRead)) {
-          auto r = as_->Read(b.va + p * kPage, got.data(), kPage);
           if (!r && !faulted) Fault(st, phase, fmt::format("{} at {:#x}", r.error().ToString(), b.va + p * kPage), st.expect_fault);
           if (r && b.state[p] == kUnmapped) Fault(st, phase, fmt::format("read of an unmapped page at {:#x} succeeded", b.va + p * kPage), false);
           faulted |= !r.has_value();
           continue;
         }
-        auto r = as_->Read(b.va + p * kPage, got.data(), kPage);
         if (!r) {
           if (!faulted) Fault(st, phase, fmt::format("{} at {:#x}", r.error().ToString(), b.va + p * kPage), st.expect_fault);
           faulted = true;
@@ -433,7 +458,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
         if (b.state[p] != kKnown || !s_.verify) continue;
         ++m.checks;
         m.bytes_verified += kPage;
-        if (std::memcmp(got.data(), &b.ref[p * kPage], kPage) != 0) {
+        if (std::memcmp(got, &b.ref[p * kPage], kPage) != 0) {
           uint64_t i = 0;
           while (got[i] == b.ref[p * kPage + i]) ++i;
           Mismatch mm;
@@ -780,6 +805,26 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       break;
   }
   return std::nullopt;
+}
+
+template <typename Fn>
+void Run::ParallelPages(uint32_t threads, uint64_t n, const std::string& name, Fn fn) {
+  threads = static_cast<uint32_t>(std::clamp<uint64_t>(threads, 1, std::max<uint64_t>(n, 1)));
+  if (threads == 1) {
+    fn(uint64_t{0}, n);
+    return;
+  }
+  std::vector<SimSpan> sp(threads);
+  std::vector<std::thread> ts;
+  for (uint32_t t = 0; t < threads; ++t)
+    ts.emplace_back([&, t] {
+      const uint64_t first = n * t / threads, last = n * (t + 1) / threads;
+      sp[t] = {fmt::format("{} (thread {} of {})", name, t, threads), "cpu", UINT32_MAX, driver::EventThreadId(), Now(), 0, ""};
+      fn(first, last);
+      sp[t].end_ns = Now();
+    });
+  for (auto& t : ts) t.join();
+  for (auto& s : sp) spans_.push_back(std::move(s));
 }
 
 bool Run::CpuWriteWords(Buf& b, uint64_t off, const std::vector<uint64_t>& w, uint32_t seq) {

@@ -314,8 +314,15 @@ struct Parser {
     };
     if (kind == "cpu_write" || kind == "cpu_read" || kind == "cpu_atomic") {
       s.kind = kind == "cpu_write" ? StepKind::kCpuWrite : kind == "cpu_read" ? StepKind::kCpuRead : StepKind::kCpuAtomic;
-      if (auto k = Keys(p, f, {"buffer", "offset", "size", "seed", "count", "value", "expect"}); !k) return MakeUnexpected(k.error());
+      if (auto k = Keys(p, f, {"buffer", "offset", "size", "seed", "count", "value", "threads", "expect"}); !k)
+        return MakeUnexpected(k.error());
       if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
+      s.threads = 1;
+      if (p["threads"]) {
+        if (s.kind == StepKind::kCpuAtomic) return Fail(p["threads"], f + ".threads", "cpu_atomic runs on one thread");
+        USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 16));
+        s.threads = uint32_t(v);
+      }
       if (p["seed"]) { USVM_PTRY(v, U64(p["seed"], f + ".seed")); s.seed = v; }
       if (p["value"]) { USVM_PTRY(v, U64(p["value"], f + ".value")); s.value = v; }
       s.count = 1024;

@@ -20,9 +20,10 @@ phases:
   - name: p
     repeat: 2
     steps:
-      - cpu_write: {buffer: a}
+      - cpu_write: {buffer: a, threads: 2}
       - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, threads: 4}
       - gpu_kernel: {gpu: 1, buffer: a, pattern: stream_read, threads: 4}
+      - cpu_read: {buffer: a, threads: 3}
       - gpu_atomic: {gpu: 0, buffer: c, count: 200}
       - gpu_atomic: {gpu: 1, buffer: c, count: 200}
       - fork: {}

@@ -30,7 +30,7 @@ buffers:
 phases:
   - name: fill
     steps:
-      - cpu_write: {buffer: a}
+      - cpu_write: {buffer: a, threads: 3}
       - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, value: 2}
       - gpu_kernel: {gpu: 1, buffer: a, pattern: stream_read}
       - gpu_kernel: {gpu: 1, buffer: a, pattern: random_gather, count: 500, threads: 3}
@@ -54,7 +54,7 @@ phases:
       - bind: {gpu: 0, buffer: a, offset: 4MiB, size: 2MiB}
       - gpu_kernel: {gpu: 0, buffer: a, offset: 4MiB, size: 2MiB, pattern: read_modify_write}
       - unbind: {gpu: 0, buffer: a, offset: 4MiB, size: 2MiB}
-      - cpu_read: {buffer: a, offset: 4MiB, size: 2MiB}
+      - cpu_read: {buffer: a, offset: 4MiB, size: 2MiB, threads: 2}
   - name: move
     steps:
       - mremap: {buffer: late, new_size: 128KiB}

@@ -124,7 +124,7 @@ struct Step {
   uint64_t value = 1;         // stream_write base, rmw / atomic addend
   uint64_t count = 0;         // random_gather loads per thread; atomic ops
   uint64_t stride = 64;       // kStride
-  uint32_t threads = 4;       // GPU kernel threads
+  uint32_t threads = 4;       // GPU kernel threads; cpu_write / cpu_read: CPU threads (1)
   uint32_t iterations = 1;
   PatternKind pattern = PatternKind::kStreamRead;
   std::string str;            // prot / advice / prefetch target / preferred
