@@ -82,6 +82,23 @@ struct Buf {
   uint64_t pages() const { return ref.size() / kPage; }
 };
 
+// A GPU kernel launched and not yet finished (async), or being finished.
+struct Pending {
+  const Step* st = nullptr;
+  std::string phase;
+  uint32_t seq = 0;
+  std::string desc;
+  size_t buf = 0;  // index in bufs_
+  uint64_t off = 0, len = 0, va = 0;
+  uint64_t k0 = 0;
+  Result<gpu::Launch> launch = usvm::Unexpected(Error(Errc::kInval, "not launched"));
+  bool writes = false;
+  // Another step used its span while it ran (an async kernel): its
+  // result cannot be predicted (written pages become unknown, a read
+  // kernel's checksum is not checked).
+  bool raced = false;
+};
+
 struct ForkChild {
   std::shared_ptr<mm::AddressSpace> as;
   std::vector<Buf> snapshot;
@@ -107,6 +124,31 @@ class Run {
   std::optional<Stop> RunSteps(const std::vector<Step>& steps, const std::string& phase);
   std::optional<Stop> DoStep(const Step& st, const std::string& phase);
   std::optional<Stop> Compute(const Step& st, const std::string& phase);
+  // Waits for a kernel and brings the reference up to date.
+  std::optional<Stop> FinishKernel(Pending& k);
+  // Waits for every async kernel, in launch order.
+  std::optional<Stop> WaitAll() {
+    std::optional<Stop> stop;
+    for (Pending& k : pending_)
+      if (auto s = FinishKernel(k); s && !stop) stop = s;
+    pending_.clear();
+    return stop;
+  }
+  // A step about to change the bytes of [off, off + len) of buffer `b`:
+  // the async kernels on them race with it. (A step that only reads, or
+  // moves pages without changing them -- a prefetch, a migration on a CPU
+  // touch -- does not: the kernel's result stays predictable; the step's
+  // own comparisons skip pages being written, see InFlightWrite.)
+  void Conflict(const Buf& b, uint64_t off, uint64_t len) {
+    for (Pending& k : pending_)
+      if (&bufs_[k.buf] == &b && off < k.off + k.len && k.off < off + len) k.raced = true;
+  }
+  // Whether an async kernel writing page `p` of `b` runs now.
+  bool InFlightWrite(const Buf& b, uint64_t p) const {
+    for (const Pending& k : pending_)
+      if (&bufs_[k.buf] == &b && k.writes && p * kPage < k.off + k.len && k.off < (p + 1) * kPage) return true;
+    return false;
+  }
   // Runs fn(first, last) over [0, n) split into `threads` contiguous
   // parts, each on a CPU thread of its own (inline for one), with a trace
   // span per thread.
@@ -153,6 +195,7 @@ class Run {
 
   std::vector<Buf> bufs_;
   std::vector<ForkChild> children_;
+  std::vector<Pending> pending_;  // async kernels in flight, in launch order
   std::map<std::tuple<uint32_t, std::string, uint64_t>, uint64_t> binds_;  // (gpu, buffer, offset) -> handle
   // Executed steps that touched memory: number -> description.
   std::map<uint32_t, std::string> touched_by_;
@@ -345,10 +388,15 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       return std::nullopt;
     }
     children_.push_back({std::move(*child), bufs_, Describe(st, phase)});
+    for (Buf& sb : children_.back().snapshot)
+      for (uint64_t p = 0; p < sb.pages(); ++p)
+        if (sb.state[p] == kKnown && InFlightWrite(bufs_[&sb - children_.back().snapshot.data()], p))
+          sb.state[p] = kUnknown;
     spans_.push_back({"fork", "cpu", UINT32_MAX, cpu_thread_, t0, Now(), ""});
     return std::nullopt;
   }
   if (st.kind == StepKind::kGpuCompute) return Compute(st, phase);
+  if (st.kind == StepKind::kWait) return WaitAll();
   Buf& b = BufOf(st.buffer);
   uint64_t off = st.offset;
   uint64_t len = st.size ? st.size : (off < b.size() ? b.size() - off : 0);
@@ -359,6 +407,16 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
   }
   const uint64_t va = b.va + off;
   const std::string desc = Describe(st, phase);
+  {
+    const bool remaps = st.kind == StepKind::kMmap || st.kind == StepKind::kMremap;
+    const bool writes = remaps || st.kind == StepKind::kCpuWrite || st.kind == StepKind::kCpuAtomic ||
+                        st.kind == StepKind::kMunmap || st.kind == StepKind::kMadvise ||
+                        st.kind == StepKind::kGpuAtomic ||
+                        (st.kind == StepKind::kGpuKernel && (st.pattern == PatternKind::kStreamWrite ||
+                                                              st.pattern == PatternKind::kReadModifyWrite));
+    if (remaps) Conflict(b, 0, UINT64_MAX / 2);
+    else if (writes && (st.kind != StepKind::kMadvise || st.str == "dontneed")) Conflict(b, off, len);
+  }
   auto all_pages = [&](auto pred) {
     for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
       if (!pred(p)) return false;
@@ -455,7 +513,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
           continue;
         }
         m.cpu_bytes += kPage;
-        if (b.state[p] != kKnown || !s_.verify) continue;
+        if (b.state[p] != kKnown || !s_.verify || InFlightWrite(b, p)) continue;
         ++m.checks;
         m.bytes_verified += kPage;
         if (std::memcmp(got, &b.ref[p * kPage], kPage) != 0) {
@@ -490,7 +548,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
         }
         uint64_t v;
         std::memcpy(&v, &b.ref[o], 8);
-        if (b.state[p] == kKnown && s_.verify && v != *r) {
+        if (b.state[p] == kKnown && s_.verify && v != *r && !InFlightWrite(b, p)) {
           ++m.checks;
           Mismatch mm;
           mm.buffer = b.spec->name;
@@ -618,140 +676,50 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
       cpu_span("mremap");
       return std::nullopt;
     }
-    case StepKind::kGpuKernel: {
-      gpu::PatternParams pp;
-      pp.pattern = static_cast<gpu::Pattern>(st.pattern);
-      pp.va = va;
-      pp.length = len;
-      pp.stride = st.stride;
-      pp.count = st.count;
-      pp.value = st.value;
-      pp.seed = st.seed;
-      pp.iterations = st.iterations;
-      pp.threads = st.threads;
-      const uint64_t k0 = Now();
-      gpu::LaunchStats ls;
-      bool cancelled = false;
-      if (auto stop = WaitKernel(st, phase, VmOf(st.gpu).LaunchPattern(pp), k0, &ls, &cancelled)) return stop;
-      const bool writes = st.pattern == PatternKind::kStreamWrite || st.pattern == PatternKind::kReadModifyWrite;
-      if (writes) {
-        Touch(b, off, len, seq);
-        touched_by_[seq] = desc;
-      }
-      if (cancelled) {
-        // What it wrote before the cancel is unknown.
-        if (writes)
-          for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
-            if (b.state[p] == kKnown) b.state[p] = kUnknown;
-        return std::nullopt;
-      }
-      const uint64_t words = len / 8;
-      if (st.pattern == PatternKind::kStreamWrite) {
-        for (uint64_t w = 0; w < words; ++w) {
-          const uint64_t v = st.value + w;
-          std::memcpy(&b.ref[off + w * 8], &v, 8);
-        }
-        for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p) b.state[p] = kKnown;
-      } else if (st.pattern == PatternKind::kReadModifyWrite) {
-        for (uint64_t w = 0; w < words; ++w) {
-          uint64_t v;
-          std::memcpy(&v, &b.ref[off + w * 8], 8);
-          v += st.value * st.iterations;
-          std::memcpy(&b.ref[off + w * 8], &v, 8);
-        }
-      } else if (s_.verify && all_pages([&](uint64_t p) { return b.state[p] == kKnown; })) {
-        // A read kernel: its checksum is the sum of the words it loaded.
-        auto word = [&](uint64_t w) {
-          uint64_t v;
-          std::memcpy(&v, &b.ref[off + w * 8], 8);
-          return v;
-        };
-        uint64_t want = 0;
-        if (st.pattern == PatternKind::kStreamRead) {
-          for (uint64_t w = 0; w < words; ++w) want += word(w);
-          want *= st.iterations;
-        } else if (st.pattern == PatternKind::kStride) {
-          const uint64_t units = (len + st.stride - 1) / st.stride;
-          for (uint64_t i = 0; i < units; ++i) want += word(i * st.stride / 8);
-          want *= st.iterations;
-        } else {
-          for (uint32_t t = 0; t < st.threads; ++t)
-            for (uint32_t it = 0; it < st.iterations; ++it) {
-              Rng rng(st.seed * 0x9E3779B97F4A7C15ull + env_->seed() + t * 7919 + it);
-              for (uint64_t i = 0; i < st.count; ++i) want += word(rng.Uniform(words));
-            }
-        }
-        ++m.checks;
-        ++m.checksums_verified;
-        if (ls.checksum != want) {
-          // Where does the GPU's view differ? The same GPU copies the span
-          // out word by word; the first byte that differs is named (if the
-          // copy matches, the span's start is).
-          Mismatch mm;
-          mm.buffer = b.spec->name;
-          mm.va = va;
-          mm.offset = off;
-          mm.view = fmt::format("gpu{} {} checksum (got {:#x}, want {:#x})", st.gpu, PatternName(st.pattern),
-                                ls.checksum, want);
-          mm.when = desc;
-          auto host = std::make_shared<std::vector<uint64_t>>(words);
-          uint64_t* out = host->data();
-          auto copy = VmOf(st.gpu).LaunchKernel(
-              [va, words, out](gpu::KernelContext& k) {
-                for (uint64_t w = k.thread_id(); w < words && !k.cancelled(); w += k.num_threads())
-                  out[w] = k.Load(va + w * 8);
-              },
-              {.threads = 4});
-          if (copy && copy->Wait()) {
-            const auto* got = reinterpret_cast<const uint8_t*>(host->data());
-            const uint8_t* want_bytes = &b.ref[off];
-            uint64_t i = 0;
-            while (i < len && got[i] == want_bytes[i]) ++i;
-            if (i < len) {
-              mm.offset = off + i;
-              mm.va = va + i;
-              mm.got = got[i];
-              mm.want = want_bytes[i];
-              for (uint64_t j = i; j < len; ++j) mm.bytes_differ += got[j] != want_bytes[j];
-              mm.view = fmt::format("gpu{} (its {} checksum differed; a copy-out kernel found the byte)", st.gpu,
-                                    PatternName(st.pattern));
-            }
-          }
-          const uint32_t last = b.last[mm.offset / kPage];
-          mm.last_step = last ? touched_by_[last] : "(none: never written)";
-          return Stop{mm, ""};
-        }
-      }
-      return std::nullopt;
-    }
+    case StepKind::kGpuKernel:
     case StepKind::kGpuAtomic: {
-      const uint64_t words = len / 8;
-      const uint64_t count = st.count, value = st.value;
-      auto fn = [va, words, count, value](gpu::KernelContext& k) {
-        for (uint64_t i = 0; i < count && !k.cancelled(); ++i)
-          k.AtomicAdd(va + ((uint64_t{k.thread_id()} * count + i) % words) * 8, value);
-      };
-      const uint64_t k0 = Now();
-      gpu::LaunchStats ls;
-      bool cancelled = false;
-      if (auto stop = WaitKernel(st, phase, VmOf(st.gpu).LaunchKernel(fn, {.threads = st.threads}), k0, &ls, &cancelled))
-        return stop;
-      Touch(b, off, len, seq);
-      touched_by_[seq] = desc;
-      if (cancelled) {
-        for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
-          if (b.state[p] == kKnown) b.state[p] = kUnknown;
+      Pending k;
+      k.st = &st;
+      k.phase = phase;
+      k.seq = seq;
+      k.desc = desc;
+      k.buf = static_cast<size_t>(&b - bufs_.data());
+      k.off = off;
+      k.len = len;
+      k.va = va;
+      k.writes = st.kind == StepKind::kGpuAtomic || st.pattern == PatternKind::kStreamWrite ||
+                 st.pattern == PatternKind::kReadModifyWrite;
+      k.k0 = Now();
+      // A read kernel over pages an async kernel is writing: its checksum
+      // cannot be predicted.
+      if (!k.writes)
+        for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p) k.raced |= InFlightWrite(b, p);
+      if (st.kind == StepKind::kGpuKernel) {
+        gpu::PatternParams pp;
+        pp.pattern = static_cast<gpu::Pattern>(st.pattern);
+        pp.va = va;
+        pp.length = len;
+        pp.stride = st.stride;
+        pp.count = st.count;
+        pp.value = st.value;
+        pp.seed = st.seed;
+        pp.iterations = st.iterations;
+        pp.threads = st.threads;
+        k.launch = VmOf(st.gpu).LaunchPattern(pp);
+      } else {
+        const uint64_t words = len / 8;
+        const uint64_t count = st.count, value = st.value;
+        auto fn = [va, words, count, value](gpu::KernelContext& kc) {
+          for (uint64_t i = 0; i < count && !kc.cancelled(); ++i)
+            kc.AtomicAdd(va + ((uint64_t{kc.thread_id()} * count + i) % words) * 8, value);
+        };
+        k.launch = VmOf(st.gpu).LaunchKernel(fn, {.threads = st.threads});
+      }
+      if (st.async && k.launch) {
+        pending_.push_back(std::move(k));
         return std::nullopt;
       }
-      for (uint32_t t = 0; t < st.threads; ++t)
-        for (uint64_t i = 0; i < count; ++i) {
-          const uint64_t o = off + ((uint64_t{t} * count + i) % words) * 8;
-          uint64_t v;
-          std::memcpy(&v, &b.ref[o], 8);
-          v += value;
-          std::memcpy(&b.ref[o], &v, 8);
-        }
-      return std::nullopt;
+      return FinishKernel(k);
     }
     case StepKind::kPrefetch: {
       driver::Location loc = driver::Location::System();
@@ -801,6 +769,7 @@ std::optional<Stop> Run::DoStep(const Step& st, const std::string& phase) {
     }
     case StepKind::kFork:
     case StepKind::kGpuCompute:
+    case StepKind::kWait:
     case StepKind::kLoop:
       break;
   }
@@ -845,6 +814,15 @@ std::optional<Stop> Run::Compute(const Step& st, const std::string& phase) {
   Buf& C = BufOf(st.c);
   uint64_t need_a, need_b, need_c;
   ComputeFootprint(st, &need_a, &need_b, &need_c);
+  Conflict(A, 0, need_a);  // spmv / bfs write a; stencil may
+  Conflict(C, 0, need_c);
+  if (B) {
+    for (uint64_t p = 0; p < need_b / kPage; ++p)
+      if (InFlightWrite(*B, p)) {
+        Fault(st, phase, "an input is being written by an async kernel: not modelled", false);
+        return std::nullopt;
+      }
+  }
   // Usable: big enough (a buffer may have shrunk) and mapped; the result
   // can be predicted only from known inputs.
   auto usable = [](const Buf& b, uint64_t len, bool* known) {
@@ -1056,6 +1034,144 @@ std::optional<Stop> Run::Compute(const Step& st, const std::string& phase) {
   return std::nullopt;
 }
 
+std::optional<Stop> Run::FinishKernel(Pending& k) {
+  const Step& st = *k.st;
+  const std::string& phase = k.phase;
+  const uint32_t seq = k.seq;
+  const std::string& desc = k.desc;
+  Buf& b = bufs_[k.buf];
+  const uint64_t va = k.va;
+  // The buffer may have shrunk (mremap) while an async kernel ran.
+  const uint64_t off = std::min(k.off, b.size());
+  const uint64_t len = std::min(k.len, b.size() - off);
+  Metrics& m = res_.metrics;
+  auto all_pages = [&](auto pred) {
+    for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
+      if (!pred(p)) return false;
+    return true;
+  };
+  if (off != k.off || len != k.len) k.raced = true;
+  gpu::LaunchStats ls;
+  bool cancelled = false;
+  if (auto stop = WaitKernel(st, phase, std::move(k.launch), k.k0, &ls, &cancelled)) return stop;
+  if (k.raced && k.writes) {
+    // Another step used its pages while it ran: what they hold is unknown.
+    Touch(b, off, len, seq);
+    touched_by_[seq] = desc;
+    for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
+      if (b.state[p] == kKnown) b.state[p] = kUnknown;
+    return std::nullopt;
+  }
+  if (st.kind == StepKind::kGpuAtomic) {
+    const uint64_t words = len / 8, count = st.count, value = st.value;
+    Touch(b, off, len, seq);
+    touched_by_[seq] = desc;
+    if (cancelled) {
+      for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
+        if (b.state[p] == kKnown) b.state[p] = kUnknown;
+      return std::nullopt;
+    }
+    for (uint32_t t = 0; t < st.threads; ++t)
+      for (uint64_t i = 0; i < count; ++i) {
+        const uint64_t o = off + ((uint64_t{t} * count + i) % words) * 8;
+        uint64_t v;
+        std::memcpy(&v, &b.ref[o], 8);
+        v += value;
+        std::memcpy(&b.ref[o], &v, 8);
+      }
+    return std::nullopt;
+  }
+  if (k.writes) {
+    Touch(b, off, len, seq);
+    touched_by_[seq] = desc;
+  }
+  if (cancelled) {
+    // What it wrote before the cancel is unknown.
+    if (k.writes)
+      for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p)
+        if (b.state[p] == kKnown) b.state[p] = kUnknown;
+    return std::nullopt;
+  }
+  const uint64_t words = len / 8;
+  if (st.pattern == PatternKind::kStreamWrite) {
+    for (uint64_t w = 0; w < words; ++w) {
+      const uint64_t v = st.value + w;
+      std::memcpy(&b.ref[off + w * 8], &v, 8);
+    }
+    for (uint64_t p = off / kPage; p < (off + len) / kPage; ++p) b.state[p] = kKnown;
+  } else if (st.pattern == PatternKind::kReadModifyWrite) {
+    for (uint64_t w = 0; w < words; ++w) {
+      uint64_t v;
+      std::memcpy(&v, &b.ref[off + w * 8], 8);
+      v += st.value * st.iterations;
+      std::memcpy(&b.ref[off + w * 8], &v, 8);
+    }
+  } else if (s_.verify && !k.raced && all_pages([&](uint64_t p) { return b.state[p] == kKnown; })) {
+    // A read kernel: its checksum is the sum of the words it loaded.
+    auto word = [&](uint64_t w) {
+      uint64_t v;
+      std::memcpy(&v, &b.ref[off + w * 8], 8);
+      return v;
+    };
+    uint64_t want = 0;
+    if (st.pattern == PatternKind::kStreamRead) {
+      for (uint64_t w = 0; w < words; ++w) want += word(w);
+      want *= st.iterations;
+    } else if (st.pattern == PatternKind::kStride) {
+      const uint64_t units = (len + st.stride - 1) / st.stride;
+      for (uint64_t i = 0; i < units; ++i) want += word(i * st.stride / 8);
+      want *= st.iterations;
+    } else {
+      for (uint32_t t = 0; t < st.threads; ++t)
+        for (uint32_t it = 0; it < st.iterations; ++it) {
+          Rng rng(st.seed * 0x9E3779B97F4A7C15ull + env_->seed() + t * 7919 + it);
+          for (uint64_t i = 0; i < st.count; ++i) want += word(rng.Uniform(words));
+        }
+    }
+    ++m.checks;
+    ++m.checksums_verified;
+    if (ls.checksum != want) {
+      // Where does the GPU's view differ? The same GPU copies the span
+      // out word by word; the first byte that differs is named (if the
+      // copy matches, the span's start is).
+      Mismatch mm;
+      mm.buffer = b.spec->name;
+      mm.va = va;
+      mm.offset = off;
+      mm.view = fmt::format("gpu{} {} checksum (got {:#x}, want {:#x})", st.gpu, PatternName(st.pattern),
+                            ls.checksum, want);
+      mm.when = desc;
+      auto host = std::make_shared<std::vector<uint64_t>>(words);
+      uint64_t* out = host->data();
+      auto copy = VmOf(st.gpu).LaunchKernel(
+          [va, words, out](gpu::KernelContext& k) {
+            for (uint64_t w = k.thread_id(); w < words && !k.cancelled(); w += k.num_threads())
+              out[w] = k.Load(va + w * 8);
+          },
+          {.threads = 4});
+      if (copy && copy->Wait()) {
+        const auto* got = reinterpret_cast<const uint8_t*>(host->data());
+        const uint8_t* want_bytes = &b.ref[off];
+        uint64_t i = 0;
+        while (i < len && got[i] == want_bytes[i]) ++i;
+        if (i < len) {
+          mm.offset = off + i;
+          mm.va = va + i;
+          mm.got = got[i];
+          mm.want = want_bytes[i];
+          for (uint64_t j = i; j < len; ++j) mm.bytes_differ += got[j] != want_bytes[j];
+          mm.view = fmt::format("gpu{} (its {} checksum differed; a copy-out kernel found the byte)", st.gpu,
+                                PatternName(st.pattern));
+        }
+      }
+      const uint32_t last = b.last[mm.offset / kPage];
+      mm.last_step = last ? touched_by_[last] : "(none: never written)";
+      return Stop{mm, ""};
+    }
+  }
+  return std::nullopt;
+}
+
 std::optional<Stop> Run::VerifyBuf(mm::AddressSpace& as, const Buf& b, const std::string& view,
                                    const std::string& when) {
   Metrics& m = res_.metrics;
@@ -1154,6 +1270,8 @@ Expected<RunResult, std::string> Run::Go() {
       };
       if (int(pi) == o_.corrupt_before_phase && r == 0) corrupt();
       stop = RunSteps(ph.steps, ph.name);
+      // Async kernels end with their phase.
+      if (auto w = WaitAll(); w && !stop) stop = w;
       if (!stop && int(pi) == o_.corrupt_after_phase && r == 0) corrupt();
       if (!stop) stop = VerifyAll(fmt::format("after phase '{}'", ph.name));
       spans_.push_back({ph.name, "phase", UINT32_MAX, cpu_thread_, p0, Now(), ""});

@@ -68,6 +68,7 @@ const char* StepKindName(StepKind k) {
     case StepKind::kBind: return "bind";
     case StepKind::kUnbind: return "unbind";
     case StepKind::kGpuCompute: return "gpu_compute";
+    case StepKind::kWait: return "wait";
     case StepKind::kLoop: return "loop";
   }
   return "?";
@@ -357,13 +358,16 @@ struct Parser {
       USVM_PTRY(v, Size(p["new_size"], f + ".new_size"));
       if (v == 0 || v % kPage) return Fail(p["new_size"], f + ".new_size", "must be a non-zero multiple of 4KiB");
       s.new_size = v;
+    } else if (kind == "wait") {
+      s.kind = StepKind::kWait;
+      if (auto k = Keys(p, f, {}); !k) return MakeUnexpected(k.error());
     } else if (kind == "fork") {
       s.kind = StepKind::kFork;
       if (auto k = Keys(p, f, {}); !k) return MakeUnexpected(k.error());
     } else if (kind == "gpu_kernel") {
       s.kind = StepKind::kGpuKernel;
       if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "pattern", "value", "count", "stride", "seed",
-                              "threads", "iterations", "expect"});
+                              "threads", "iterations", "async", "expect"});
           !k)
         return MakeUnexpected(k.error());
       if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
@@ -388,10 +392,11 @@ struct Parser {
       if (p["seed"]) { USVM_PTRY(v, U64(p["seed"], f + ".seed")); s.seed = v; }
       if (p["threads"]) { USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 256)); s.threads = uint32_t(v); }
       if (p["iterations"]) { USVM_PTRY(v, U64(p["iterations"], f + ".iterations", 1, 1000)); s.iterations = uint32_t(v); }
+      if (p["async"]) { USVM_PTRY(v, Bool(p["async"], f + ".async")); s.async = v; }
       if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "gpu_atomic") {
       s.kind = StepKind::kGpuAtomic;
-      if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "value", "count", "threads", "expect"}); !k)
+      if (auto k = Keys(p, f, {"gpu", "buffer", "offset", "size", "value", "count", "threads", "async", "expect"}); !k)
         return MakeUnexpected(k.error());
       if (auto r = Span(p, f, s); !r) return MakeUnexpected(r.error());
       if (auto r = Gpu(p, f, s); !r) return MakeUnexpected(r.error());
@@ -399,6 +404,7 @@ struct Parser {
       s.count = 1024;
       if (p["count"]) { USVM_PTRY(v, U64(p["count"], f + ".count", 1, 1 << 24)); s.count = v; }
       if (p["threads"]) { USVM_PTRY(v, U64(p["threads"], f + ".threads", 1, 256)); s.threads = uint32_t(v); }
+      if (p["async"]) { USVM_PTRY(v, Bool(p["async"], f + ".async")); s.async = v; }
       if (auto r = expect(s); !r) return MakeUnexpected(r.error());
     } else if (kind == "prefetch") {
       s.kind = StepKind::kPrefetch;
@@ -483,7 +489,7 @@ struct Parser {
     } else {
       return Fail(it->first, field + "." + kind,
                   "unknown action (expected cpu_write, cpu_read, cpu_atomic, mmap, munmap, mprotect, madvise, "
-                  "mremap, fork, gpu_kernel, gpu_atomic, gpu_compute, prefetch, advise, bind, unbind, loop)");
+                  "mremap, fork, gpu_kernel, gpu_atomic, gpu_compute, wait, prefetch, advise, bind, unbind, loop)");
     }
     return s;
   }
@@ -580,7 +586,7 @@ ParseResult<void> CheckSteps(const Scenario& s, const std::vector<Step>& steps, 
       if (auto r = CheckSteps(s, st.steps, where); !r) return r;
       continue;
     }
-    if (st.kind == StepKind::kFork) continue;
+    if (st.kind == StepKind::kFork || st.kind == StepKind::kWait) continue;
     if (st.kind == StepKind::kGpuCompute) {
       uint64_t need[3];
       ComputeFootprint(st, &need[0], &need[1], &need[2]);

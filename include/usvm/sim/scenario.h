@@ -92,6 +92,7 @@ enum class StepKind : uint8_t {
   kUnbind,      // removes that bind
   kGpuCompute,  // a real kernel (ComputeKind) over named buffers, checked
                 // against the same computation on the CPU
+  kWait,        // waits for every async kernel
   kLoop,        // `repeat` times `steps`
 };
 
@@ -135,6 +136,9 @@ struct Step {
   // kGpuKernel / kGpuAtomic / kCpu*: a fault is the expected outcome (the
   // memory is gone or protected); counted, not an error either way.
   bool expect_fault = false;
+  // kGpuKernel / kGpuAtomic: launch and go on; the kernel runs while the
+  // next steps do, until a `wait` step or the end of the phase.
+  bool async = false;
   uint64_t new_size = 0;      // kMremap
   // kGpuCompute: the kernel, its buffers (a, b, c; see ComputeKind),
   // the problem size n and the per-row count k.
