@@ -23,7 +23,9 @@ phases:
       - cpu_write: {buffer: a, threads: 2}
       - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, threads: 4}
       - gpu_kernel: {gpu: 1, buffer: a, pattern: stream_read, threads: 4}
+      - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, async: true}
       - cpu_read: {buffer: a, threads: 3}
+      - wait: {}
       - gpu_atomic: {gpu: 0, buffer: c, count: 200}
       - gpu_atomic: {gpu: 1, buffer: c, count: 200}
       - fork: {}
