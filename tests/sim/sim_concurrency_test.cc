@@ -1,7 +1,10 @@
 // The runner under ThreadSanitizer (label `concurrency`): a scenario with
 // two GPUs, CPU steps, migrations both ways, invalidations and a fork,
 // while the driver reports its events to the runner's collector from its
-// fault threads, the collector worker and the CPU thread.
+// fault threads, the collector worker and the CPU thread. (A CPU read of
+// bytes a running kernel writes is a race of the simulated program itself
+// -- the mm's memcpy against the GPU's atomic stores -- so the async
+// kernels here run beside CPU work on other buffers.)
 #include <gtest/gtest.h>
 
 #include "usvm/sim/runner.h"
@@ -24,8 +27,10 @@ phases:
       - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, threads: 4}
       - gpu_kernel: {gpu: 1, buffer: a, pattern: stream_read, threads: 4}
       - gpu_kernel: {gpu: 0, buffer: a, pattern: read_modify_write, async: true}
-      - cpu_read: {buffer: a, threads: 3}
+      - cpu_read: {buffer: c, threads: 2}
+      - gpu_kernel: {gpu: 1, buffer: c, pattern: stream_read, async: true}
       - wait: {}
+      - cpu_read: {buffer: a, threads: 3}
       - gpu_atomic: {gpu: 0, buffer: c, count: 200}
       - gpu_atomic: {gpu: 1, buffer: c, count: 200}
       - fork: {}
