@@ -15,15 +15,23 @@
 // The first difference stops the run: RunResult::mismatch names the byte's
 // address, buffer and the last step that touched it.
 //
+// Async kernels (`async: true`) run while the next steps do, until a
+// `wait` step or the end of their phase; their reference update is applied
+// when they are waited for. A step that changes bytes of a running
+// kernel's span makes its result unknown; CPU reads of pages a running
+// kernel writes are not compared.
+//
 // Faults the scenario runs into (a kernel on freed memory, a write to a
 // read-only buffer) are results (Metrics::runtime_faults), not errors.
 //
 // Events: while it runs, the runner installs a driver EventObserver
 // (events.h; one per process), so one Run at a time per process.
 //
-// Thread-safety: RunScenario is not reentrant (see Events); the scenario
-// itself runs CPU steps on the calling thread and GPU work on the GPUs'
-// threads.
+// Thread-safety: RunScenario is not reentrant (see Events). CPU steps run
+// on the calling thread (a cpu_write / cpu_read with `threads` on that many
+// threads, each on its own part and its own result slots, joined before the
+// step ends); GPU work on the GPUs' threads. A kernel's duration is launch
+// to the moment the runner sees it done (for an async kernel: its wait).
 #ifndef USVM_SIM_RUNNER_H_
 #define USVM_SIM_RUNNER_H_
 
