@@ -44,7 +44,10 @@ struct VramBo final : gpusvm::Devmem {
          uint64_t offset)
       : Devmem(pm, ops, std::move(mm), size), offset(offset) {}
   const uint64_t offset;  // VRAM byte offset of the block
-  uint64_t va = 0;        // start of the range it holds (events only; 0: unknown)
+  // Start of the range it holds, for events (0: unknown). Written once by
+  // the allocating thread before the allocation is published (before its
+  // migration starts); read-only after, so no lock.
+  uint64_t va = 0;
   // Guarded by the owning Device::Impl::lock_.
   std::list<std::shared_ptr<VramBo>>::iterator lru_it;
   bool in_lru = false;
