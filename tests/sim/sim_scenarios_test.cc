@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "usvm/sim/runner.h"
 #include "usvm/sim/scenario.h"
@@ -44,7 +46,26 @@ INSTANTIATE_TEST_SUITE_P(Library, ShippedScenario, ::testing::ValuesIn(ShippedSc
                            return n;
                          });
 
-TEST(ShippedScenarios, LibraryIsThere) { EXPECT_GE(ShippedScenarios().size(), 9u); }
+// The commented example of docs/scenarios.md parses and runs clean.
+TEST(ShippedScenarios, DocsExampleRuns) {
+  std::ifstream in(std::string(USVM_SOURCE_DIR) + "/docs/scenarios.md");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string doc = ss.str();
+  const size_t a = doc.find("```yaml\n");
+  ASSERT_NE(a, std::string::npos);
+  const size_t b = doc.find("```", a + 8);
+  auto s = ParseScenarioString(doc.substr(a + 8, b - a - 8), "docs/scenarios.md example");
+  ASSERT_TRUE(s.has_value()) << s.error().ToString();
+  Scenario v = *s;
+  for (const auto& [k, val] : v.settings.at("short")) ASSERT_TRUE(ApplyOverride(v, k, val).has_value()) << k;
+  auto r = RunScenario(v);
+  ASSERT_TRUE(r.has_value()) << r.error();
+  EXPECT_TRUE(r->metrics.verified) << (r->mismatch ? r->mismatch->ToString() : "");
+  EXPECT_EQ(r->metrics.unexpected_faults, 0u);
+}
+
+TEST(ShippedScenarios, LibraryIsThere) { EXPECT_GE(ShippedScenarios().size(), 11u); }
 
 }  // namespace
 }  // namespace usvm::sim
