@@ -113,6 +113,10 @@ Result<void> Vm::Prefetch(uint64_t start, uint64_t len, Location where) {
     return Err(Errc::kInval, "driver: prefetch to a GPU not attached");
   if (v.detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
   gpusvm::DriverLockGuard g(v.svm.svm->driver_lock());
+  // Again under the lock (attach and detach take it): the target GPU may
+  // have gone since, and a prefetch to it must not land in system memory.
+  if (where.kind == Location::Kind::kDevice && !v.svm.vms[where.gpu].load())
+    return Err(Errc::kInval, "driver: prefetch to a GPU not attached");
   (void)v.svm.CollectLocked();
   return v.PrefetchLocked(start, end, where);
 }
