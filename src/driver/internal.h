@@ -231,6 +231,11 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   // do not fit are waited for here. Drops the signalled ones.
   void CollectPendingFlushes(uint64_t a, uint64_t b, gpu::Fence* out, uint32_t* n, uint32_t cap)
       USVM_REQUIRES(svm->notifier_lock());
+  // Waits for an invalidation's TLB flushes, adding the time to tlb_wait_ns.
+  void WaitFlushes(const gpu::Fence* f, uint32_t n);
+  // Adds the modelled latency of a flush started at `started_ns` to
+  // tlb_flush_ns.
+  void CountFlush(const gpu::Fence& f, uint64_t started_ns);
   // Zaps r on GPU `g` (under the notifier lock for write); the span zapped.
   void ZapRangeOn(DrvRange* r, uint32_t g, uint64_t* lo, uint64_t* hi) USVM_REQUIRES(svm->notifier_lock());
 
@@ -298,7 +303,8 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
 
   Counter invalidations{0}, ranges_zapped{0}, tlb_flushes{0}, two_pass_finishes{0},
       single_pass_fallbacks{0}, own_migrate_ignored{0}, unmap_events{0}, gc_runs{0},
-      ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0}, pending_flush_waits{0};
+      ranges_collected{0}, gc_evictions{0}, attribute_invalidations{0}, pending_flush_waits{0},
+      tlb_flush_ns{0}, tlb_wait_ns{0};
 };
 
 class Vm::Impl {

@@ -217,6 +217,8 @@ SvmStats Svm::stats() const {
   o.single_pass_fallbacks = Load(s.single_pass_fallbacks);
   o.own_migrate_ignored = Load(s.own_migrate_ignored);
   o.pending_flush_waits = Load(s.pending_flush_waits);
+  o.tlb_flush_ns = Load(s.tlb_flush_ns);
+  o.tlb_wait_ns = Load(s.tlb_wait_ns);
   o.unmap_events = Load(s.unmap_events);
   o.gc_runs = Load(s.gc_runs);
   o.ranges_collected = Load(s.ranges_collected);
@@ -268,12 +270,24 @@ void InvalFinish::Finish(const mm::NotifierRange& range, uint64_t cur_seq) {
   Svm::Impl* s = svm;
   {
     EventSpan ev(s->env, {.kind = EventKind::kTlbWait, .va = range.start, .len = range.end - range.start});
-    (void)gpu::Fence::WaitAll({fences.data(), nfences});
+    s->WaitFlushes(fences.data(), nfences);
   }
   for (uint32_t i = 0; i < nfences; ++i) fences[i] = gpu::Fence();
   nfences = 0;
   Bump(s->two_pass_finishes);
   s->finish_pool.Free(this);
+}
+
+void Svm::Impl::WaitFlushes(const gpu::Fence* f, uint32_t n) {
+  if (n == 0) return;
+  const uint64_t t0 = env.NowNs();
+  (void)gpu::Fence::WaitAll({f, n});
+  Bump(tlb_wait_ns, env.NowNs() - t0);
+}
+
+void Svm::Impl::CountFlush(const gpu::Fence& f, uint64_t started_ns) {
+  const uint64_t d = f.deadline_ns();
+  if (d > started_ns) Bump(tlb_flush_ns, d - started_ns);
 }
 
 void Svm::Impl::CollectPendingFlushes(uint64_t a, uint64_t b, gpu::Fence* out, uint32_t* n, uint32_t cap) {
@@ -344,10 +358,16 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
         if (l >= h) continue;
         Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
         if (!vi) continue;
+        const uint64_t t0 = env.NowNs();
         auto f = vi->ctx->InvalidateTlb(l, h - l);
         Bump(tlb_flushes);
         EmitTlbFlush(env, g, l, h);
-        if (f) (void)f->Wait();
+        if (f) {
+          CountFlush(*f, t0);
+          // Counted from the start: one GPU at a time, all of it is waited.
+          (void)f->Wait();
+          Bump(tlb_wait_ns, env.NowNs() - t0);
+        }
       }
     } else {
       for (size_t i = 0; i < nhits; ++i)
@@ -381,22 +401,24 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
   uint32_t nf = 0;
   CollectPendingFlushes(range.start, range.end, fences.data(), &nf, InvalFinish::kCap);
   if (finish == nullptr) {
-    (void)gpu::Fence::WaitAll({fences.data(), nf});
+    WaitFlushes(fences.data(), nf);
   } else {
     // Two-pass: every GPU's flush is started before any is waited for.
     for (uint32_t m = gpus; m; m &= m - 1) {
       const uint32_t g = std::countr_zero(m);
       Vm::Impl* vi = vms[g].load(std::memory_order_acquire);
       if (!vi) continue;
+      const uint64_t t0 = env.NowNs();
       auto fe = vi->ctx->InvalidateTlb(lo[g], hi[g] - lo[g]);
       Bump(tlb_flushes);
       EmitTlbFlush(env, g, lo[g], hi[g]);
       if (!fe) continue;
+      CountFlush(*fe, t0);
       pending_flushes.push_back({lo[g], hi[g], *fe});
       if (nf < InvalFinish::kCap)
         fences[nf++] = *fe;
       else
-        (void)fe->Wait();
+        WaitFlushes(&*fe, 1);
     }
     if (nf) {
       if (InvalFinish* f = finish_pool.TryAlloc()) {
@@ -407,7 +429,7 @@ void Svm::Impl::DoInvalidate(gpusvm::Notifier& n, const mm::NotifierRange& range
       } else {
         // No finish object: wait here (the seed's fallback to single pass).
         Bump(single_pass_fallbacks);
-        (void)gpu::Fence::WaitAll({fences.data(), nf});
+        WaitFlushes(fences.data(), nf);
       }
     }
   }

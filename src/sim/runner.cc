@@ -1317,6 +1317,9 @@ Expected<RunResult, std::string> Run::Go() {
   m.ranges_zapped = ss.ranges_zapped;
   m.tlb_flushes = ss.tlb_flushes;
   m.two_pass_finishes = ss.two_pass_finishes;
+  m.tlb_flush_serial_ns = ss.tlb_flush_ns;
+  m.tlb_wait_ns = ss.tlb_wait_ns;
+  m.two_pass_saved_ns = ss.tlb_flush_ns > ss.tlb_wait_ns ? ss.tlb_flush_ns - ss.tlb_wait_ns : 0;
   m.ranges_collected = ss2.ranges_collected;
   m.gc_runs = ss2.gc_runs;
   const uint64_t t_end = Now();

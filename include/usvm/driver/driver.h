@@ -213,6 +213,14 @@ struct SvmStats {
   uint64_t single_pass_fallbacks = 0; // two-pass mode without a finish object
   uint64_t own_migrate_ignored = 0;   // MIGRATE events of our own migrations
   uint64_t pending_flush_waits = 0;   // another invalidation's in-flight flush waited for
+  // Time of the TLB flushes invalidation callbacks started: tlb_flush_ns
+  // sums, per flush, the time from its start to its modelled completion
+  // (what waiting for them one GPU at a time costs at least); tlb_wait_ns
+  // is the time callbacks and their finish passes were blocked on flushes.
+  // Two-pass saves the difference: flushes overlap each other and the
+  // mm's work between the two passes.
+  uint64_t tlb_flush_ns = 0;
+  uint64_t tlb_wait_ns = 0;
   uint64_t unmap_events = 0;
   uint64_t gc_runs = 0;
   uint64_t ranges_collected = 0;
