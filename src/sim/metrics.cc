@@ -49,7 +49,7 @@ nlohmann::json ToJson(const Metrics& m, const Mismatch* mm) {
                         {"p99_ns", m.invalidation_p99_ns},
                         {"tlb_flush_serial_ns", m.tlb_flush_serial_ns},
                         {"tlb_wait_ns", m.tlb_wait_ns},
-                        {"two_pass_saved_ns", m.two_pass_saved_ns}};
+                        {"two_pass_saved_ns", m.two_pass_saved_ns()}};
   j["evictions"] = {{"count", m.evictions}, {"bytes", m.bytes_evicted}};
   j["garbage_collector"] = {{"runs", m.gc_runs}, {"ranges_collected", m.ranges_collected}};
   j["kernels"] = {{"count", m.kernels}, {"time_ns", m.kernel_ns}, {"p50_ns", m.kernel_p50_ns},
@@ -118,7 +118,7 @@ std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
   rows.push_back({"invalidation time (p50, p99)", fmt::format("{} ({}, {})", Us(m.invalidation_ns),
                                                             Us(m.invalidation_p50_ns), Us(m.invalidation_p99_ns))});
   rows.push_back({"TLB flush wait (serial)", fmt::format("{} ({})", Us(m.tlb_wait_ns), Us(m.tlb_flush_serial_ns))});
-  rows.push_back({"time saved by two-pass", Us(m.two_pass_saved_ns)});
+  rows.push_back({"time saved by two-pass", Us(m.two_pass_saved_ns())});
   rows.push_back({"evictions", fmt::format("{} ({})", m.evictions, FormatBytes(m.bytes_evicted))});
   rows.push_back({"ranges collected", fmt::format("{}", m.ranges_collected)});
   rows.push_back({"kernels (time, p50)", fmt::format("{} ({}, {})", m.kernels, Us(m.kernel_ns), Us(m.kernel_p50_ns))});

@@ -1319,7 +1319,6 @@ Expected<RunResult, std::string> Run::Go() {
   m.two_pass_finishes = ss.two_pass_finishes;
   m.tlb_flush_serial_ns = ss.tlb_flush_ns;
   m.tlb_wait_ns = ss.tlb_wait_ns;
-  m.two_pass_saved_ns = ss.tlb_flush_ns > ss.tlb_wait_ns ? ss.tlb_flush_ns - ss.tlb_wait_ns : 0;
   m.ranges_collected = ss2.ranges_collected;
   m.gc_runs = ss2.gc_runs;
   const uint64_t t_end = Now();

@@ -69,11 +69,13 @@ struct Metrics {
   uint64_t tlb_flushes = 0;
   uint64_t two_pass_finishes = 0;
   // TLB flushes of invalidations: their summed modelled latency (the wait
-  // one GPU at a time), the time actually blocked on them, and the time
-  // two-pass saved (the difference, 0 when it saved nothing).
+  // one GPU at a time) and the time actually blocked on them; two-pass
+  // saved the difference (two_pass_saved_ns()).
   uint64_t tlb_flush_serial_ns = 0;
   uint64_t tlb_wait_ns = 0;
-  uint64_t two_pass_saved_ns = 0;
+  uint64_t two_pass_saved_ns() const {
+    return tlb_flush_serial_ns > tlb_wait_ns ? tlb_flush_serial_ns - tlb_wait_ns : 0;
+  }
   uint64_t invalidation_ns = 0;       // time spent in callbacks, finish passes included
   uint64_t invalidation_p50_ns = 0;   // per callback (finish pass included)
   uint64_t invalidation_p99_ns = 0;
