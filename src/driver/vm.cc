@@ -268,6 +268,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
   // A bind of this GPU covers it: revalidate the bind.
   if (Binding* b = FindBinding(va, va + k4K)) {
     if (write && b->flags.read_only) return Err(Errc::kPerm, "driver: write to a read-only bind");
+    // A bind maps system memory, never with atomic permission (that is
+    // for this GPU's VRAM): revalidating it would not let the access
+    // through, and the GPU would fault again forever.
+    if (atomic) return Err(Errc::kAcces, "driver: GPU atomics in a bind (system memory)");
     const bool was_valid = b->valid.load();
     USVM_TRY(ValidateBinding(b, write));
     if (!was_valid) Bump(c.rebinds);
