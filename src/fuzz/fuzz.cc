@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -194,6 +196,10 @@ class Worker {
   std::vector<OpNote> notes_;
   uint64_t op_index_ = 0;
   OpNote* note_ = nullptr;
+
+ public:
+  // Watchdog: bumped after every op; the op running now.
+  std::atomic<uint64_t> progress{0};
 };
 
 // ---------------------------------------------------------------------------
@@ -609,7 +615,7 @@ std::string Worker::Gpu(const Op& op) {
     for (const BindRec& b : binds_[op.gpu])
       if (p >= b.start && p < b.end) {
         if (writes && b.ro) ok = false;
-        if (atomic) unsure = true;  // binds map system memory: no atomics there
+        if (atomic) ok = false;  // binds map system memory: no atomics there (EACCES)
       }
     if (atomic) {
       const ModelPage* mp = model_.Find(p);
@@ -1054,6 +1060,7 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
         break;
       const Op op = fixed ? (*fixed)[i] : w.Generate();
       if (auto e = w.Execute(op); !e.empty()) return e;
+      w.progress.fetch_add(1, std::memory_order_relaxed);
       if (c.check_every && ++since_check >= c.check_every) {
         since_check = 0;
         if (auto e = w.FullCheck("periodic full check"); !e.empty()) return e;
@@ -1061,6 +1068,29 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
     }
     return w.FullCheck("final full check");
   };
+  // A hang (an op that never finishes: a lost fault, a deadlock) cannot be
+  // unwound: the watchdog prints the seed, the op and the ops before it,
+  // and ends the process (exit 1).
+  std::atomic<bool> done{false};
+  std::thread watchdog([&] {
+    std::vector<uint64_t> last(ws.size(), UINT64_MAX);
+    std::vector<int> still(ws.size(), 0);
+    while (!done.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      for (size_t t = 0; t < ws.size() && !done.load(); ++t) {
+        const uint64_t p = ws[t]->progress.load();
+        still[t] = p == last[t] ? still[t] + 1 : 0;
+        last[t] = p;
+        if (still[t] < 5 * c.hang_s) continue;
+        auto& ops = ws[t]->ops();
+        fmt::print(stderr, "usvm: fuzz hang: seed {} thread {} op #{} [{}] has not finished in {} s; the ops:\n", c.seed, t,
+                   ops.size() - 1, ops.empty() ? "" : OpToString(ops.back()), c.hang_s);
+        for (size_t i = 0; i < ops.size(); ++i) fmt::print(stderr, "  #{} {}\n", i, OpToString(ops[i]));
+        std::fflush(stderr);
+        std::_Exit(1);
+      }
+    }
+  });
   if (fail.empty()) {
     if (c.threads == 1) {
       fail = body(*ws[0], c.ops);
@@ -1083,6 +1113,8 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
         }
     }
   }
+  done.store(true);
+  watchdog.join();
   out.res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (auto& w : ws) {
     FuzzResult& r = w->res();

@@ -43,12 +43,18 @@ const uint8_t* SpaceModel::Bytes(const ModelPage& p) { return p.data ? p.data->b
 int SpaceModel::Mmap(uint64_t va, uint64_t n, bool shared, uint32_t* next_obj) {
   if (n == 0) return EINVAL;
   const uint32_t obj = shared ? (*next_obj)++ : 0;
+  std::shared_ptr<ShmObject> o;
+  if (shared) {
+    o = std::make_shared<ShmObject>();
+    objs_[obj] = o;
+  }
   for (uint64_t i = 0; i < n; ++i) {
     ModelPage p;
     p.prot = 3;
     if (shared) {
       p.kind = PageKind::kShared;
       p.data = std::make_shared<PageBytes>();
+      o->pages.push_back(p.data);
       p.obj = obj;
       p.pgoff = i;
     }
@@ -97,7 +103,8 @@ int SpaceModel::Madvise(uint64_t va, uint64_t n, int advice) {
         if (p->kind != PageKind::kPrivate) inval = true;
         else p->lazy = true;
         break;
-      default:  // HUGEPAGE: flags only
+      default:  // HUGEPAGE: a VMA flag only
+        p->huge = true;
         break;
     }
   }
@@ -110,7 +117,10 @@ bool SpaceModel::Uniform(uint64_t va, uint64_t n) const {
   if (!f) return false;
   for (uint64_t i = 1; i < n; ++i) {
     const ModelPage* p = Find(va + i * kPage);
-    if (!p || p->prot != f->prot || p->kind != f->kind) return false;
+    // Shared pages and the SIGBUS tail beyond the object are one VMA.
+    if (!p) return false;
+    const bool fs = f->kind != PageKind::kPrivate, ps = p->kind != PageKind::kPrivate;
+    if ( p->prot != f->prot || fs != ps || p->huge != f->huge) return false;
     if (f->kind != PageKind::kPrivate && (p->obj != f->obj || p->pgoff != f->pgoff + i)) return false;
   }
   return true;
@@ -125,13 +135,22 @@ int SpaceModel::Mremap(uint64_t old_va, uint64_t n, uint64_t n2, int mode, uint6
     if (old_va < ne && nw < oe) return EINVAL;  // overlapping ranges
   }
   if (!Find(old_va)) return EFAULT;  // no VMA at old_addr
-  auto new_page = [](const ModelPage& last, uint64_t i_from_last) {
+  auto new_page = [this](const ModelPage& last, uint64_t i_from_last) {
     ModelPage p;
     p.prot = last.prot;
+    p.huge = last.huge;
     if (last.kind != PageKind::kPrivate) {
-      p.kind = PageKind::kSigbus;  // grown shared anonymous memory: SIGBUS
+      // Grown shared memory maps the object further on: its pages where
+      // the object has them, SIGBUS beyond its end.
       p.obj = last.obj;
       p.pgoff = last.pgoff + i_from_last;
+      auto it = objs_.find(p.obj);
+      if (it != objs_.end() && p.pgoff < it->second->pages.size()) {
+        p.kind = PageKind::kShared;
+        p.data = it->second->pages[p.pgoff];
+      } else {
+        p.kind = PageKind::kSigbus;
+      }
     }
     return p;
   };
@@ -192,7 +211,8 @@ int SpaceModel::Mremap(uint64_t old_va, uint64_t n, uint64_t n2, int mode, uint6
 
 SpaceModel SpaceModel::Fork() const {
   SpaceModel c;
-  c.pages_ = pages_;  // private bytes shared copy-on-write, shared ones for good
+  c.pages_ = pages_;
+  c.objs_ = objs_;  // private bytes shared copy-on-write, shared ones for good
   return c;
 }
 

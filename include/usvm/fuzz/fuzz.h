@@ -86,6 +86,7 @@ struct FuzzConfig {
   bool check_gpu_ptes = true;  // after munmap / DONTNEED / mprotect: no stale GPU PTE
   bool shrink = true;          // shrink a failing op list (single-threaded)
   double shrink_time_s = 60;
+  uint32_t hang_s = 20;         // an op running longer is a hang (printed, exit 1)
   bool verbose = false;
 };
 

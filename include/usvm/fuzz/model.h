@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <vector>
 
 namespace usvm::fuzz {
 
@@ -43,6 +44,7 @@ struct ModelPage {
   PageKind kind = PageKind::kPrivate;
   bool known = true;   // bytes known; else the first CPU read defines them
   bool lazy = false;   // MADV_FREE'd, not CPU-written since: reclaim may zero it
+  bool huge = false;   // MADV_HUGEPAGE: a VMA flag (VMAs with different flags do not merge)
   uint32_t obj = 0;    // shared: the shmem object and the page's index in it
   uint64_t pgoff = 0;
 
@@ -54,6 +56,12 @@ struct ModelPage {
     if (kind == PageKind::kShared && data) data->known = v;
     else known = v;
   }
+};
+
+// A shared anonymous (shmem) object: its pages outlive any mapping of
+// them; its size is fixed at mmap (a mapping grown beyond it is SIGBUS).
+struct ShmObject {
+  std::vector<std::shared_ptr<PageBytes>> pages;
 };
 
 class SpaceModel {
@@ -91,6 +99,8 @@ class SpaceModel {
 
  private:
   std::map<uint64_t, ModelPage> pages_;
+  // Shared objects by id (fork children share them).
+  std::map<uint32_t, std::shared_ptr<ShmObject>> objs_;
 };
 
 }  // namespace usvm::fuzz
