@@ -213,6 +213,7 @@ int Fuzz(const FuzzArgs& a) {
   fmt::print("fuzz: seed {} gpus {} threads {} inject {}: {} ops in {:.2f} s ({:.0f} ops/s), {} skipped, {} pages checked, "
              "{} mismatches\n",
              c.seed, c.gpus, c.threads, c.inject, r->ops_done, r->seconds, rate, r->ops_skipped, r->checks, r->mismatches);
+  if (r->atomic_no_vram) fmt::print("GPU atomics refused for want of device memory (EACCES, allowed): {}\n", r->atomic_no_vram);
   if (c.inject > 0) {
     fmt::print("injected failures reported by operations: {}\n", r->injected_failures);
     for (const auto& [site, n] : r->injected_by_site) fmt::print("  site {}: {} failures\n", site, n);

@@ -96,6 +96,7 @@ struct FuzzResult {
   uint64_t mismatches = 0;       // 0 or 1: the run stops at the first
   uint64_t checks = 0;           // pages compared (reads and full checks)
   uint64_t injected_failures = 0;  // operations that failed from an injected fault
+  uint64_t atomic_no_vram = 0;  // GPU atomics refused with EACCES (no device memory)
   std::map<std::string, uint64_t> injected_by_site;  // site -> failures it reported
   std::map<std::string, uint64_t> injected_errors;   // "op: ERRNO" -> count
   double seconds = 0;
