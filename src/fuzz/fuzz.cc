@@ -321,6 +321,10 @@ Op Worker::Generate() {
       RandSpan(op, true);
       op.len = std::min<uint32_t>(op.len, 64);
       op.arg = static_cast<uint8_t>(rng_.Uniform(4));
+      // A launch revalidates every userptr of its Vm, other threads' too:
+      // with several threads, only plain binds (revalidated on a fault in
+      // them) keep each thread's outcome its own.
+      if (!single_) op.arg &= 1;
       break;
     case OpKind::kUnbind:
       if (!binds_[op.gpu].empty()) {

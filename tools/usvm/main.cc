@@ -233,7 +233,9 @@ int Fuzz(const FuzzArgs& a) {
       for (const auto& op : r->shrunk) fmt::print(stderr, "  {}\n", usvm::fuzz::OpToString(op));
     }
   } else if (!r->repro_note.empty()) {
-    fmt::print(stderr, "not shrunk: {}\n", r->repro_note);
+    fmt::print(stderr, "not shrunk: {}; the failing thread's last ops:\n", r->repro_note);
+    const size_t n = r->failing_ops.size(), from = n > 40 ? n - 40 : 0;
+    for (size_t i = from; i < n; ++i) fmt::print(stderr, "  #{} {}\n", i, usvm::fuzz::OpToString(r->failing_ops[i]));
   }
   return kExitMismatch;
 }
