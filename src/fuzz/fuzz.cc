@@ -111,6 +111,11 @@ struct BindRec {
 struct PinRec {
   uint64_t va = 0;
   mm::Pfn pfn = 0;
+  // Still the page mapped at va (no munmap, mmap, DONTNEED, mremap or
+  // reclaim over it since): the pinned frame must hold what the process
+  // sees there (a long-term pin follows the process's writes: fork copies
+  // pinned pages for the child instead of sharing them copy-on-write).
+  bool coherent = true;
 };
 
 // Per-op expectations for the scenario writer.
@@ -141,6 +146,7 @@ class Worker {
   // Runs one op against the machine and the model: "" or the mismatch.
   std::string Execute(const Op& op);
   std::string FullCheck(const char* when);
+  std::string CheckPin(const PinRec& pin, const Op* op);
   // Unpins, unbinds, ends the children (end of run).
   void Release();
 
@@ -396,7 +402,25 @@ std::string Worker::CheckPage(mm::AddressSpace& as, SpaceModel& model, uint64_t 
   return "";
 }
 
+std::string Worker::CheckPin(const PinRec& pin, const Op* op) {
+  if (!pin.coherent) return "";
+  ModelPage* p = model_.Find(pin.va);
+  if (!p || !p->Known() || p->lazy) return "";
+  const auto* got = reinterpret_cast<const uint8_t*>(m_.as->pool().Data(pin.pfn));
+  const uint8_t* want = SpaceModel::Bytes(*p);
+  ++res_.checks;
+  for (uint64_t i = 0; i < kPage; ++i)
+    if (got[i] != (want ? want[i] : 0)) {
+      const std::string what = fmt::format("the pinned frame of {:#x} holds {:#04x} at +{:#x}, the process sees {:#04x}",
+                                           pin.va, got[i], i, want ? want[i] : 0);
+      return op ? Mismatch(*op, what) : fmt::format("seed {} thread {} after op #{}: {}", c_.seed, tid_, op_index_, what);
+    }
+  return "";
+}
+
 std::string Worker::FullCheck(const char* when) {
+  for (const PinRec& pin : pins_)
+    if (auto e = CheckPin(pin, nullptr); !e.empty()) return e;
   for (uint32_t s : slots_)
     for (uint64_t i = 0; i < kSlotMaxPages; ++i) {
       const uint64_t va = SlotBase(s) + i * kPage;
@@ -565,6 +589,14 @@ std::string Worker::Layout(const Op& op) {
       return "";
     }
     return Mismatch(op, fmt::format("returned {}, the model says {}", ErrName(got), ErrName(want)));
+  }
+  // Pins over pages this op replaced no longer name what is mapped there.
+  if (op.kind != OpKind::kMprotect && !(op.kind == OpKind::kMadvise && op.arg != 0)) {
+    const uint64_t span_end = va + uint64_t{std::max(op.len, op.len2)} * kPage;
+    for (PinRec& p : pins_)
+      if ((p.va >= va && p.va < span_end) ||
+          (op.kind == OpKind::kMremap && p.va >= SlotBase(op.slot2) && p.va < SlotBase(op.slot2) + kSlotStride))
+        p.coherent = false;
   }
   // No GPU mapping survives the invalidation.
   switch (op.kind) {
@@ -953,8 +985,10 @@ std::string Worker::Execute(const Op& op) {
         ++res_.ops_skipped;
         return "";
       }
+      const std::string e = CheckPin(*it, &op);
       m_.as->UnpinUserPage(it->pfn);
       pins_.erase(it);
+      if (!e.empty()) return e;
       return "";
     }
     case OpKind::kReclaim: {
@@ -962,6 +996,8 @@ std::string Worker::Execute(const Op& op) {
         ++res_.ops_skipped;
         return "";
       }
+      for (PinRec& pin : pins_)
+        if (const ModelPage* mp = model_.Find(pin.va); mp && mp->lazy) pin.coherent = false;
       (void)m_.as->ReclaimLazyFree();
       for (Child& c : children_) (void)c.as->ReclaimLazyFree();
       // A lazy page reads as itself or as zeros now; the read decides.
