@@ -884,16 +884,21 @@ std::string Worker::Execute(const Op& op) {
     case OpKind::kPrefetch: {
       if (op.gpu >= c_.gpus || op.arg > c_.gpus) return "";
       const uint64_t va = Va(op);
-      bool must = c_.inject <= 0 && !SvmBroken();
+      bool must = !SvmBroken();
       for (uint64_t i = 0; i < op.len; ++i) {
         const ModelPage* p = model_.Find(va + i * kPage);
         must &= p && p->kind == PageKind::kPrivate && p->prot == 3;
         for (const PinRec& pin : pins_) must &= pin.va != va + i * kPage;
+        // In a bind of this GPU the bind is revalidated, whole: it fails
+        // if any page of the bind is gone.
+        for (const BindRec& b : binds_[op.gpu]) must &= !(va + i * kPage >= b.start && va + i * kPage < b.end);
       }
+      const bool must_but_inject = must && c_.inject > 0;
+      if (c_.inject > 0) must = false;
       auto loc = op.arg == 0 ? driver::Location::System() : driver::Location::Device(op.arg - 1u);
       auto r = m_.svm->vm(op.gpu)->Prefetch(va, uint64_t{op.len} * kPage, loc);
       if (!r && must) return Mismatch(op, "prefetch failed with " + r.error().ToString() + " on private read-write memory");
-      if (!r && c_.inject > 0) Injected(op, Errno(r.error()));
+      if (!r && must_but_inject) Injected(op, Errno(r.error()));
       return "";
     }
     case OpKind::kAdvise: {
