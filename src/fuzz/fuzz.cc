@@ -977,6 +977,11 @@ std::string Worker::Execute(const Op& op) {
       }
       if (r) {
         pins_.push_back({va, pfn});
+        // Known divergence (docs/fuzz.md): our mm does not unshare a
+        // copy-on-write page for a read-only pin (Linux 5.19+ does,
+        // FAULT_FLAG_UNSHARE), so a read pin of a page shared with a fork
+        // child goes stale when the parent writes. Not checked.
+        if (!op.arg && !children_.empty()) pins_.back().coherent = false;
         if (op.arg) {
           // FOLL_WRITE broke COW: the page is this space's own now, still the same bytes.
           if (ModelPage* p = model_.Find(va)) p->lazy = false;
