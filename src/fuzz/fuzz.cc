@@ -1104,8 +1104,13 @@ std::string CheckInvariantsAndTearDown(const FuzzConfig& c, Machine& m) {
 
 void ArmInjection(const FuzzConfig& c, Env& env) {
   if (c.inject <= 0) return;
-  for (const std::string& s : InjectionSites())
-    env.faults().FailWithProbability(s, s == "driver.gc" ? c.inject / 100 : c.inject);
+  for (const std::string& s : InjectionSites()) {
+    if (!c.inject_sites.empty() && std::find(c.inject_sites.begin(), c.inject_sites.end(), s) == c.inject_sites.end())
+      continue;
+    // The collector's failure is sticky (the VM error state cancels every
+    // later fault), so it is armed at 1% of the rate unless named alone.
+    env.faults().FailWithProbability(s, s == "driver.gc" && c.inject_sites.empty() ? c.inject / 100 : c.inject);
+  }
 }
 
 void CollectInjection(Env& env, FuzzResult& r) {
@@ -1477,6 +1482,10 @@ Result<FuzzResult> RunFuzz(const FuzzConfig& c) {
     return Err(Errc::kInval, "vram must be a multiple of 2 MiB");
   if (c.ops == 0 && c.time_s <= 0) return Err(Errc::kInval, "give an op count or a time limit");
   if (c.time_s < 0) return Err(Errc::kInval, "time must not be negative");
+  for (const std::string& site : c.inject_sites) {
+    auto all = InjectionSites();
+    if (std::find(all.begin(), all.end(), site) == all.end()) return Err(Errc::kInval, "unknown injection site");
+  }
   Outcome o = RunOne(c, nullptr, nullptr);
   FuzzResult r = std::move(o.res);
   if (r.mismatches && c.shrink && !r.failing_ops.empty()) {

@@ -187,6 +187,7 @@ struct FuzzArgs {
   uint32_t gpus = 2;
   uint32_t threads = 1;
   double inject = 0;
+  std::vector<std::string> inject_sites;
   uint32_t check_every = 200;
   std::string repro = "";
   bool no_shrink = false;
@@ -203,6 +204,7 @@ int Fuzz(const FuzzArgs& a) {
   c.gpus = a.gpus;
   c.threads = a.threads;
   c.inject = a.inject;
+  c.inject_sites = a.inject_sites;
   c.check_every = a.check_every;
   c.shrink = !a.no_shrink;
   c.shrink_time_s = a.shrink_time;
@@ -288,6 +290,7 @@ int main(int argc, char** argv) {
   fuzz->add_option("--threads", fa.threads, "threads issuing operations, each on its own slots")->check(CLI::Range(1, 16));
   fuzz->add_option("--inject", fa.inject, "probability of an injected failure per call of each Env site")
       ->check(CLI::Range(0.0, 1.0));
+  fuzz->add_option("--inject-site", fa.inject_sites, "arm only this Env site (repeatable; docs/fuzz.md lists them)");
   fuzz->add_option("--check-every", fa.check_every, "compare every mapped byte every N ops per thread (0: at the end)");
   fuzz->add_option("--repro", fa.repro, "where to write the reproducer scenario (default fuzz-repro-seedS.yaml)");
   fuzz->add_option("--shrink-time", fa.shrink_time, "seconds the shrinker may take")->check(CLI::Range(0.0, 1e6));

@@ -79,6 +79,7 @@ struct FuzzConfig {
   uint32_t gpus = 2;         // [1, 8]
   uint32_t threads = 1;      // [1, 16]
   double inject = 0;         // probability per call of every injection site, [0, 1]
+  std::vector<std::string> inject_sites;  // only these sites (empty: every one)
   uint32_t slots = 6;        // address-space slots (each thread owns slots t, t+K...)
   uint32_t slot_pages = 256; // initial mapping of a slot (4 KiB pages; max 1024)
   uint64_t vram_bytes = uint64_t{8} << 20;  // per GPU (small: eviction under pressure)
