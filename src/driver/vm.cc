@@ -618,8 +618,19 @@ void Vm::Impl::DestroyBinding(Binding* b) {
     b->valid.store(false);
   }
   svm.bind_svm->FreePages(&b->pages);
+  const uint64_t start = b->start, end = b->end;
   by_handle_.erase(b->handle);
   binds_.erase(b->start);
+  // SVM ranges this GPU committed while the bind was there have its pages
+  // cut out, yet count as valid here: invalidate them, so the next fault
+  // in the span maps it (else it is replayed as valid and faults again,
+  // forever; found by usvm fuzz, seed 11 op 13631).
+  svm.svm->ForEachNotifierSafe(start, end, [&](gpusvm::Notifier* n) {
+    gpusvm::GpuSvm::ForEachRangeSafe(n, start, end, [&](gpusvm::Range* gr) {
+      auto* r = static_cast<DrvRange*>(gr);
+      if (r->present.load() & (1u << dev.id)) svm.InvalidateRangeNow(r, 1u << dev.id);
+    });
+  });
 }
 
 Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {

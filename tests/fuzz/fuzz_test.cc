@@ -122,5 +122,18 @@ TEST(Fuzz, ReproducerIsAScenarioTheRunnerReplays) {
   EXPECT_NE(why.find("evict"), std::string::npos) << why;
 }
 
+
+// Regression (driver): seed 11 hung at op 13631 -- a GPU read in the span
+// of a bind removed at op 13622 faulted, was replayed as valid and faulted
+// again forever (SVM ranges committed with the bind's pages cut out stayed
+// valid after Unbind). A hang ends the process through the watchdog.
+TEST(Fuzz, Seed11UnbindThenAccessDoesNotHang) {
+  FuzzConfig c = Short(11, 13640);
+  c.check_every = 1000;
+  auto r = RunFuzz(c);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->mismatches, 0u) << r->failure;
+}
+
 }  // namespace
 }  // namespace usvm::fuzz
