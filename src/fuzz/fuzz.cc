@@ -938,12 +938,13 @@ std::string Worker::Execute(const Op& op) {
       return "";
     }
     case OpKind::kEvict: {
+      uint64_t stayed = 0;  // allocations EvictAll left (busy)
       for (uint32_t g = 0; g < c_.gpus; ++g) {
         if (op.gpu != kAllGpus && g != op.gpu) continue;
         if (op.arg == 1) (void)m_.devs[g]->EvictFor(uint64_t{op.len} * kPage);
-        else (void)m_.devs[g]->EvictAll(m_.as.get());
+        else stayed += m_.devs[g]->EvictAll(m_.as.get());
       }
-      if (op.gpu == kAllGpus && op.arg == 0 && single_ && c_.inject <= 0) {
+      if (op.gpu == kAllGpus && op.arg == 0 && stayed == 0 && single_ && c_.inject <= 0) {
         // No device page is reachable once every GPU evicted everything.
         for (uint32_t s : slots_)
           for (uint64_t i = 0; i < kSlotMaxPages; ++i) {
