@@ -8,7 +8,7 @@ TEST_PKGS := chromium
 CTEST_JOBS ?= 2
 BENCH_OUT := build/bench
 
-.PHONY: all deps test-deps build run test test-release test-tsan check-tsa asan bench clean
+.PHONY: all deps test-deps build run test test-release test-tsan check-tsa asan bench fuzz clean
 
 all: build
 
@@ -79,6 +79,17 @@ bench: build
 	  n=$$(basename $$b); echo "== $$n"; \
 	  $$b --benchmark_out=$(BENCH_OUT)/$$n.json --benchmark_out_format=json || exit 1; \
 	done
+
+# The long fuzz budget (docs/fuzz.md): 10^6 single-threaded ops, then
+# concurrent and injected-failure runs. FUZZ_SEED / FUZZ_OPS override.
+FUZZ_SEED ?= 1
+FUZZ_OPS ?= 1000000
+fuzz: deps
+	@cmake --preset release >/dev/null
+	cmake --build build/release --target usvm
+	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $(FUZZ_OPS) --check-every 1000
+	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $$(( $(FUZZ_OPS) / 10 )) --threads 2
+	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $$(( $(FUZZ_OPS) / 10 )) --inject 0.01
 
 clean:
 	rm -rf build

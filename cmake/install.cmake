@@ -7,7 +7,7 @@
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
-set(USVM_EXPORTED_LAYERS base mm gpu gpusvm driver sim)
+set(USVM_EXPORTED_LAYERS base mm gpu gpusvm driver sim fuzz)
 set(USVM_INSTALL_TARGETS usvm_warnings)
 foreach(layer ${USVM_EXPORTED_LAYERS})
   set(t usvm_${layer})

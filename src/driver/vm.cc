@@ -268,6 +268,10 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
   // A bind of this GPU covers it: revalidate the bind.
   if (Binding* b = FindBinding(va, va + k4K)) {
     if (write && b->flags.read_only) return Err(Errc::kPerm, "driver: write to a read-only bind");
+    // A bind maps system memory, never with atomic permission (that is
+    // for this GPU's VRAM): revalidating it would not let the access
+    // through, and the GPU would fault again forever.
+    if (atomic) return Err(Errc::kAcces, "driver: GPU atomics in a bind (system memory)");
     const bool was_valid = b->valid.load();
     USVM_TRY(ValidateBinding(b, write));
     if (!was_valid) Bump(c.rebinds);
@@ -614,8 +618,19 @@ void Vm::Impl::DestroyBinding(Binding* b) {
     b->valid.store(false);
   }
   svm.bind_svm->FreePages(&b->pages);
+  const uint64_t start = b->start, end = b->end;
   by_handle_.erase(b->handle);
   binds_.erase(b->start);
+  // SVM ranges this GPU committed while the bind was there have its pages
+  // cut out, yet count as valid here: invalidate them, so the next fault
+  // in the span maps it (else it is replayed as valid and faults again,
+  // forever; found by usvm fuzz, seed 11 op 13631).
+  svm.svm->ForEachNotifierSafe(start, end, [&](gpusvm::Notifier* n) {
+    gpusvm::GpuSvm::ForEachRangeSafe(n, start, end, [&](gpusvm::Range* gr) {
+      auto* r = static_cast<DrvRange*>(gr);
+      if (r->present.load() & (1u << dev.id)) svm.InvalidateRangeNow(r, 1u << dev.id);
+    });
+  });
 }
 
 Result<uint64_t> Vm::Bind(uint64_t start, uint64_t len, BindFlags flags) {

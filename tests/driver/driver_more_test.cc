@@ -1132,5 +1132,27 @@ TEST(DriverMore, MappingStraddlingTheWindowEnd) {
   EXPECT_FALSE(GpuPteKind(m.vm(), wend).has_value());
 }
 
+
+// Found by usvm fuzz (seed 2, op #3356): a GPU atomic inside a bind
+// (which maps system memory, never with atomic permission) made the fault
+// handler revalidate the bind and replay, forever. It is EACCES now.
+TEST(DriverMore, AtomicInBindIsRefusedNotLivelocked) {
+  Machine m;
+  const uint64_t va = m.MmapAligned(k64K);
+  for (bool userptr : {false, true}) {
+    auto h = m.vm().Bind(va, k64K, {.userptr = userptr});
+    ASSERT_TRUE(h.has_value());
+    auto r = Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.AtomicAdd(va + 8, 1); }));
+    ASSERT_FALSE(r.has_value());
+    EXPECT_EQ(r.error().code(), Errc::kAcces);
+    // Loads and stores through the bind still work.
+    USVM_ASSERT_OK(Wait(m.vm().LaunchKernel([va](gpu::KernelContext& k) { k.Store(va, k.Load(va) + 1); })));
+    USVM_ASSERT_OK(m.vm().Unbind(*h));
+  }
+  auto v = m.as().AtomicLoad(va);
+  ASSERT_TRUE(v.has_value());
+  EXPECT_EQ(*v, 2u);
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "demo.h"
+#include "usvm/fuzz/fuzz.h"
 #include "usvm/sim/runner.h"
 #include "usvm/sim/scenario.h"
 
@@ -178,6 +179,69 @@ int Run(const RunArgs& a) {
   return mismatch ? kExitMismatch : 0;
 }
 
+
+struct FuzzArgs {
+  uint64_t seed = 1;
+  uint64_t ops = 0;
+  double time_s = 0;
+  uint32_t gpus = 2;
+  uint32_t threads = 1;
+  double inject = 0;
+  std::vector<std::string> inject_sites;
+  uint32_t check_every = 200;
+  std::string repro = "";
+  bool no_shrink = false;
+  double shrink_time = 60;
+};
+
+// `usvm fuzz`: random programs against the reference model (docs/fuzz.md).
+int Fuzz(const FuzzArgs& a) {
+  usvm::fuzz::FuzzConfig c;
+  c.seed = a.seed;
+  c.ops = a.ops;
+  c.time_s = a.time_s;
+  if (c.ops == 0 && c.time_s == 0) c.ops = 10000;
+  c.gpus = a.gpus;
+  c.threads = a.threads;
+  c.inject = a.inject;
+  c.inject_sites = a.inject_sites;
+  c.check_every = a.check_every;
+  c.shrink = !a.no_shrink;
+  c.shrink_time_s = a.shrink_time;
+  if (c.slots < c.threads) c.slots = c.threads;
+  auto r = usvm::fuzz::RunFuzz(c);
+  if (!r) return Fail(fmt::format("fuzz: {}", r.error().ToString()));
+  const double rate = r->seconds > 0 ? r->ops_done / r->seconds : 0;
+  fmt::print("fuzz: seed {} gpus {} threads {} inject {}: {} ops in {:.2f} s ({:.0f} ops/s), {} skipped, {} pages checked, "
+             "{} mismatches\n",
+             c.seed, c.gpus, c.threads, c.inject, r->ops_done, r->seconds, rate, r->ops_skipped, r->checks, r->mismatches);
+  if (r->atomic_no_vram) fmt::print("GPU atomics refused for want of device memory (EACCES, allowed): {}\n", r->atomic_no_vram);
+  if (c.inject > 0) {
+    fmt::print("injected failures reported by operations: {}\n", r->injected_failures);
+    for (const auto& [site, n] : r->injected_by_site) fmt::print("  site {}: {} failures\n", site, n);
+    for (const auto& [what, n] : r->injected_errors) fmt::print("  {}: {}\n", what, n);
+  }
+  if (!r->mismatches) return 0;
+  fmt::print(stderr, "usvm: fuzz mismatch: {}\n", r->failure);
+  if (!r->shrunk.empty()) {
+    fmt::print(stderr, "shrunk from {} to {} ops; the shrunk list reports: {}\n", r->failing_ops.size(), r->shrunk.size(),
+               r->shrunk_failure);
+    if (!r->repro_yaml.empty()) {
+      const std::string path = a.repro.empty() ? fmt::format("fuzz-repro-seed{}.yaml", c.seed) : a.repro;
+      if (WriteFile(path, r->repro_yaml)) fmt::print(stderr, "reproducer: {} (replay: usvm run {})\n", path, path);
+      else fmt::print(stderr, "cannot write the reproducer to {}\n", path);
+    } else {
+      fmt::print(stderr, "no scenario reproducer: {}; the ops:\n", r->repro_note);
+      for (const auto& op : r->shrunk) fmt::print(stderr, "  {}\n", usvm::fuzz::OpToString(op));
+    }
+  } else if (!r->repro_note.empty()) {
+    fmt::print(stderr, "not shrunk: {}; the failing thread's last ops:\n", r->repro_note);
+    const size_t n = r->failing_ops.size(), from = n > 40 ? n - 40 : 0;
+    for (size_t i = from; i < n; ++i) fmt::print(stderr, "  #{} {}\n", i, usvm::fuzz::OpToString(r->failing_ops[i]));
+  }
+  return kExitMismatch;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -217,7 +281,23 @@ int main(int argc, char** argv) {
   validate->add_option("file", vfile, "scenario YAML file")->required();
   app.add_subcommand("demo", "the address-space demonstration (usvm demo --help)");
 
-  if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "run") != 0 && std::strcmp(argv[1], "validate") != 0)
+  FuzzArgs fa;
+  CLI::App* fuzz = app.add_subcommand("fuzz", "random programs over the whole stack checked against a reference model");
+  fuzz->add_option("--seed", fa.seed, "the seed (the op list depends only on it with one thread)");
+  fuzz->add_option("--ops", fa.ops, "operations to run, over all threads (default 10000 without --time)");
+  fuzz->add_option("--time", fa.time_s, "stop after T seconds")->check(CLI::Range(0.0, 1e7));
+  fuzz->add_option("--gpus", fa.gpus, "GPUs attached to the address space")->check(CLI::Range(1, 8));
+  fuzz->add_option("--threads", fa.threads, "threads issuing operations, each on its own slots")->check(CLI::Range(1, 16));
+  fuzz->add_option("--inject", fa.inject, "probability of an injected failure per call of each Env site")
+      ->check(CLI::Range(0.0, 1.0));
+  fuzz->add_option("--inject-site", fa.inject_sites, "arm only this Env site (repeatable; docs/fuzz.md lists them)");
+  fuzz->add_option("--check-every", fa.check_every, "compare every mapped byte every N ops per thread (0: at the end)");
+  fuzz->add_option("--repro", fa.repro, "where to write the reproducer scenario (default fuzz-repro-seedS.yaml)");
+  fuzz->add_option("--shrink-time", fa.shrink_time, "seconds the shrinker may take")->check(CLI::Range(0.0, 1e6));
+  fuzz->add_flag("--no-shrink", fa.no_shrink, "report the failing op without shrinking");
+
+  if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "run") != 0 && std::strcmp(argv[1], "validate") != 0 &&
+      std::strcmp(argv[1], "fuzz") != 0)
     return Fail(fmt::format("unknown command '{}' (try `usvm --help`)", argv[1]));
   try {
     app.parse(argc, argv);
@@ -233,6 +313,7 @@ int main(int argc, char** argv) {
     return Fail(what + " (try `usvm --help`)");
   }
   if (run->parsed()) return Run(ra);
+  if (fuzz->parsed()) return Fuzz(fa);
   if (validate->parsed()) {
     auto s = usvm::sim::ParseScenarioFile(vfile);
     if (!s) return Fail(s.error().ToString());
