@@ -964,13 +964,8 @@ std::string Worker::Execute(const Op& op) {
       }
       const uint64_t va = Va(op);
       const bool want = op.arg ? model_.Writable(va) : model_.Readable(va);
-      // The zero page of a read-only private mapping is not pinned
-      // (EFAULT, as our mm documents): either outcome there.
-      const ModelPage* mp = model_.Find(va);
-      const bool zero_ro = !op.arg && mp && mp->kind == PageKind::kPrivate && !(mp->prot & 2);
       mm::Pfn pfn = 0;
       auto r = m_.as->PinUserPages(va, 1, op.arg != 0, &pfn);
-      if (!r && zero_ro) return "";
       if (r && !want) return Mismatch(op, "pin succeeded, the model says the page is not accessible");
       if (!r && want) {
         if (Injected(op, Errno(r.error()))) return "";
@@ -978,11 +973,9 @@ std::string Worker::Execute(const Op& op) {
       }
       if (r) {
         pins_.push_back({va, pfn});
-        // Known divergence (docs/fuzz.md): our mm does not unshare a
-        // copy-on-write page for a read-only pin (Linux 5.19+ does,
-        // FAULT_FLAG_UNSHARE), so a read pin of a page shared with a fork
-        // child goes stale when the parent writes. Not checked.
-        if (!op.arg && !children_.empty()) pins_.back().coherent = false;
+        // A read pin of a page shared with a fork child (or of the zero
+        // page) unshared it first, so the pin sees the parent's later
+        // writes as a write pin does (checked by CheckPin).
         if (op.arg) {
           // FOLL_WRITE broke COW: the page is this space's own now, still the same bytes.
           if (ModelPage* p = model_.Find(va)) p->lazy = false;
@@ -1166,7 +1159,7 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
         const uint64_t p = ws[t]->progress.load();
         still[t] = p == last[t] ? still[t] + 1 : 0;
         last[t] = p;
-        if (still[t] < 5 * c.hang_s) continue;
+        if (still[t] < static_cast<int>(5 * c.hang_s)) continue;
         auto& ops = ws[t]->ops();
         fmt::print(stderr, "usvm: fuzz hang: seed {} thread {} op #{} [{}] has not finished in {} s; the ops:\n", c.seed, t,
                    ops.size() - 1, ops.empty() ? "" : OpToString(ops.back()), c.hang_s);

@@ -73,6 +73,7 @@ AddressSpace::Stats AddressSpace::GetStats() const {
   s.huge_faults = c.huge_faults.load(std::memory_order_relaxed);
   s.cow_breaks = c.cow_breaks.load(std::memory_order_relaxed);
   s.cow_reuses = c.cow_reuses.load(std::memory_order_relaxed);
+  s.cow_unshares = c.cow_unshares.load(std::memory_order_relaxed);
   s.thp_splits = c.thp_splits.load(std::memory_order_relaxed);
   s.thp_collapses = c.thp_collapses.load(std::memory_order_relaxed);
   s.rss_pages = c.rss_pages.load(std::memory_order_relaxed);

@@ -128,7 +128,7 @@ class AddressSpace::Impl {
 
   struct Counters {
     std::atomic<uint64_t> faults{0}, zero_maps{0}, anon_allocs{0}, huge_faults{0},
-        cow_breaks{0}, cow_reuses{0}, thp_splits{0}, thp_collapses{0}, rss_pages{0};
+        cow_breaks{0}, cow_reuses{0}, cow_unshares{0}, thp_splits{0}, thp_collapses{0}, rss_pages{0};
   };
   Counters counters;
 
@@ -228,7 +228,10 @@ class AddressSpace::Impl {
   // Fault helpers.
   Result<void> FaultHugeLocked(const Vma& vma, uint64_t addr, AccessKind kind, PmdSlot& slot,
                                bool* handled) USVM_REQUIRES_SHARED(mmap_lock_);
-  Result<void> WriteProtectFaultLocked(const Vma& vma, uint64_t addr, PmdSlot& slot)
+  // `unshare`: FAULT_FLAG_UNSHARE (a read-only long-term pin of a page the
+  // process may share): the copy is mapped without write permission.
+  Result<void> WriteProtectFaultLocked(const Vma& vma, uint64_t addr, PmdSlot& slot,
+                                       bool unshare = false)
       USVM_REQUIRES_SHARED(mmap_lock_);
   // Entry flags for a fresh mapping of a frame in vma.
   static uint64_t ReadBit(uint32_t prot) { return prot != kProtNone ? pte::kRead : 0; }

@@ -64,10 +64,13 @@ Result<void> AddressSpace::Impl::FaultHugeLocked(const Vma& vma, uint64_t addr, 
 
 // A write to a present read-only entry of a writable private mapping whose
 // frame is shared (fork, zero page, page cache): copy it (wp_page_copy).
-// Returns with the entry replaced, or unchanged if it changed under us
-// (the caller retries).
+// With `unshare` (a read-only long-term pin, FAULT_FLAG_UNSHARE) the copy
+// is the process's own anonymous page but keeps the entry read-only, as
+// the kernel maps an unshared copy with the VMA's page protection; a later
+// write reuses it (the process is its only user). Returns with the entry
+// replaced, or unchanged if it changed under us (the caller retries).
 Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_t addr,
-                                                         PmdSlot& slot) {
+                                                         PmdSlot& slot, bool unshare) {
   const uint64_t page = PageAlignDown(addr);
   uint64_t old;
   {
@@ -88,8 +91,11 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
       std::memset(pool_.Data(copy), 0, kPageSize);
     else
       std::memcpy(pool_.Data(copy), EntryData(old), kPageSize);
+    // The copy is dirty either way: it is a new anonymous page, not a clean
+    // lazy-free one reclaim could drop.
     ent.store(pte::Make(pte::kPresent, copy,
-                        ReadBit(vma.prot) | pte::kWrite | pte::kDirty | pte::kAccessed),
+                        ReadBit(vma.prot) | (unshare ? 0 : pte::kWrite) | pte::kDirty |
+                            pte::kAccessed),
               std::memory_order_relaxed);
     RmapRemove(old, page);  // a coherent device page's mapping goes
   }
@@ -102,7 +108,7 @@ Result<void> AddressSpace::Impl::WriteProtectFaultLocked(const Vma& vma, uint64_
   Dropped dropped;
   dropped.Add(old);
   Drop(dropped);
-  counters.cow_breaks.fetch_add(1, std::memory_order_relaxed);
+  (unshare ? counters.cow_unshares : counters.cow_breaks).fetch_add(1, std::memory_order_relaxed);
   return {};
 }
 
@@ -455,15 +461,37 @@ Result<void> AddressSpace::Impl::PinLocked(uint64_t addr, uint64_t npages, bool 
         }
         continue;
       }
-      if (!ok) {
+      // A read-only pin must not pin a page the process may share with
+      // another (gup_must_unshare, Linux 5.19+): the shared zero page, a
+      // page-cache page of a private file mapping, or an anonymous page
+      // still shared copy-on-write after fork. Otherwise a later write by
+      // the process copies the page and the pin keeps the old bytes. The
+      // page is unshared first (FAULT_FLAG_UNSHARE): the process gets its
+      // own copy, still mapped read-only, and that is what is pinned. A
+      // writable entry is the process's own already. Shared mappings and
+      // hugetlb pages are pinned as they are.
+      if (!write && pte::IsPresent(e) && (e & pte::kRead) && !(e & pte::kWrite) &&
+          !(e & pte::kDevice)) {
         const Vma* vma = FindVmaLocked(a);
-        const bool want_write = write || (pte::IsPresent(e) && (e & pte::kZero) && vma &&
-                                          (vma->prot & kProtWrite));
-        if (pte::IsPresent(e) && (e & pte::kZero) && !want_write) {
-          unwind();
-          return Err(Errc::kFault, "pin: the zero page of a read-only mapping cannot be pinned");
+        const bool must_unshare =
+            vma && vma->start <= a && !vma->shared() && !vma->is_hugetlb() &&
+            ((e & (pte::kZero | pte::kFile)) ||
+             pool_.RefCount(pte::PfnOf(e)) - pool_.PinCount(pte::PfnOf(e)) != 1);
+        if (must_unshare) {
+          if (HugeMappedLocked(a)) {
+            SplitHugeLocked(a & kHugeMask);  // copy 4 KiB, as the kernel falls back
+            continue;
+          }
+          auto r = WriteProtectFaultLocked(*vma, a, *pt_.Lookup(a), /*unshare=*/true);
+          if (!r) {
+            unwind();
+            return Err(r.error());
+          }
+          continue;  // look at the new entry
         }
-        auto r = HandleFaultLocked(a, want_write ? AccessKind::kWrite : AccessKind::kRead);
+      }
+      if (!ok) {
+        auto r = HandleFaultLocked(a, write ? AccessKind::kWrite : AccessKind::kRead);
         if (!r) {
           unwind();
           return Err(r.error());

@@ -224,6 +224,7 @@ class AddressSpace final : public Mm, public std::enable_shared_from_this<Addres
     uint64_t huge_faults = 0;   // 2 MiB frames mapped by faults
     uint64_t cow_breaks = 0;    // copies made by write faults
     uint64_t cow_reuses = 0;    // write faults that reused an exclusive page
+    uint64_t cow_unshares = 0;  // copies made to unshare a page for a read-only pin
     uint64_t thp_splits = 0;    // huge entries split into 4 KiB entries
     uint64_t thp_collapses = 0; // 2 MiB regions collapsed by MADV_COLLAPSE
     uint64_t rss_pages = 0;     // present 4 KiB entries (huge counts 512)
