@@ -258,8 +258,12 @@ class AddressSpace final : public Mm, public std::enable_shared_from_this<Addres
   // pin_user_pages(FOLL_LONGTERM): faults npages pages from addr in (for
   // writing if `write`), migrating device-private pages to system memory
   // first, and pins each frame into out[]. All or nothing. Pinned frames
-  // are not migrated and are copied at fork. EFAULT as for an access;
-  // EINVAL for an unaligned address or zero pages.
+  // are not migrated and are copied at fork. A read-only pin never pins a
+  // page the process may share (gup_must_unshare): a page shared
+  // copy-on-write after fork, the zero page or a private file page is
+  // copied first (FAULT_FLAG_UNSHARE; the entry stays read-only and a
+  // later write reuses the copy), so the pin sees the process's writes.
+  // EFAULT as for an access; EINVAL for an unaligned address or zero pages.
   Result<void> PinUserPages(uint64_t addr, uint64_t npages, bool write, Pfn* out);
   void UnpinUserPage(Pfn pfn) { pool_.Unpin(pfn); }
 
