@@ -58,7 +58,7 @@ struct CounterSet {
   std::array<std::array<Counter, 7>, 3> by_size{};  // SizeCounters fields, in order
   Counter faults{0}, faults_cancelled{0}, commit_retries{0}, evict_retries{0}, migrate_failures{0},
       leaves_4k{0}, leaves_64k{0}, leaves_2m{0}, peer_maps{0}, prefetches{0}, binds{0}, unbinds{0},
-      rebinds{0}, bind_invalidations{0}, commit_flushes{0};
+      rebinds{0}, bind_invalidations{0}, commit_flushes{0}, race_replays{0};
 };
 enum SizeField { kFaults, kValidFaults, kMigrations, kGetPages, kBinds, kBytesCopied, kTlbInvals };
 
@@ -276,6 +276,9 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   std::map<uint64_t, std::pair<uint64_t, Attributes>> attrs USVM_GUARDED_BY(attr_lock);
   // attrs.size(), written under attr_lock: lookups skip the lock when 0.
   std::atomic<size_t> attr_spans{0};
+  // Faults counted for SvmConfig::commit_window_every (atomic: a counter
+  // only, read by no decision but the testing sleep).
+  std::atomic<uint64_t> commit_window_count{0};
 
   // Garbage collector queue and worker.
   Mutex gc_lock;

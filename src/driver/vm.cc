@@ -3,6 +3,8 @@
 // explicit binds and userptrs, and the device's fault-servicing loop.
 #include <algorithm>
 #include <bit>
+#include <chrono>
+#include <thread>
 
 #include "internal.h"
 
@@ -132,6 +134,7 @@ VmStats Vm::stats() const {
   s.faults = Load(c.faults);
   s.faults_cancelled = Load(c.faults_cancelled);
   s.commit_retries = Load(c.commit_retries);
+  s.race_replays = Load(c.race_replays);
   s.evict_retries = Load(c.evict_retries);
   s.migrate_failures = Load(c.migrate_failures);
   s.leaves_4k = Load(c.leaves_4k);
@@ -231,7 +234,7 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool allow_atomic) {
 Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
   Bump(c.faults);
   auto r = ServiceLocked(va, access, nullptr, true, /*prefetch=*/false);
-  if (!r) Bump(c.faults_cancelled);
+  if (!r && r.error() != Errc::kAgain) Bump(c.faults_cancelled);
   return r;
 }
 
@@ -481,6 +484,9 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
       return Err(gp.error());
     }
     Bump(c.by_size[si][kGetPages]);
+    if (svm.config.commit_window_every != 0 &&
+        svm.commit_window_count.fetch_add(1, std::memory_order_relaxed) % svm.config.commit_window_every == 0)
+      std::this_thread::sleep_for(std::chrono::nanoseconds(svm.config.commit_window_ns));
 
     // Commit, if the pages are still valid and may be used from here.
     bool evict = false;
@@ -750,8 +756,18 @@ void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch
         EmitEvent({.kind = EventKind::kGpuFault, .gpu = vm->dev.id, .detail = f.access,
                    .result = r ? 0 : r.error().errnum(), .va = f.va, .len = k4K, .begin_ns = t0,
                    .end_ns = vm->svm.env.NowNs()});
-      if (r) ok.push_back(f.id);
-      else failed.emplace_back(f.id, r.error());
+      if (r) {
+        ok.push_back(f.id);
+      } else if (r.error() == Errc::kAgain) {
+        // The range kept being invalidated under the handler (EAGAIN):
+        // replay, and the access faults again if it still misses, as xe
+        // retries a fault whose bind raced (-EAGAIN never fails a fault).
+        // The driver lock is dropped between batches, so what raced moves on.
+        Bump(vm->c.race_replays);
+        ok.push_back(f.id);
+      } else {
+        failed.emplace_back(f.id, r.error());
+      }
     }
   }
   // Replay after the batch (UVM's BATCH_FLUSH); a cancel ends only the

@@ -385,5 +385,40 @@ TEST(DriverFaults, PartialMunmapThenFaultBeforeCollection) {
   }
 }
 
+// An invalidation between a fault's get-pages and its commit makes the
+// commit retry (drm_gpusvm_range_pages_valid under the notifier lock, as
+// mmu_interval_read_retry). A fork there write-protects the page the fault
+// got for writing: the retry breaks copy-on-write, so the GPU's store is
+// the parent's alone. Committing the pages got before the fork would
+// write the frame the child now shares. SvmConfig::commit_window_* holds
+// the fault between the two long enough for the fork to land there.
+TEST(DriverFaults, AForkBetweenGetPagesAndCommitMakesTheCommitRetry) {
+  MachineConfig c;
+  c.svm.placement = Placement::kSystem;
+  c.svm.commit_window_every = 1;
+  c.svm.commit_window_ns = 200'000'000;  // 200 ms
+  Machine m(c);
+  // Svm::vm takes the driver lock, which the waiting fault holds.
+  Vm& vm = m.vm();
+  const uint64_t va = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(m.as().AtomicStore(va, 1));
+  auto got_pages = [&] {
+    uint64_t n = 0;
+    for (const auto& s : vm.stats().by_size) n += s.get_pages;
+    return n;
+  };
+  auto launch = vm.LaunchKernel([va](gpu::KernelContext& k) { k.Store(va, 2); }, {.threads = 1});
+  ASSERT_TRUE(launch.has_value());
+  // The fault got its pages and now waits before its commit check.
+  Eventually([&] { return got_pages() >= 1; });
+  auto child = m.as().Fork();
+  ASSERT_TRUE(child.has_value());
+  USVM_ASSERT_OK(WaitLaunch(*launch));
+  EXPECT_GE(vm.stats().commit_retries, 1u);
+  EXPECT_EQ(*m.as().AtomicLoad(va), 2u);
+  EXPECT_EQ(*(*child)->AtomicLoad(va), 1u);  // the child keeps the pre-fork page
+  (*child)->Exit();
+}
+
 }  // namespace
 }  // namespace usvm::driver::testing

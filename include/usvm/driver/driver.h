@@ -166,6 +166,12 @@ struct SvmConfig {
   // Run the garbage collector on its own thread (else only the fault
   // handler and CollectGarbage run it).
   bool gc_worker = true;
+  // Testing: every Nth GPU fault (0: none) sleeps `commit_window_ns` of
+  // real time between its get-pages and its commit check, widening the
+  // window in which an invalidation must make the commit retry (usvm fuzz
+  // --racer). Off, it costs nothing on the fault path.
+  uint32_t commit_window_every = 0;
+  uint64_t commit_window_ns = 0;
   Env* env = nullptr;  // null: Env::Default()
 };
 
@@ -195,6 +201,7 @@ struct VmStats {
   uint64_t faults = 0;            // faults handled (all outcomes)
   uint64_t faults_cancelled = 0;  // unserviceable: the kernel was cancelled
   uint64_t commit_retries = 0;    // pages invalidated between get and commit
+  uint64_t race_replays = 0;      // faults that kept racing (EAGAIN): replayed, not cancelled
   uint64_t evict_retries = 0;     // EOPNOTSUPP / foreign pages: evicted, again
   uint64_t migrate_failures = 0;  // migrations that failed (fell back / retried)
   uint64_t leaves_4k = 0, leaves_64k = 0, leaves_2m = 0;  // PTE leaves written
