@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <thread>
+#include <unordered_map>
 
 #include "usvm/base/env.h"
 #include "usvm/base/mutex.h"
@@ -87,6 +88,12 @@ struct Machine {
     driver::SvmConfig sc;
     sc.name = "fuzz";
     sc.env = env.get();
+    if (c.racer) {
+      // Every 4th fault waits 100 us between get-pages and commit: room
+      // for the racer's invalidations to land where a commit must retry.
+      sc.commit_window_every = 4;
+      sc.commit_window_ns = 100'000;
+    }
     auto s = driver::Svm::TryCreate(as, sc);
     if (!s) return "svm: " + s.error().ToString();
     svm = std::move(*s);
@@ -515,10 +522,30 @@ std::string Worker::StalePtes(const Op& op, uint64_t va, uint64_t n, bool writab
     if (!vm) continue;
     auto& pt = vm->context().page_table();
     for (uint64_t i = 0; i < n; ++i) {
-      auto mp = pt.Walk(va + i * kPage);
+      const uint64_t a = va + i * kPage;
+      const mm::PteInfo before = c_.racer && !writable_only ? m_.as->QueryPte(a) : mm::PteInfo{};
+      auto mp = pt.Walk(a);
       if (!mp || !mp->pte.valid()) continue;
       if (writable_only && !mp->pte.writable()) continue;
-      return Mismatch(op, fmt::format("GPU {} still maps {:#x} ({}) after the invalidation", g, va + i * kPage,
+      if (c_.racer && !writable_only) {
+        // The racer may have faulted the span in again (a prefetch maps
+        // it): a GPU mapping is stale only if it names another page than
+        // the CPU's. The CPU entry is read before and after the GPU's; if
+        // it moved meanwhile (the racer migrating it), nothing is said.
+        const mm::PteInfo after = m_.as->QueryPte(a);
+        if (before.kind != after.kind || before.pfn != after.pfn) continue;
+        const bool sys = mp->pte.kind() == gpu::PteKind::kSystem;
+        const uint64_t gpu_pfn = (mp->pte.phys() + (a - mp->va)) >> gpu::kPageShift;
+        const bool same = sys ? after.kind == mm::PteInfo::Kind::kPresent && !after.device_memory &&
+                                    after.pfn == gpu_pfn
+                              : after.device_memory;
+        if (same) continue;
+        return Mismatch(op, fmt::format("GPU {} maps {:#x} ({} {:#x}) where the CPU has {} {:#x} after the "
+                                        "invalidation",
+                                        g, a, sys ? "frame" : "VRAM", sys ? gpu_pfn : mp->pte.phys(),
+                                        after.device_memory ? "device page" : "frame", after.pfn));
+      }
+      return Mismatch(op, fmt::format("GPU {} still maps {:#x} ({}) after the invalidation", g, a,
                                       writable_only ? "writable" : "present"));
     }
   }
@@ -775,6 +802,21 @@ std::string Worker::Gpu(const Op& op) {
       }
     }
   }
+  if (threads > 1) {
+    // Two pages of the span that map one page of a shared object (mremap
+    // DONTUNMAP leaves such aliases) are written by whichever GPU threads
+    // hold them, in no defined order: that object page is unknown until
+    // the next CPU read defines it.
+    std::unordered_map<const PageBytes*, uint32_t> seen;
+    for (uint64_t i = 0; i < n; ++i) {
+      const ModelPage* p = model_.Find(va + i * kPage);
+      if (p && p->kind == PageKind::kShared && p->data) ++seen[p->data.get()];
+    }
+    for (uint64_t i = 0; i < n; ++i) {
+      ModelPage* p = model_.Find(va + i * kPage);
+      if (p && p->kind == PageKind::kShared && p->data && seen[p->data.get()] > 1) p->SetKnown(false);
+    }
+  }
   return "";
 }
 
@@ -944,7 +986,7 @@ std::string Worker::Execute(const Op& op) {
         if (op.arg == 1) (void)m_.devs[g]->EvictFor(uint64_t{op.len} * kPage);
         else stayed += m_.devs[g]->EvictAll(m_.as.get());
       }
-      if (op.gpu == kAllGpus && op.arg == 0 && stayed == 0 && single_ && c_.inject <= 0) {
+      if (op.gpu == kAllGpus && op.arg == 0 && stayed == 0 && single_ && c_.inject <= 0 && !c_.racer) {
         // No device page is reachable once every GPU evicted everything.
         for (uint32_t s : slots_)
           for (uint64_t i = 0; i < kSlotMaxPages; ++i) {
@@ -1112,6 +1154,43 @@ void CollectInjection(Env& env, FuzzResult& r) {
     if (uint64_t n = env.faults().Failures(s)) r.injected_by_site[s] += n;
 }
 
+// The racer (FuzzConfig::racer): until `stop`, data-preserving operations
+// over random spans of every slot, with short pauses so the workers go on.
+// Each one invalidates GPU mappings (a migration, a CPU fault on device
+// memory, an eviction, fork's write protection) and none changes a byte
+// the workers' models hold. Results are ignored: the workers check.
+uint64_t RunRacer(const FuzzConfig& c, Machine& m, const std::atomic<bool>& stop) {
+  Rng rng(Word(c.seed, 0x7ace));
+  std::vector<uint8_t> buf(16 * kPage);
+  uint64_t n = 0;
+  while (!stop.load(std::memory_order_relaxed)) {
+    const uint32_t slot = static_cast<uint32_t>(rng.Uniform(c.slots));
+    const uint64_t pages = 1 + rng.Uniform(rng.OneIn(4) ? 512 : 16);
+    const uint64_t off = rng.Uniform(kSlotMaxPages - pages + 1);
+    const uint64_t va = SlotBase(slot) + off * kPage;
+    const uint32_t g = static_cast<uint32_t>(rng.Uniform(c.gpus));
+    const uint64_t x = rng.Uniform(100);
+    if (x < 40) {
+      const uint32_t to = static_cast<uint32_t>(rng.Uniform(c.gpus + 1));
+      (void)m.svm->vm(g)->Prefetch(va, pages * kPage,
+                                   to == 0 ? driver::Location::System() : driver::Location::Device(to - 1));
+    } else if (x < 70) {
+      (void)m.as->Read(va, buf.data(), std::min<uint64_t>(pages, 16) * kPage);
+    } else if (x < 85) {
+      (void)m.devs[g]->EvictFor(uint64_t{2} << 20);
+    } else if (x < 90) {
+      (void)m.devs[g]->EvictAll(m.as.get());
+    } else {
+      // fork write-protects every private page (and copies pinned ones);
+      // the child goes at once.
+      if (auto child = m.as->Fork()) (*child)->Exit();
+    }
+    ++n;
+    std::this_thread::sleep_for(std::chrono::microseconds(rng.Uniform(200)));
+  }
+  return n;
+}
+
 // One single-threaded run over a fixed op list (replay) or generated ops.
 Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bool>* stop_flag) {
   Outcome out;
@@ -1169,6 +1248,10 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
       }
     }
   });
+  std::atomic<bool> racer_stop{false};
+  uint64_t racer_ops = 0;
+  std::thread racer;
+  if (c.racer && fail.empty()) racer = std::thread([&] { racer_ops = RunRacer(c, m, racer_stop); });
   if (fail.empty()) {
     if (c.threads == 1) {
       fail = body(*ws[0], c.ops);
@@ -1191,6 +1274,9 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
         }
     }
   }
+  racer_stop.store(true);
+  if (racer.joinable()) racer.join();
+  out.res.racer_ops = racer_ops;
   done.store(true);
   watchdog.join();
   out.res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -1476,6 +1562,7 @@ Result<FuzzResult> RunFuzz(const FuzzConfig& c) {
     return Err(Errc::kInval, "vram must be a multiple of 2 MiB");
   if (c.ops == 0 && c.time_s <= 0) return Err(Errc::kInval, "give an op count or a time limit");
   if (c.time_s < 0) return Err(Errc::kInval, "time must not be negative");
+  if (c.racer && c.inject > 0) return Err(Errc::kInval, "the racer cannot be combined with injected failures");
   for (const std::string& site : c.inject_sites) {
     auto all = InjectionSites();
     if (std::find(all.begin(), all.end(), site) == all.end()) return Err(Errc::kInval, "unknown injection site");

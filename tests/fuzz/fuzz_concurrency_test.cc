@@ -20,5 +20,44 @@ TEST(FuzzConcurrency, TwoThreadsTwoGpus) {
   EXPECT_GT(r->ops_done, 0u);
 }
 
+// The racer migrates, evicts, reads and forks over every slot beside the
+// workers, and holds every 4th fault between get-pages and commit: the
+// commits that raced must retry (docs/fuzz.md: without the retry this
+// fails within a few hundred ops).
+TEST(FuzzConcurrency, RacerBesideOneWorker) {
+  FuzzConfig c;
+  c.seed = 31;
+  c.ops = 1000;
+  c.racer = true;
+  c.shrink = false;
+  auto r = RunFuzz(c);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->mismatches, 0u) << r->failure;
+  EXPECT_EQ(r->ops_done, 1000u);
+  EXPECT_GT(r->racer_ops, 0u);
+}
+
+TEST(FuzzConcurrency, RacerBesideTwoWorkers) {
+  FuzzConfig c;
+  c.seed = 32;
+  c.threads = 2;
+  c.ops = 1000;
+  c.racer = true;
+  c.shrink = false;
+  auto r = RunFuzz(c);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->mismatches, 0u) << r->failure;
+  EXPECT_GT(r->racer_ops, 0u);
+}
+
+TEST(FuzzConcurrency, RacerWithInjectedFailuresIsRefused) {
+  FuzzConfig c;
+  c.racer = true;
+  c.inject = 0.01;
+  auto r = RunFuzz(c);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error().code(), Errc::kInval);
+}
+
 }  // namespace
 }  // namespace usvm::fuzz

@@ -192,6 +192,7 @@ struct FuzzArgs {
   std::string repro = "";
   bool no_shrink = false;
   double shrink_time = 60;
+  bool racer = false;
 };
 
 // `usvm fuzz`: random programs against the reference model (docs/fuzz.md).
@@ -208,6 +209,7 @@ int Fuzz(const FuzzArgs& a) {
   c.check_every = a.check_every;
   c.shrink = !a.no_shrink;
   c.shrink_time_s = a.shrink_time;
+  c.racer = a.racer;
   if (c.slots < c.threads) c.slots = c.threads;
   auto r = usvm::fuzz::RunFuzz(c);
   if (!r) return Fail(fmt::format("fuzz: {}", r.error().ToString()));
@@ -215,6 +217,7 @@ int Fuzz(const FuzzArgs& a) {
   fmt::print("fuzz: seed {} gpus {} threads {} inject {}: {} ops in {:.2f} s ({:.0f} ops/s), {} skipped, {} pages checked, "
              "{} mismatches\n",
              c.seed, c.gpus, c.threads, c.inject, r->ops_done, r->seconds, rate, r->ops_skipped, r->checks, r->mismatches);
+  if (c.racer) fmt::print("racer: {} data-preserving invalidations beside the workers\n", r->racer_ops);
   if (r->atomic_no_vram) fmt::print("GPU atomics refused for want of device memory (EACCES, allowed): {}\n", r->atomic_no_vram);
   if (c.inject > 0) {
     fmt::print("injected failures reported by operations: {}\n", r->injected_failures);
@@ -295,6 +298,8 @@ int main(int argc, char** argv) {
   fuzz->add_option("--repro", fa.repro, "where to write the reproducer scenario (default fuzz-repro-seedS.yaml)");
   fuzz->add_option("--shrink-time", fa.shrink_time, "seconds the shrinker may take")->check(CLI::Range(0.0, 1e6));
   fuzz->add_flag("--no-shrink", fa.no_shrink, "report the failing op without shrinking");
+  fuzz->add_flag("--racer", fa.racer,
+                 "a thread beside the workers that migrates, evicts, reads and forks at random (docs/fuzz.md)");
 
   if (argc >= 2 && argv[1][0] != '-' && std::strcmp(argv[1], "run") != 0 && std::strcmp(argv[1], "validate") != 0 &&
       std::strcmp(argv[1], "fuzz") != 0)

@@ -88,6 +88,14 @@ struct FuzzConfig {
   bool shrink = true;          // shrink a failing op list (single-threaded)
   double shrink_time_s = 60;
   uint32_t hang_s = 20;         // an op running longer is a hang (printed, exit 1)
+  // A racer thread beside the workers: data-preserving operations that
+  // invalidate GPU mappings at random times over every slot (prefetch to
+  // system or a GPU, CPU reads that bring device pages home, evictions,
+  // fork with an exiting child), so invalidations land between a fault's
+  // get-pages and its commit. The workers' checks are unchanged (the
+  // racer moves bytes, never changes them); runs are not reproducible op
+  // for op. Not with --inject.
+  bool racer = false;
   bool verbose = false;
 };
 
@@ -98,6 +106,7 @@ struct FuzzResult {
   uint64_t checks = 0;           // pages compared (reads and full checks)
   uint64_t injected_failures = 0;  // operations that failed from an injected fault
   uint64_t atomic_no_vram = 0;  // GPU atomics refused with EACCES (no device memory)
+  uint64_t racer_ops = 0;       // operations the racer ran (--racer)
   std::map<std::string, uint64_t> injected_by_site;  // site -> failures it reported
   std::map<std::string, uint64_t> injected_errors;   // "op: ERRNO" -> count
   double seconds = 0;
