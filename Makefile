@@ -90,6 +90,7 @@ fuzz: deps
 	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $(FUZZ_OPS) --check-every 1000
 	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $$(( $(FUZZ_OPS) / 10 )) --threads 2
 	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $$(( $(FUZZ_OPS) / 10 )) --inject 0.01
+	./build/release/tools/usvm/usvm fuzz --seed $(FUZZ_SEED) --ops $$(( $(FUZZ_OPS) / 20 )) --threads 2 --racer
 
 clean:
 	rm -rf build
