@@ -181,6 +181,33 @@ class Worker {
     return true;
   }
   bool SvmBroken() const { return !m_.svm->error(); }
+  // What the model, the CPU page table and each GPU's page table hold at
+  // va (appended to data mismatches, to tell a stale mapping from a lost
+  // write without replaying a long run).
+  std::string Describe(const SpaceModel& model, mm::AddressSpace& as, uint64_t va) {
+    std::string d;
+    if (const ModelPage* mp = model.Find(va))
+      d += fmt::format("model: kind {} prot {} known {} lazy {} huge {} obj {} pgoff {}", static_cast<int>(mp->kind),
+                       mp->prot, mp->Known(), mp->lazy, mp->huge, mp->obj, mp->pgoff);
+    else
+      d += "model: unmapped";
+    const mm::PteInfo pi = as.QueryPte(va);
+    d += fmt::format("; cpu: kind {} pfn {:#x} r {} w {} dirty {} zero {} file {} huge {} lazy {} device {}",
+                     static_cast<int>(pi.kind), pi.pfn, pi.readable, pi.writable, pi.dirty, pi.zero_page, pi.file,
+                     pi.huge, pi.lazy_free, pi.device_memory);
+    if (auto v = as.FindVma(va); v && v->start <= va)
+      d += fmt::format(" vma [{:#x},{:#x}) prot {} flags {:#x}", v->start, v->end, v->prot, v->flags);
+    if (&as == m_.as.get())
+      for (uint32_t g = 0; g < c_.gpus; ++g) {
+        driver::Vm* vm = m_.svm->vm(g);
+        if (!vm) continue;
+        auto mp = vm->context().page_table().Walk(va);
+        if (mp && mp->pte.valid())
+          d += fmt::format("; gpu{}: kind {} phys {:#x} w {} leaf {:#x}", g, static_cast<int>(mp->pte.kind()),
+                           mp->pte.phys() + (va - mp->va), mp->pte.writable(), mp->size);
+      }
+    return d;
+  }
 
   // CPU.
   std::string CpuWrite(const Op& op, mm::AddressSpace& as, SpaceModel& model);
@@ -403,7 +430,8 @@ std::string Worker::CheckPage(mm::AddressSpace& as, SpaceModel& model, uint64_t 
     if (buf[i] != w) {
       uint64_t n = 0;
       for (uint64_t j = i; j < kPage; ++j) n += buf[j] != (want ? want[j] : 0);
-      return fail(fmt::format("byte +{:#x} got {:#04x} want {:#04x} ({} bytes of the page differ)", i, buf[i], w, n));
+      return fail(fmt::format("byte +{:#x} got {:#04x} want {:#04x} ({} bytes of the page differ) [{}]", i, buf[i],
+                              w, n, Describe(model, as, va)));
     }
   }
   return "";
@@ -782,7 +810,8 @@ std::string Worker::Gpu(const Op& op) {
         if (b) std::memcpy(&want, b + k * 8, 8);
         ++res_.checks;
         if (out[w0 + k] != want)
-          return Mismatch(op, fmt::format("GPU load at {:#x} got {:#x} want {:#x}", va + (w0 + k) * 8, out[w0 + k], want));
+          return Mismatch(op, fmt::format("GPU load at {:#x} got {:#x} want {:#x} [{}]", va + (w0 + k) * 8,
+                                          out[w0 + k], want, Describe(model_, *m_.as, va + i * kPage)));
       }
     } else if (mode == 1) {
       uint8_t* b = SpaceModel::MutableBytes(*p);
@@ -1161,7 +1190,6 @@ void CollectInjection(Env& env, FuzzResult& r) {
 // the workers' models hold. Results are ignored: the workers check.
 uint64_t RunRacer(const FuzzConfig& c, Machine& m, const std::atomic<bool>& stop) {
   Rng rng(Word(c.seed, 0x7ace));
-  std::vector<uint8_t> buf(16 * kPage);
   uint64_t n = 0;
   while (!stop.load(std::memory_order_relaxed)) {
     const uint32_t slot = static_cast<uint32_t>(rng.Uniform(c.slots));
@@ -1175,7 +1203,13 @@ uint64_t RunRacer(const FuzzConfig& c, Machine& m, const std::atomic<bool>& stop
       (void)m.svm->vm(g)->Prefetch(va, pages * kPage,
                                    to == 0 ? driver::Location::System() : driver::Location::Device(to - 1));
     } else if (x < 70) {
-      (void)m.as->Read(va, buf.data(), std::min<uint64_t>(pages, 16) * kPage);
+      // A CPU read fault of each page (get_user_pages: device pages come
+      // home) without reading the bytes, which a worker's GPU kernel may
+      // be writing (that would be the racer's own data race).
+      for (uint64_t i = 0; i < std::min<uint64_t>(pages, 16); ++i) {
+        mm::Pfn pfn;
+        if (m.as->GetUserPages(va + i * kPage, 1, false, &pfn)) m.as->PutUserPage(pfn);
+      }
     } else if (x < 85) {
       (void)m.devs[g]->EvictFor(uint64_t{2} << 20);
     } else if (x < 90) {
