@@ -2,9 +2,10 @@
 // map.
 #include "usvm/fuzz/model.h"
 
-#include <cerrno>
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
+#include <set>
 #include <vector>
 
 namespace usvm::fuzz {
@@ -45,6 +46,12 @@ int SpaceModel::Mmap(uint64_t va, uint64_t n, bool shared, uint32_t* next_obj) {
   const uint32_t obj = shared ? (*next_obj)++ : 0;
   std::shared_ptr<ShmObject> o;
   if (shared) {
+    // Objects no page maps any more are gone (shmem without a mapping is
+    // freed): drop them here, or a long run keeps every object it made.
+    std::set<uint32_t> live;
+    for (const auto& [a, pg] : pages_)
+      if (pg.kind != PageKind::kPrivate) live.insert(pg.obj);
+    std::erase_if(objs_, [&](const auto& kv) { return !live.count(kv.first); });
     o = std::make_shared<ShmObject>();
     objs_[obj] = o;
   }
