@@ -5,6 +5,7 @@
 // byte-exact wherever an operation reports success.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -418,6 +419,37 @@ TEST(DriverFaults, AForkBetweenGetPagesAndCommitMakesTheCommitRetry) {
   EXPECT_EQ(*m.as().AtomicLoad(va), 2u);
   EXPECT_EQ(*(*child)->AtomicLoad(va), 1u);  // the child keeps the pre-fork page
   (*child)->Exit();
+}
+
+// A fault that keeps losing to invalidations (every pass sees one between
+// get-pages and commit) gives up after its passes with EAGAIN; the fault
+// service loop replays it rather than cancelling the kernel, as xe retries
+// such a fault. Once the invalidations stop, the access completes.
+TEST(DriverFaults, AFaultThatKeepsRacingIsReplayedNotCancelled) {
+  MachineConfig c;
+  c.svm.placement = Placement::kSystem;
+  c.svm.commit_window_every = 1;
+  c.svm.commit_window_ns = 2'000'000;  // 2 ms per pass
+  Machine m(c);
+  Vm& vm = m.vm();
+  const uint64_t va = m.MmapAligned(k64K);
+  USVM_ASSERT_OK(m.as().AtomicStore(va, 1));
+  std::atomic<bool> stop{false};
+  // fork write-protects the page: an invalidation of the range each time.
+  std::thread invalidator([&] {
+    while (!stop.load()) {
+      auto child = m.as().Fork();
+      if (child) (*child)->Exit();
+    }
+  });
+  auto launch = vm.LaunchKernel([va](gpu::KernelContext& k) { k.Store(va, k.Load(va) + 1); }, {.threads = 1});
+  ASSERT_TRUE(launch.has_value());
+  Eventually([&] { return vm.stats().race_replays >= 1; });
+  stop.store(true);
+  invalidator.join();
+  USVM_ASSERT_OK(WaitLaunch(*launch));
+  EXPECT_EQ(*m.as().AtomicLoad(va), 2u);
+  EXPECT_EQ(vm.stats().faults_cancelled, 0u);
 }
 
 }  // namespace
