@@ -16,6 +16,7 @@ Result<std::unique_ptr<Device>> Device::TryCreate(uint32_t id, const DeviceConfi
   if (config.gpu.vram_bytes < k2M || config.gpu.vram_bytes % k2M)
     return Err(Errc::kInval, "driver: VRAM must be a non-zero multiple of 2 MiB");
   auto impl = std::make_unique<Impl>(id, config, env);
+  impl->eviction = USVM_TRY(MakeEvictionPolicy(config.eviction));
   impl->gpu = USVM_TRY(gpu::Gpu::TryCreate(id, config.gpu, sysmem, env));
   gpusvm::PagemapConfig pc;
   pc.npages = config.gpu.vram_bytes >> 12;
@@ -144,31 +145,50 @@ void Device::Impl::LruAdd(const std::shared_ptr<VramBo>& bo) {
   if (bo->freed || bo->in_lru) return;
   bo->lru_it = lru_.insert(lru_.end(), bo);
   bo->in_lru = true;
+  if (bo->populated == 0) bo->populated = bo->last_use = ++seq_;  // not again for a busy victim
 }
 
 void Device::Impl::LruTouch(gpusvm::Devmem* dm) {
   if (!dm || &dm->pagemap() != pagemap.get()) return;
   auto* bo = static_cast<VramBo*>(dm);
   MutexLock l(lock_);
-  if (bo->in_lru) lru_.splice(lru_.end(), lru_, bo->lru_it);
+  if (!bo->in_lru) return;
+  lru_.splice(lru_.end(), lru_, bo->lru_it);
+  bo->last_use = ++seq_;
+  ++bo->uses;
 }
 
 Device::Impl::Evict Device::Impl::EvictOne(const mm::Mm* mm) {
   std::shared_ptr<VramBo> victim;
   {
     MutexLock l(lock_);
+    // The candidates in list order (least recently used first); the
+    // policy picks one (lru: the first, as before policies).
+    thread_local std::vector<EvictCandidate> cand;
+    thread_local std::vector<std::list<std::shared_ptr<VramBo>>::iterator> its;
+    cand.clear();
+    its.clear();
     for (auto it = lru_.begin(); it != lru_.end(); ++it) {
       if (mm && (*it)->mm() != mm) continue;
+      const VramBo& b = **it;
+      cand.push_back({b.offset, b.size(), b.populated, b.last_use, b.uses});
+      its.push_back(it);
+      if (!eviction->looks_past_first()) break;  // lru: the first one it is
+    }
+    if (!cand.empty()) {
+      size_t pick = eviction->PickVictim(cand);
+      if (pick >= cand.size()) pick = 0;
+      auto it = its[pick];
       victim = *it;
       // Out of the LRU while it is evicted: another evictor picks the next.
       lru_.erase(it);
       victim->in_lru = false;
-      break;
     }
   }
   if (!victim) return Evict::kNone;
-  MigrationReasonScope why(MigrateReason::kEviction);
-  EventSpan ev(env, {.kind = EventKind::kEviction, .gpu = id, .va = victim->va, .len = victim->size()});
+  MigrationReasonScope why(MigrateReason::kEviction, eviction->name());
+  EventSpan ev(env, {.kind = EventKind::kEviction, .gpu = id, .va = victim->va, .len = victim->size(),
+                     .policy = eviction->name()});
   auto r = pagemap->EvictToRam(victim);
   if (!r) {
     // Busy (pages in use): back at the tail, the others are tried first.
@@ -236,7 +256,8 @@ Result<void> Device::Impl::CopyToDevmem(gpusvm::Devmem& devmem, const mm::Device
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
   EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kGpuFault),
-                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12,
+                     .policy = CurrentMigratePolicy()});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToDevice, {src, n}, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);
@@ -249,7 +270,8 @@ Result<void> Device::Impl::CopyToRam(gpusvm::Devmem& devmem, const mm::DevicePfn
   const mm::DevicePfn base = pagemap->pgmap().base();
   for (uint64_t i = 0; i < n; ++i) s[i] = gpu::PhysAddr::Vram(id, (src[i] - base) << 12);
   EventSpan ev(env, {.kind = EventKind::kMigrateToRam, .reason = MigrateReasonOr(MigrateReason::kCpuFault),
-                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12,
+                     .policy = CurrentMigratePolicy()});
   auto f = USVM_TRY(gpu->CopyHost(0, gpu::CopyEngine::HostDir::kToHost, {dst, n}, s));
   USVM_TRY(f.Wait());
   Bump(bytes_to_ram, n << 12);
@@ -271,7 +293,8 @@ Result<void> Device::Impl::CopyFromPeer(gpusvm::Devmem& devmem, const mm::Device
     d[i] = gpu::PhysAddr::Vram(id, (dst[i] - base) << 12);
   }
   EventSpan ev(env, {.kind = EventKind::kMigrateToVram, .reason = MigrateReasonOr(MigrateReason::kPeer),
-                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12});
+                     .gpu = id, .va = static_cast<VramBo&>(devmem).va, .len = n << 12,
+                     .policy = CurrentMigratePolicy()});
   auto f = USVM_TRY(gpu->Copy(0, s, d));
   USVM_TRY(f.Wait());
   Bump(bytes_to_vram, n << 12);

@@ -12,6 +12,8 @@ const char* EventKindName(EventKind k) {
     case EventKind::kTlbFlush: return "tlb_flush";
     case EventKind::kTlbWait: return "tlb_wait";
     case EventKind::kEviction: return "eviction";
+    case EventKind::kThrottle: return "throttle";
+    case EventKind::kPin: return "pin";
   }
   return "?";
 }
@@ -26,6 +28,7 @@ const char* MigrateReasonName(MigrateReason r) {
     case MigrateReason::kEviction: return "eviction";
     case MigrateReason::kPartialUnmap: return "partial_unmap";
     case MigrateReason::kPeer: return "peer";
+    case MigrateReason::kPolicyPrefetch: return "policy_prefetch";
   }
   return "?";
 }

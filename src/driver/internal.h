@@ -15,6 +15,7 @@
 #include "usvm/base/wait_queue.h"
 #include "usvm/driver/driver.h"
 #include "usvm/driver/events.h"
+#include "usvm/driver/policy.h"
 #include "usvm/gpusvm/gpusvm.h"
 #include "usvm/gpusvm/pagemap.h"
 #include "usvm/mm/mm.h"
@@ -51,6 +52,8 @@ struct VramBo final : gpusvm::Devmem {
   // Guarded by the owning Device::Impl::lock_.
   std::list<std::shared_ptr<VramBo>>::iterator lru_it;
   bool in_lru = false;
+  // For the eviction policy (EvictCandidate), in the manager's sequence.
+  uint64_t populated = 0, last_use = 0, uses = 0;
   bool freed = false;  // the VRAM block went back (Release)
 };
 
@@ -58,7 +61,8 @@ struct CounterSet {
   std::array<std::array<Counter, 7>, 3> by_size{};  // SizeCounters fields, in order
   Counter faults{0}, faults_cancelled{0}, commit_retries{0}, evict_retries{0}, migrate_failures{0},
       leaves_4k{0}, leaves_64k{0}, leaves_2m{0}, peer_maps{0}, prefetches{0}, binds{0}, unbinds{0},
-      rebinds{0}, bind_invalidations{0}, commit_flushes{0}, race_replays{0};
+      rebinds{0}, bind_invalidations{0}, commit_flushes{0}, race_replays{0}, policy_prefetches{0}, policy_prefetch_bytes{0},
+      throttles{0}, pins{0}, pinned_faults{0};
 };
 enum SizeField { kFaults, kValidFaults, kMigrations, kGetPages, kBinds, kBytesCopied, kTlbInvals };
 
@@ -111,6 +115,7 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   Env& env;
   std::unique_ptr<gpu::Gpu> gpu;
   std::unique_ptr<gpusvm::Pagemap> pagemap;
+  std::unique_ptr<EvictionPolicy> eviction;  // picks EvictOne's victim
 
   // The Vm on the default context: written under attach_lock_ for write,
   // read by the fault thread under it for read. (Vms of other address
@@ -125,6 +130,7 @@ class Device::Impl final : public gpusvm::PagemapOps, public gpusvm::DevmemOps {
   mutable Mutex lock_;
   std::list<std::shared_ptr<VramBo>> lru_ USVM_GUARDED_BY(lock_);  // front: least recent
   uint64_t live_ USVM_GUARDED_BY(lock_) = 0;
+  uint64_t seq_ USVM_GUARDED_BY(lock_) = 0;  // orders VramBo::populated / last_use
   Counter evictions{0}, evict_failures{0}, bytes_evicted{0}, bytes_to_vram{0}, bytes_to_ram{0};
 
   std::atomic<bool> stop_{false};
@@ -261,6 +267,11 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   Env& env;
   std::unique_ptr<gpusvm::GpuSvm> svm;       // the ranges
   std::unique_ptr<gpusvm::GpuSvm> bind_svm;  // pages-only: binds and userptrs
+  // The policies (policy.h), constant after TryCreate. The migration
+  // policy is stateless; the thrashing policy guards its state with its
+  // own leaf lock. Both are called under the driver lock.
+  std::unique_ptr<MigrationPolicy> migration;
+  std::unique_ptr<ThrashingPolicy> thrashing;
 
   // Attached VMs by GPU id: written under the driver lock and the notifier
   // lock (write); read by callbacks under the notifier lock and by the
@@ -319,8 +330,16 @@ class Vm::Impl {
   // The xe flow for one page: find or insert its range, move it where it
   // should be (`force`: a prefetch's location, else attributes and
   // policy), and with map_here get its pages and commit them on this GPU.
+  // [clamp_lo, clamp_hi): a limit on a new range's window (the migration
+  // policy's expansion). *was_valid (if given) is set when the range was
+  // found valid as needed (nothing done).
   Result<void> ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
-                             bool prefetch) USVM_REQUIRES(svm.svm->driver_lock());
+                             bool prefetch, uint64_t clamp_lo = 0, uint64_t clamp_hi = UINT64_MAX,
+                             bool* was_valid = nullptr)
+      USVM_REQUIRES(svm.svm->driver_lock());
+  // After a fault at va served from this GPU's VRAM: asks the migration
+  // policy what else of va's 2 MiB block to bring, and brings it.
+  void ExpandLocked(uint64_t va) USVM_REQUIRES(svm.svm->driver_lock());
   // Whether one VMA still holds the whole range (takes the mmap lock).
   bool FitsVma(const DrvRange* r) const;
   // The attached device at `loc` (kDevice), or null.

@@ -39,6 +39,8 @@ Result<std::unique_ptr<Svm>> Svm::TryCreate(std::shared_ptr<mm::Mm> mm, const Sv
     return Err(Errc::kInval, "driver: GPU VA window empty or beyond 48 bits");
   if (config.atomic_tries == 0) return Err(Errc::kInval, "driver: atomic_tries must be > 0");
   auto impl = std::make_unique<Impl>(mm, config);
+  impl->migration = USVM_TRY(MakeMigrationPolicy(config.migration, config.policy));
+  impl->thrashing = USVM_TRY(MakeThrashingPolicy(config.thrashing, config.policy));
   gpusvm::GpuSvmConfig c;
   c.name = config.name;
   c.mm = mm;

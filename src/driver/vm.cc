@@ -147,6 +147,11 @@ VmStats Vm::stats() const {
   s.rebinds = Load(c.rebinds);
   s.commit_flushes = Load(c.commit_flushes);
   s.bind_invalidations = Load(c.bind_invalidations);
+  s.policy_prefetches = Load(c.policy_prefetches);
+  s.policy_prefetch_bytes = Load(c.policy_prefetch_bytes);
+  s.throttles = Load(c.throttles);
+  s.pins = Load(c.pins);
+  s.pinned_faults = Load(c.pinned_faults);
   return s;
 }
 
@@ -233,9 +238,93 @@ Result<void> Vm::Impl::CommitRange(DrvRange* r, bool allow_atomic) {
 
 Result<void> Vm::Impl::HandleFaultLocked(uint64_t va, uint8_t access) {
   Bump(c.faults);
-  auto r = ServiceLocked(va, access, nullptr, true, /*prefetch=*/false);
-  if (!r && r.error() != Errc::kAgain) Bump(c.faults_cancelled);
+  bool was_valid = false;
+  auto r = ServiceLocked(va, access, nullptr, true, /*prefetch=*/false, 0, UINT64_MAX, &was_valid);
+  if (!r) {
+    if (r.error() != Errc::kAgain) Bump(c.faults_cancelled);
+  }
+  // A fault that found its page mapped already was not serviced: nothing
+  // to expand (UVM computes prefetches for serviced faults only).
+  else if (!was_valid && svm.migration->expands()) ExpandLocked(va);
   return r;
+}
+
+void Vm::Impl::ExpandLocked(uint64_t va) {
+  va &= ~(k4K - 1);
+  BlockState b;
+  b.start = va & ~(kBlockBytes - 1);
+  b.fault_va = va;
+  // Where a range may go: the VMA, the attribute span, the SVM window and
+  // this GPU's binds, inside the block.
+  uint64_t lo = b.start, hi = b.start + kBlockBytes;
+  {
+    ReadLock l(svm.mm->mmap_lock());
+    auto vma = svm.mm->VmaLookupLocked(va);
+    if (!vma || vma->start > va) return;
+    lo = std::max(lo, vma->start);
+    hi = std::min(hi, vma->end);
+  }
+  uint64_t alo, ahi;
+  const Attributes attrs = svm.AttrsAt(va, &alo, &ahi);
+  if (attrs.preferred.kind != Location::Kind::kDefault) return;  // the attribute places it
+  lo = std::max({lo, alo, svm.config.va_start});
+  hi = std::min({hi, ahi, svm.config.va_start + svm.config.va_size});
+  {
+    auto it = binds_.upper_bound(va);
+    if (it != binds_.end()) hi = std::min(hi, it->second->start);
+    if (it != binds_.begin()) lo = std::max(lo, std::prev(it)->second->end);
+  }
+  if (lo >= hi) return;
+  b.lo = lo;
+  b.hi = hi;
+  // Which pages of the block are in this GPU's VRAM and mapped here.
+  bool fault_resident = false;
+  {
+    ReadLock nl(svm.svm->notifier_lock());
+    svm.svm->ForEachNotifierSafe(b.start, b.start + kBlockBytes, [&](gpusvm::Notifier* n) {
+      gpusvm::GpuSvm::ForEachRangeSafe(n, b.start, b.start + kBlockBytes, [&](gpusvm::Range* gr) {
+        auto* r = static_cast<DrvRange*>(gr);
+        if (!(r->present.load() & (1u << dev.id)) || !r->rpages.has_devmem_pages() ||
+            r->rpages.dpagemap() != dev.pagemap.get() || !svm.svm->PagesValid(r->rpages))
+          return;
+        const uint64_t s = std::max(r->start(), b.start), e = std::min(r->end(), b.start + kBlockBytes);
+        for (uint64_t p = s; p < e; p += k4K) b.resident.set((p - b.start) / k4K);
+        if (r->start() <= va && va < r->end()) fault_resident = true;
+      });
+    });
+  }
+  // Only a fault served from this GPU's VRAM brings its neighbours there.
+  if (!fault_resident) return;
+  VaSpan want = svm.migration->Expand(b);
+  want.start = std::max(want.start, lo);
+  want.end = std::min(want.end, hi);
+  if (want.empty()) return;
+  MigrationReasonScope why(MigrateReason::kPolicyPrefetch, svm.migration->name());
+  const Location here = Location::Device(dev.id);
+  for (uint64_t p = want.start; p < want.end;) {
+    if (b.resident[(p - b.start) / k4K]) {
+      p += k4K;
+      continue;
+    }
+    const uint64_t copied = Load(c.by_size[0][kBytesCopied]) + Load(c.by_size[1][kBytesCopied]) +
+                            Load(c.by_size[2][kBytesCopied]);
+    auto r = ServiceLocked(p, gpu::kAccessRead, &here, /*map_here=*/true, /*prefetch=*/true, want.start, want.end);
+    if (!r) return;  // best effort: the fault itself was served
+    auto* n = svm.svm->NotifierFind(p, p + 1);
+    gpusvm::Range* gr = n ? gpusvm::GpuSvm::RangeFind(n, p, p + 1) : nullptr;
+    const uint64_t moved = Load(c.by_size[0][kBytesCopied]) + Load(c.by_size[1][kBytesCopied]) +
+                           Load(c.by_size[2][kBytesCopied]) - copied;
+    if (moved) {
+      Bump(c.policy_prefetches);
+      Bump(c.policy_prefetch_bytes, moved);
+      if (gr) {
+        const uint64_t s = std::max(gr->start(), b.start), e = std::min(gr->end(), b.start + kBlockBytes);
+        svm.thrashing->NoteMigrated(b.start, uint32_t((s - b.start) / k4K), uint32_t((e - s) / k4K),
+                                    svm.env.NowNs());
+      }
+    }
+    p = gr && gr->end() > p ? gr->end() : p + k4K;
+  }
 }
 
 bool Vm::Impl::FitsVma(const DrvRange* r) const {
@@ -256,7 +345,7 @@ bool Vm::Impl::CanReach(const Device::Impl* owner) const {
 }
 
 Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location* force, bool map_here,
-                                     bool prefetch) {
+                                     bool prefetch, uint64_t clamp_lo, uint64_t clamp_hi, bool* was_valid) {
   if (detached_.load()) return Err(Errc::kNoDev, "driver: the VM was detached");
   if (svm.has_error.load(std::memory_order_acquire)) {
     MutexLock l(svm.error_lock);
@@ -287,7 +376,7 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
     return Err(Errc::kAcces, "driver: GPU atomics refused by the range's atomic attribute (cpu)");
   // The range's window: inside the SVM window, one attribute span, and
   // between this GPU's binds.
-  uint64_t lo = std::max(win_lo, alo), hi = std::min(win_hi, ahi);
+  uint64_t lo = std::max({win_lo, alo, clamp_lo}), hi = std::min({win_hi, ahi, clamp_hi});
   {
     auto it = binds_.upper_bound(va);
     if (it != binds_.end()) hi = std::min(hi, it->second->start);
@@ -319,6 +408,7 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
   uint32_t atomic_try = 0;
   bool evicted_for_busy = false;
   bool counted = false;
+  bool thrash_checked = false;
   // Read-only device pages met under a write (COW-shared after fork, or
   // migrated from read-only system pages): once, the range is served from
   // system memory so the write range fault breaks the COW, then migrated.
@@ -353,6 +443,7 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
           ok = ok && pm == (target ? target->pagemap.get() : nullptr);
         if (ok) {
           if (!counted && !prefetch) Bump(c.by_size[si][kValidFaults]);
+          if (was_valid) *was_valid = true;
           return {};
         }
       }
@@ -377,6 +468,34 @@ Result<void> Vm::Impl::ServiceLocked(uint64_t va, uint8_t access, const Location
         keep_remote = true;
       } else if (svm.config.peer_policy == PeerPolicy::kSystem) {
         (void)svm.svm->RangeEvict(r);
+        target = nullptr;
+      }
+    }
+    if (target && !keep_remote && scan != gpusvm::ScanResult::kEqual && !atomic && !force && !thrash_checked) {
+      // The thrashing policy sees every fault that would migrate (once).
+      thrash_checked = true;
+      const uint64_t blk = r->start() & ~(kBlockBytes - 1);
+      const uint64_t e = std::min(r->end(), blk + kBlockBytes);
+      const ThrashDecision d = svm.thrashing->OnMigrate(blk, uint32_t((r->start() - blk) / k4K),
+                                                        uint32_t((e - r->start()) / k4K), dev.id, svm.env.NowNs());
+      if (d.action == ThrashAction::kThrottle) {
+        // The faulting GPU waits (UVM's nap) so the other side gets on.
+        Bump(c.throttles);
+        EventSpan ev(svm.env, {.kind = EventKind::kThrottle, .gpu = dev.id, .va = r->start(), .len = r->size(),
+                               .policy = svm.thrashing->name()});
+        svm.env.SleepNs(d.nap_ns);
+      } else if (d.action == ThrashAction::kPin) {
+        // Pinned: stays in system memory, mapped from here.
+        Bump(c.pinned_faults);
+        if (d.pin_started) {
+          Bump(c.pins);
+          if (EventsEnabled()) {
+            const uint64_t now = svm.env.NowNs();
+            EmitEvent({.kind = EventKind::kPin, .gpu = dev.id, .va = blk, .len = kBlockBytes, .begin_ns = now,
+                       .end_ns = now, .policy = svm.thrashing->name()});
+          }
+        }
+        // Device pages found there are evicted home by the commit check.
         target = nullptr;
       }
     }

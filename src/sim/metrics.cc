@@ -33,6 +33,14 @@ nlohmann::json ToJson(const Metrics& m, const Mismatch* mm) {
   j["seed"] = m.seed;
   j["gpus"] = m.gpus;
   j["wall_s"] = m.wall_s;
+  j["policies"] = {{"migration", m.migration_policy},
+                   {"eviction", m.eviction_policy},
+                   {"thrashing", m.thrashing_policy},
+                   {"policy_prefetches", m.policy_prefetches},
+                   {"policy_prefetch_bytes", m.policy_prefetch_bytes},
+                   {"throttles", m.throttles},
+                   {"pins", m.pins},
+                   {"pinned_faults", m.pinned_faults}};
   j["gpu_faults"] = {{"count", m.gpu_faults},
                      {"cancelled", m.gpu_faults_cancelled},
                      {"latency_p50_ns", m.fault_latency_p50_ns},
@@ -102,6 +110,8 @@ std::string Us(uint64_t ns) {
 std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
   const Metrics& m = r.metrics;
   std::vector<std::pair<std::string, std::string>> rows;
+  rows.push_back({"policies (migration / eviction / thrashing)",
+                  fmt::format("{} / {} / {}", m.migration_policy, m.eviction_policy, m.thrashing_policy)});
   rows.push_back({"GPU faults (cancelled)", fmt::format("{} ({})", m.gpu_faults, m.gpu_faults_cancelled)});
   rows.push_back({"fault service p50 / p99", fmt::format("{} / {}", Us(m.fault_latency_p50_ns), Us(m.fault_latency_p99_ns))});
   rows.push_back({"migrations to VRAM", fmt::format("{} ({})", m.migrations_to_vram, FormatBytes(m.bytes_to_vram))});
@@ -114,6 +124,8 @@ std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
         why += fmt::format("{}{} {}", why.empty() ? "" : ", ", k.substr(k.find(':') + 1), v);
     rows.push_back({fmt::format("  why {}", dir == std::string("to_vram") ? "to VRAM" : "to RAM"), why.empty() ? "-" : why});
   }
+  rows.push_back({"policy prefetches", fmt::format("{} ({})", m.policy_prefetches, FormatBytes(m.policy_prefetch_bytes))});
+  rows.push_back({"throttles / pins (pinned faults)", fmt::format("{} / {} ({})", m.throttles, m.pins, m.pinned_faults)});
   rows.push_back({"invalidations (TLB flushes)", fmt::format("{} ({})", m.invalidations, m.tlb_flushes)});
   rows.push_back({"invalidation time (p50, p99)", fmt::format("{} ({}, {})", Us(m.invalidation_ns),
                                                             Us(m.invalidation_p50_ns), Us(m.invalidation_p99_ns))});

@@ -192,7 +192,7 @@ std::string ReportHtml(const ReportData& d) {
     (e->kind == driver::EventKind::kMigrateToVram ? h.to_vram : h.to_ram)++;
     h.bytes += e->len;
     ++h.why[std::string(e->kind == driver::EventKind::kMigrateToVram ? "to VRAM: " : "to RAM: ") +
-            driver::MigrateReasonName(e->reason)];
+            driver::MigrateReasonName(e->reason) + (e->policy ? std::string(" (") + e->policy + ")" : "")];
     ++h.gpus[e->gpu];
   }
   std::vector<std::pair<uint64_t, const Hot*>> order;
@@ -212,6 +212,34 @@ std::string ReportHtml(const ReportData& d) {
                      va, Esc(where), h->to_vram, h->to_ram, Esc(FormatBytes(h->bytes)), gpus, why);
   }
   o += "</table>\n";
+  // Thrashing policy decisions, per block.
+  struct Decisions {
+    uint64_t throttles = 0, pins = 0, nap_ns = 0;
+    double first_ms = -1;
+    std::string policy;
+  };
+  std::map<uint64_t, Decisions> dec;
+  for (const driver::Event& e : d.events) {
+    if (e.kind != driver::EventKind::kThrottle && e.kind != driver::EventKind::kPin) continue;
+    Decisions& x = dec[e.va & ~((uint64_t{1} << 21) - 1)];
+    if (e.kind == driver::EventKind::kThrottle) ++x.throttles, x.nap_ns += e.end_ns - e.begin_ns;
+    else ++x.pins;
+    const double t = e.begin_ns > d.t0_ns ? double(e.begin_ns - d.t0_ns) / 1e6 : 0;
+    if (x.first_ms < 0) x.first_ms = t;
+    if (e.policy) x.policy = e.policy;
+  }
+  if (!dec.empty()) {
+    o += "<h2>Thrashing decisions</h2>\n<table id=\"thrashing\"><tr><th>block</th><th>buffer + offset</th><th>policy</th>"
+         "<th>throttles</th><th>nap time</th><th>pins</th><th>first at</th></tr>\n";
+    for (const auto& [va, x] : dec) {
+      std::string where = "?";
+      for (const BufferExtent& b : d.buffers)
+        if (va >= b.va && va < b.va + b.size) where = fmt::format("{} + {:#x}", b.name, va - b.va);
+      o += fmt::format("<tr><td><code>{:#x}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2f} ms</td></tr>\n",
+                       va, Esc(where), Esc(x.policy), x.throttles, fmt::format("{:.1f} us", double(x.nap_ns) / 1e3), x.pins, x.first_ms);
+    }
+    o += "</table>\n";
+  }
   if (!m.runtime_faults.empty()) {
     o += "<h2>Runtime faults</h2>\n<table><tr><th>step</th><th>error</th><th>expected</th></tr>\n";
     for (const RuntimeFault& f : m.runtime_faults)

@@ -41,6 +41,9 @@ uint64_t Word(uint64_t seed, uint64_t off) {
   return z | 1;
 }
 
+// "(density)": the policy behind an event, if any.
+std::string PolicySuffix(const driver::Event& e) { return e.policy ? fmt::format("({})", e.policy) : ""; }
+
 // Collects the driver's events (installed as the process's observer while
 // a run lasts).
 class Collector final : public driver::EventObserver {
@@ -232,6 +235,7 @@ std::string Run::Setup() {
     if (s_.machine.fault_latency_ns >= 0) dc.gpu.latency.fault_service_ns = uint64_t(s_.machine.fault_latency_ns);
     if (s_.machine.link_bandwidth >= 0) dc.gpu.latency.link_bandwidth_bytes_per_s = uint64_t(s_.machine.link_bandwidth);
     dc.fault_batch = s_.machine.fault_batch;
+    dc.eviction = s_.framework.eviction;
     dc.owner = s_.machine.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
     auto d = driver::Device::TryCreate(i, dc, sysmem_.get(), *env_);
     if (!d) return fmt::format("cannot create GPU {}: {}", i, d.error().ToString());
@@ -256,6 +260,9 @@ std::string Run::Setup() {
                                                           : driver::PeerPolicy::kMapRemote;
   sc.atomic_timeslice_ms = s_.framework.atomic_timeslice_ms;
   sc.atomic_tries = s_.framework.atomic_tries;
+  sc.migration = s_.framework.migration;
+  sc.thrashing = s_.framework.thrashing;
+  sc.policy = s_.framework.policy;
   sc.env = env_.get();
   auto svm = driver::Svm::TryCreate(as_, sc);
   if (!svm) return "cannot create the SVM: " + svm.error().ToString();
@@ -1236,6 +1243,9 @@ Expected<RunResult, std::string> Run::Go() {
   Metrics& m = res_.metrics;
   m.scenario = s_.name;
   m.seed = s_.seed;
+  m.migration_policy = s_.framework.migration;
+  m.eviction_policy = s_.framework.eviction;
+  m.thrashing_policy = s_.framework.thrashing;
   m.gpus = s_.machine.gpus;
   m.verify = s_.verify;
   m.per_gpu.resize(s_.machine.gpus);
@@ -1306,6 +1316,11 @@ Expected<RunResult, std::string> Run::Go() {
     pg.vram_bytes = vr.bytes_total;
     m.gpu_faults += vs.faults;
     m.gpu_faults_cancelled += vs.faults_cancelled;
+    m.policy_prefetches += vs.policy_prefetches;
+    m.policy_prefetch_bytes += vs.policy_prefetch_bytes;
+    m.throttles += vs.throttles;
+    m.pins += vs.pins;
+    m.pinned_faults += vs.pinned_faults;
     m.evictions += vr.evictions;
     m.bytes_evicted += vr.bytes_evicted;
   }
@@ -1340,12 +1355,12 @@ Expected<RunResult, std::string> Run::Go() {
       case driver::EventKind::kMigrateToVram:
         ++m.migrations_to_vram;
         m.bytes_to_vram += e.len;
-        ++reasons[fmt::format("to_vram:{}", driver::MigrateReasonName(e.reason))];
+        ++reasons[fmt::format("to_vram:{}{}", driver::MigrateReasonName(e.reason), PolicySuffix(e))];
         break;
       case driver::EventKind::kMigrateToRam:
         ++m.migrations_to_ram;
         m.bytes_to_ram += e.len;
-        ++reasons[fmt::format("to_ram:{}", driver::MigrateReasonName(e.reason))];
+        ++reasons[fmt::format("to_ram:{}{}", driver::MigrateReasonName(e.reason), PolicySuffix(e))];
         break;
       case driver::EventKind::kInvalidate:
         m.invalidation_ns += e.end_ns - e.begin_ns;

@@ -12,6 +12,8 @@
 #include <set>
 #include <sstream>
 
+#include "usvm/driver/policy.h"
+
 namespace usvm::sim {
 
 std::string ParseError::ToString() const {
@@ -173,6 +175,17 @@ struct Parser {
     }
     return Fail(n, field, "'" + *s + "' is not one of: " + list);
   }
+  ParseResult<std::string> OneOf(const YAML::Node& n, const std::string& field,
+                                 const std::vector<std::string>& values) const {
+    auto s = Str(n, field);
+    if (!s) return MakeUnexpected(s.error());
+    std::string list;
+    for (const std::string& v : values) {
+      if (*s == v) return *s;
+      list += (list.empty() ? "" : ", ") + v;
+    }
+    return Fail(n, field, "'" + *s + "' is not one of: " + list);
+  }
 
 #define USVM_PTRY(var, expr)                                   \
   auto var##_r = (expr);                                       \
@@ -216,7 +229,9 @@ struct Parser {
 
   ParseResult<void> Framework(const YAML::Node& n, FrameworkSpec& f) const {
     if (auto k = Keys(n, "framework", {"notifier_size", "chunk_sizes", "check_pages_threshold", "invalidation",
-                                       "placement", "peer_policy", "atomic_timeslice_ms", "atomic_tries"});
+                                       "placement", "peer_policy", "atomic_timeslice_ms", "atomic_tries",
+                                       "migration", "eviction", "thrashing", "density_threshold", "tree_threshold",
+                                       "thrashing_threshold", "pin_threshold"});
         !k)
       return k;
     if (n["notifier_size"]) {
@@ -243,6 +258,14 @@ struct Parser {
     if (n["peer_policy"]) { USVM_PTRY(v, OneOf(n["peer_policy"], "framework.peer_policy", {"map_remote", "migrate", "system"})); f.peer_policy = v; }
     if (n["atomic_timeslice_ms"]) { USVM_PTRY(v, U64(n["atomic_timeslice_ms"], "framework.atomic_timeslice_ms", 0, 10000)); f.atomic_timeslice_ms = v; }
     if (n["atomic_tries"]) { USVM_PTRY(v, U64(n["atomic_tries"], "framework.atomic_tries", 1, 16)); f.atomic_tries = uint32_t(v); }
+    // Policies (driver/policy.h), by name.
+    if (n["migration"]) { USVM_PTRY(v, OneOf(n["migration"], "framework.migration", driver::MigrationPolicyNames())); f.migration = v; }
+    if (n["eviction"]) { USVM_PTRY(v, OneOf(n["eviction"], "framework.eviction", driver::EvictionPolicyNames())); f.eviction = v; }
+    if (n["thrashing"]) { USVM_PTRY(v, OneOf(n["thrashing"], "framework.thrashing", driver::ThrashingPolicyNames())); f.thrashing = v; }
+    if (n["density_threshold"]) { USVM_PTRY(v, U64(n["density_threshold"], "framework.density_threshold", 1, 100)); f.policy.density_threshold = uint32_t(v); }
+    if (n["tree_threshold"]) { USVM_PTRY(v, U64(n["tree_threshold"], "framework.tree_threshold", 1, 100)); f.policy.tree_threshold = uint32_t(v); }
+    if (n["thrashing_threshold"]) { USVM_PTRY(v, U64(n["thrashing_threshold"], "framework.thrashing_threshold", 1, 1000)); f.policy.thrashing_threshold = uint32_t(v); }
+    if (n["pin_threshold"]) { USVM_PTRY(v, U64(n["pin_threshold"], "framework.pin_threshold", 0, 1000)); f.policy.pin_threshold = uint32_t(v); }
     return {};
   }
 
@@ -668,7 +691,10 @@ const char* const kKeys[] = {"seed", "verify", "machine.gpus", "machine.vram", "
                              "machine.peer_access", "machine.tlb_flush_ns", "machine.fault_latency_ns",
                              "machine.link_bandwidth", "framework.notifier_size", "framework.chunk_sizes",
                              "framework.check_pages_threshold", "framework.invalidation", "framework.placement",
-                             "framework.peer_policy", "framework.atomic_timeslice_ms", "framework.atomic_tries"};
+                             "framework.peer_policy", "framework.atomic_timeslice_ms", "framework.atomic_tries",
+                             "framework.migration", "framework.eviction", "framework.thrashing",
+                             "framework.density_threshold", "framework.tree_threshold",
+                             "framework.thrashing_threshold", "framework.pin_threshold"};
 }
 
 std::vector<std::string> OverrideKeys() {

@@ -44,7 +44,7 @@ bool WriteTrace(const std::string& path, uint64_t t0_ns, uint32_t gpus, const st
         cat = "migration";
         args["reason"] = driver::MigrateReasonName(e.reason);
         args["bytes"] = e.len;
-        name += std::string(" (") + driver::MigrateReasonName(e.reason) + ")";
+        name += std::string(" (") + driver::MigrateReasonName(e.reason) + (e.policy ? std::string(": ") + e.policy : "") + ")";
         break;
       case driver::EventKind::kInvalidate:
         cat = "invalidation";
@@ -54,9 +54,17 @@ bool WriteTrace(const std::string& path, uint64_t t0_ns, uint32_t gpus, const st
       case driver::EventKind::kTlbFlush:
       case driver::EventKind::kTlbWait: cat = "tlb"; break;
       case driver::EventKind::kEviction: cat = "eviction"; break;
+      case driver::EventKind::kThrottle:
+      case driver::EventKind::kPin: cat = "thrashing"; break;
+    }
+    if (e.policy) {
+      args["policy"] = e.policy;
+      if (e.kind == driver::EventKind::kEviction || e.kind == driver::EventKind::kThrottle ||
+          e.kind == driver::EventKind::kPin)
+        name += std::string(" (") + e.policy + ")";
     }
     json j = {{"name", name}, {"cat", cat}, {"pid", pid}, {"tid", e.thread}, {"ts", ts(e.begin_ns)}, {"args", args}};
-    if (e.kind == driver::EventKind::kTlbFlush) {
+    if (e.kind == driver::EventKind::kTlbFlush || e.kind == driver::EventKind::kPin) {
       j["ph"] = "i";
       j["s"] = "t";
     } else {

@@ -257,6 +257,7 @@ struct MachineConfig {
   bool fault_thread = true;   // DeviceConfig::fault_thread
   uint32_t fault_batch = 256;            // DeviceConfig::fault_batch
   uint32_t fault_buffer_entries = 0;     // GpuConfig::fault_buffer_entries
+  std::string eviction = "lru";          // DeviceConfig::eviction
   // One address space with an Svm attached to every device (false: none;
   // the test adds its own with AddProcess).
   bool default_process = true;
@@ -283,6 +284,7 @@ class Machine {
       dc.fault_thread = c.fault_thread;
       dc.fault_batch = c.fault_batch;
       dc.gpu.fault_buffer_entries = c.fault_buffer_entries;
+      dc.eviction = c.eviction;
       dc.owner = c.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
       auto d = Device::TryCreate(i, dc, sysmem_.get(), *env_);
       EXPECT_TRUE(d.has_value()) << "Device::TryCreate: " << d.error().ToString();

@@ -60,6 +60,7 @@
 
 #include "usvm/base/env.h"
 #include "usvm/base/result.h"
+#include "usvm/driver/policy_params.h"
 #include "usvm/gpu/gpu.h"
 
 namespace usvm::mm {
@@ -172,6 +173,13 @@ struct SvmConfig {
   // --racer). Off, it costs nothing on the fault path.
   uint32_t commit_window_every = 0;
   uint64_t commit_window_ns = 0;
+  // Policies by name (policy.h; EINVAL when unknown): the migration
+  // policy (fault-only | density | tree) and the thrashing policy (none |
+  // uvm), with their tunables. The defaults are the driver's behaviour
+  // without policies.
+  std::string migration = "fault-only";
+  std::string thrashing = "none";
+  PolicyParams policy;
   Env* env = nullptr;  // null: Env::Default()
 };
 
@@ -183,6 +191,9 @@ struct DeviceConfig {
   const void* owner = nullptr;
   uint32_t fault_batch = 256;     // faults fetched at once (UVM: 256)
   bool fault_thread = true;       // serve faults on a thread of the device
+  // Which allocation leaves when VRAM is full (policy.h: lru | lfu |
+  // pseudo-lru; EINVAL when unknown).
+  std::string eviction = "lru";
 };
 
 // Counters per range size (index: 0 = 4 KiB, 1 = 64 KiB, 2 = 2 MiB).
@@ -210,6 +221,11 @@ struct VmStats {
   uint64_t binds = 0, unbinds = 0, rebinds = 0;  // explicit binds and userptrs
   uint64_t bind_invalidations = 0;
   uint64_t commit_flushes = 0;    // TLB flushes of a commit replacing this GPU's mapping
+  // Policies (policy.h): ranges the migration policy brought along with a
+  // fault (and their bytes); faults the thrashing policy throttled; pins
+  // it started; faults served remotely because their block was pinned.
+  uint64_t policy_prefetches = 0, policy_prefetch_bytes = 0;
+  uint64_t throttles = 0, pins = 0, pinned_faults = 0;
 };
 
 struct SvmStats {

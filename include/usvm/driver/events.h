@@ -34,7 +34,12 @@ enum class EventKind : uint8_t {
   kInvalidate,    // an invalidation callback over [va, va + len)
   kTlbFlush,      // one GPU's TLB invalidation started
   kTlbWait,       // the two-pass finish: waiting for every GPU's flush
-  kEviction,      // an LRU eviction of one VRAM allocation (bytes)
+  kEviction,      // an eviction of one VRAM allocation (bytes); `policy`
+                  // names the eviction policy that chose it
+  kThrottle,      // the thrashing policy throttled a fault of [va, va + len)
+                  // (the span is the nap)
+  kPin,           // the thrashing policy pinned the block [va, va + len)
+                  // in system memory, mapped remotely (an instant)
 };
 
 // Why a migration ran: set on the migrating thread by the code that
@@ -49,6 +54,8 @@ enum class MigrateReason : uint8_t {
   kEviction,   // VRAM full: least recently used allocation went home
   kPartialUnmap,  // the collector evicted a partially unmapped range
   kPeer,       // another GPU's device pages were migrated to this GPU
+  kPolicyPrefetch,  // the migration policy brought it along with a fault
+                    // (`policy` names it: density, tree)
 };
 
 struct Event {
@@ -65,6 +72,9 @@ struct Event {
   uint64_t begin_ns = 0;  // on the Env clock of the reporting object
   uint64_t end_ns = 0;
   uint32_t thread = 0;    // a small per-thread number (EventThreadId)
+  // The policy behind the event (a static string: "density", "lru",
+  // "uvm"...), or null: copies and evictions, throttles and pins.
+  const char* policy = nullptr;
 };
 
 class EventObserver {
@@ -76,6 +86,7 @@ class EventObserver {
 namespace detail {
 inline std::atomic<EventObserver*> g_event_observer{nullptr};
 inline thread_local MigrateReason tls_migrate_reason = MigrateReason::kNone;
+inline thread_local const char* tls_migrate_policy = nullptr;
 inline std::atomic<uint32_t> g_next_thread_id{1};
 }  // namespace detail
 
@@ -98,20 +109,28 @@ inline void EmitEvent(Event e) {
   o->OnEvent(e);
 }
 
-// The reason of migrations started on this thread while in scope (nests).
+// The reason (and the policy that decided, a static string or null) of
+// migrations started on this thread while in scope (nests).
 class MigrationReasonScope {
  public:
-  explicit MigrationReasonScope(MigrateReason r) : prev_(detail::tls_migrate_reason) {
+  explicit MigrationReasonScope(MigrateReason r, const char* policy = nullptr)
+      : prev_(detail::tls_migrate_reason), prev_policy_(detail::tls_migrate_policy) {
     detail::tls_migrate_reason = r;
+    detail::tls_migrate_policy = policy;
   }
-  ~MigrationReasonScope() { detail::tls_migrate_reason = prev_; }
+  ~MigrationReasonScope() {
+    detail::tls_migrate_reason = prev_;
+    detail::tls_migrate_policy = prev_policy_;
+  }
   MigrationReasonScope(const MigrationReasonScope&) = delete;
   MigrationReasonScope& operator=(const MigrationReasonScope&) = delete;
 
  private:
   MigrateReason prev_;
+  const char* prev_policy_;
 };
 inline MigrateReason CurrentMigrateReason() { return detail::tls_migrate_reason; }
+inline const char* CurrentMigratePolicy() { return detail::tls_migrate_policy; }
 // The reason in scope, or `fallback` when none is.
 inline MigrateReason MigrateReasonOr(MigrateReason fallback) {
   return detail::tls_migrate_reason == MigrateReason::kNone ? fallback : detail::tls_migrate_reason;

@@ -79,6 +79,12 @@ struct Metrics {
   uint64_t invalidation_ns = 0;       // time spent in callbacks, finish passes included
   uint64_t invalidation_p50_ns = 0;   // per callback (finish pass included)
   uint64_t invalidation_p99_ns = 0;
+  // Policies (driver/policy.h): their names, ranges the migration policy
+  // brought along with faults (bytes), and the thrashing policy's
+  // throttles, pins and faults served remotely because pinned.
+  std::string migration_policy, eviction_policy, thrashing_policy;
+  uint64_t policy_prefetches = 0, policy_prefetch_bytes = 0;
+  uint64_t throttles = 0, pins = 0, pinned_faults = 0;
   // Eviction and collection.
   uint64_t evictions = 0, bytes_evicted = 0;
   uint64_t ranges_collected = 0, gc_runs = 0;

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "usvm/driver/policy_params.h"
 #include "usvm/sim/expected.h"
 
 namespace usvm::sim {
@@ -62,6 +63,11 @@ struct FrameworkSpec {
   std::string peer_policy = "map_remote";     // map_remote | migrate | system
   uint64_t atomic_timeslice_ms = 5;
   uint32_t atomic_tries = 3;
+  // Policies by name (driver/policy.h) and their tunables.
+  std::string migration = "fault-only";       // fault-only | density | tree
+  std::string eviction = "lru";               // lru | lfu | pseudo-lru
+  std::string thrashing = "none";             // none | uvm
+  driver::PolicyParams policy;
 };
 
 struct BufferSpec {
