@@ -63,8 +63,10 @@ std::byte* KernelContext::TranslateSlow(uint64_t va, uint8_t access, uint64_t al
 }
 
 ExecutionEngine::ExecutionEngine(uint32_t threads, PageTable& pt, Tlb& tlb, FaultUnit& faults,
-                                 HostResolver resolve, const LatencyModel& latency, Env& env)
-    : pt_(pt), tlb_(tlb), faults_(faults), resolve_(std::move(resolve)), latency_(latency), env_(env) {
+                                 HostResolver resolve, const LatencyModel& latency, Env& env,
+                                 AccessCounters* counters)
+    : pt_(pt), tlb_(tlb), faults_(faults), resolve_(std::move(resolve)), latency_(latency), env_(env),
+      counters_(counters && counters->enabled() ? counters : nullptr) {
   for (uint32_t i = 0; i < threads; ++i) {
     utlbs_.push_back(std::make_unique<detail::MicroTlb>());
     if (latency_.inflight_store_every) utlbs_.back()->inflight_countdown = latency_.inflight_store_every;
@@ -125,7 +127,8 @@ void ExecutionEngine::Run(uint32_t index) {
       }
     }
     if (!launch->cancelled.load(std::memory_order_acquire)) {
-      KernelContext ctx(*this, *launch, utlb, tlb_.generation(), index, tid, launch->threads, launch->id);
+      KernelContext ctx(*this, *launch, utlb, tlb_.generation(), counters_, index, tid, launch->threads,
+                        launch->id);
       const uint64_t g = tlb_.Enter(index);
       if (g != utlb.gen) {
         utlb.Flush();
@@ -184,7 +187,10 @@ std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8
       tlb_.Publish(slot, g);
     }
     detail::MicroTlb::Entry& e = utlb.e_[vpn & (detail::MicroTlb::kEntries - 1)];
-    if (e.vpn == vpn && (e.perms & access) == access) return e.host + off;
+    if (e.vpn == vpn && (e.perms & access) == access) {
+      if (e.counter) counters_->Count(e.counter);
+      return e.host + off;
+    }
 
     std::optional<Mapping> m = tlb_.Lookup(va);
     if (!m || (m->pte.perms() & access) != access) {
@@ -208,6 +214,13 @@ std::byte* ExecutionEngine::TranslateSlow(KernelContext& ctx, uint64_t va, uint8
       e.vpn = vpn;
       e.host = host;
       e.perms = m->pte.perms();
+      e.counter = nullptr;
+      if (counters_ && m->pte.kind() != PteKind::kLocalVram) {
+        // A remote mapping: this access and the entry's later hits count.
+        e.counter = counters_->SlotFor(va, m->pte.kind() == PteKind::kSystem ? MemKind::kSystem : MemKind::kVram,
+                                       m->pte.peer());
+        if (e.counter) counters_->Count(e.counter);
+      }
       return host + off;
     }
 

@@ -146,12 +146,17 @@ Result<std::vector<Fault>> FaultUnit::Fetch(size_t max, uint64_t timeout_ns) {
       if (shutdown_) return Err(Errc::kCanceled, "fault unit shut down");
     }
     std::vector<Fault> out = TryFetch(max);
-    if (!out.empty()) return out;
+    if (!out.empty()) {
+      // The faults' service also serves what the doorbell announced.
+      rung_.store(false, std::memory_order_relaxed);
+      return out;
+    }
+    if (rung_.exchange(false, std::memory_order_acq_rel)) return out;
     // A fault usually arrives soon after the last answer: spin a little
     // before sleeping.
     if (SpinFor([&] {
           return queued_.load(std::memory_order_acquire) != 0 ||
-                 stopped_.load(std::memory_order_relaxed);
+                 stopped_.load(std::memory_order_relaxed) || rung_.load(std::memory_order_relaxed);
         }))
       continue;
     const auto now = std::chrono::steady_clock::now();
@@ -161,7 +166,7 @@ Result<std::vector<Fault>> FaultUnit::Fetch(size_t max, uint64_t timeout_ns) {
     (void)arrivals_.WaitFor(
         [&] {
           MutexLock l(lock_);
-          return shutdown_ || !queue_.empty();
+          return shutdown_ || !queue_.empty() || rung_.load(std::memory_order_relaxed);
         },
         deadline - now);
   }
@@ -216,6 +221,11 @@ Result<void> FaultUnit::Cancel(uint64_t id, Error error) {
   }
   if (wake_dropped) answers_.WakeAll();
   return {};
+}
+
+void FaultUnit::Ring() {
+  rung_.store(true, std::memory_order_release);
+  arrivals_.WakeAll();
 }
 
 void FaultUnit::Shutdown() {

@@ -7,6 +7,7 @@ Result<std::unique_ptr<Gpu>> Gpu::TryCreate(uint32_t id, const GpuConfig& config
   if (id >= kMaxGpus) return Err(Errc::kInval, "GPU id out of range");
   if (config.exec_threads == 0 || config.exec_threads > 64) return Err(Errc::kInval, "exec_threads out of [1, 64]");
   if (config.copy_engines == 0 || config.copy_engines > 8) return Err(Errc::kInval, "copy_engines out of [1, 8]");
+  USVM_TRY(AccessCounters::TryCreate(config.access_counters));  // checks its config before any allocation
   std::unique_ptr<Gpu> gpu(new Gpu(id, config, sysmem, env));
   gpu->vram_ = USVM_TRY(Vram::TryCreate(config.vram_bytes, env));
   Gpu* g = gpu.get();
@@ -28,9 +29,13 @@ Result<void> Gpu::InitContext(GpuContext& c) {
       },
       config_.max_table_pages);
   c.faults_ = std::make_unique<FaultUnit>(env_, config_.fault_buffer_entries);
+  c.counters_ = USVM_TRY(AccessCounters::TryCreate(config_.access_counters));
+  FaultUnit* fu = c.faults_.get();
+  c.counters_->SetDoorbell([fu] { fu->Ring(); });  // before any engine thread counts
   c.exec_ = std::make_unique<ExecutionEngine>(
       config_.exec_threads, *c.pt_, *c.tlb_, *c.faults_,
-      [this](const Mapping& m, uint64_t va) { return ResolveLeaf(m, va); }, config_.latency, env_);
+      [this](const Mapping& m, uint64_t va) { return ResolveLeaf(m, va); }, config_.latency, env_,
+      c.counters_.get());
   return {};
 }
 

@@ -101,9 +101,12 @@ class ExecutionEngine {
   // memory is unreachable (peer access gone): fatal for the kernel.
   using HostResolver = std::function<std::byte*(const Mapping& m, uint64_t va)>;
 
-  // threads in [1, walkers of tlb].
+  // threads in [1, walkers of tlb]. `counters` (may be null): the
+  // context's access counters, fed with accesses to remotely mapped pages
+  // (PTE kind system or peer VRAM) when enabled.
   ExecutionEngine(uint32_t threads, PageTable& pt, Tlb& tlb, FaultUnit& faults,
-                  HostResolver resolve, const LatencyModel& latency, Env& env);
+                  HostResolver resolve, const LatencyModel& latency, Env& env,
+                  AccessCounters* counters = nullptr);
   ~ExecutionEngine();
   ExecutionEngine(const ExecutionEngine&) = delete;
   ExecutionEngine& operator=(const ExecutionEngine&) = delete;
@@ -130,6 +133,7 @@ class ExecutionEngine {
   const HostResolver resolve_;
   const LatencyModel latency_;
   Env& env_;
+  AccessCounters* const counters_;  // null, or enabled counters
 
   Mutex lock_;
   std::deque<std::shared_ptr<detail::LaunchState>> queue_ USVM_GUARDED_BY(lock_);

@@ -93,7 +93,8 @@ class FaultUnit {
 
   // Driver side. Up to `max` queued faults in raise order, waiting up to
   // timeout_ns of real time for the first one. EINVAL for max == 0; ETIME
-  // if none came; ECANCELED after Shutdown.
+  // if none came; ECANCELED after Shutdown. An empty batch when the
+  // doorbell rang (Ring) and no fault is queued.
   Result<std::vector<Fault>> Fetch(size_t max, uint64_t timeout_ns);
   // Non-blocking: queued faults now (possibly none).
   std::vector<Fault> TryFetch(size_t max);
@@ -101,6 +102,12 @@ class FaultUnit {
   // if Cancel is given a success code.
   Result<void> Replay(uint64_t id);
   Result<void> Cancel(uint64_t id, Error error);
+
+  // The GPU's interrupt for its other units (the access counters' buffer
+  // has notifications): wakes a Fetch in progress, or makes the next one
+  // return at once, with the queued faults or an empty batch. Rings
+  // before the Fetch are remembered (once).
+  void Ring();
 
   // Cancels every outstanding fault with ECANCELED; later Raise/Fetch
   // fail with ECANCELED. Idempotent.
@@ -126,6 +133,9 @@ class FaultUnit {
   // (written under lock_, read without it).
   std::atomic<size_t> queued_{0};
   std::atomic<bool> stopped_{false};
+  // Set by Ring, taken by Fetch. Atomic: written by any thread without
+  // lock_ (a flag, nothing else is published through it).
+  std::atomic<bool> rung_{false};
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_page_ USVM_GUARDED_BY(lock_);
   std::unordered_map<uint64_t, std::shared_ptr<Pending>> by_id_ USVM_GUARDED_BY(lock_);
   uint64_t next_id_ USVM_GUARDED_BY(lock_) = 1;

@@ -6,6 +6,9 @@
 //   - invalidate: page_table().Zap(range); fence = InvalidateTlb(range);
 //                 ... on every GPU first, then Fence::WaitAll(fences)
 //   - faults:     fault_unit().Fetch / Replay / Cancel
+//   - counters:   access_counters().TryFetch / Clear (when
+//                 GpuConfig::access_counters.enabled; a notification
+//                 rings the fault unit, whose Fetch returns early)
 //   - migrate:    vram().Alloc, Copy(engine, src, dst).Wait()
 //   - run:        LaunchKernel(kernel) / LaunchPattern(params)
 //
@@ -35,6 +38,7 @@
 #include "usvm/base/env.h"
 #include "usvm/base/mutex.h"
 #include "usvm/base/result.h"
+#include "usvm/gpu/access_counters.h"
 #include "usvm/gpu/copy_engine.h"
 #include "usvm/gpu/execution_engine.h"
 #include "usvm/gpu/fault_unit.h"
@@ -56,6 +60,9 @@ struct GpuConfig {
   // Entries of the replayable fault buffer (0: unbounded). When it is full
   // further faults are dropped and re-raised after the next replay.
   uint32_t fault_buffer_entries = 0;
+  // Access counters of remote accesses, per context (access_counters.h);
+  // off by default.
+  AccessCounterConfig access_counters;
   TlbConfig tlb;
   LatencyModel latency;        // Zero() by default
 };
@@ -79,6 +86,7 @@ class GpuContext {
   PageTable& page_table() { return *pt_; }
   Tlb& tlb() { return *tlb_; }
   FaultUnit& fault_unit() { return *faults_; }
+  AccessCounters& access_counters() { return *counters_; }
   ExecutionEngine& execution_engine() { return *exec_; }
   Result<Fence> InvalidateTlb(uint64_t va, uint64_t size) { return tlb_->Invalidate(va, size); }
   Result<Launch> LaunchKernel(KernelFn fn, const LaunchParams& params = {}) {
@@ -96,6 +104,7 @@ class GpuContext {
   std::unique_ptr<PageTable> pt_;
   std::unique_ptr<Tlb> tlb_;
   std::unique_ptr<FaultUnit> faults_;
+  std::unique_ptr<AccessCounters> counters_;  // rings faults_
   std::unique_ptr<ExecutionEngine> exec_;
 };
 
@@ -117,6 +126,7 @@ class Gpu {
   PageTable& page_table() { return default_->page_table(); }
   Tlb& tlb() { return default_->tlb(); }
   FaultUnit& fault_unit() { return default_->fault_unit(); }
+  AccessCounters& access_counters() { return default_->access_counters(); }
   ExecutionEngine& execution_engine() { return default_->execution_engine(); }
   // Another address space on this GPU (ASIDs count up from 1). EINVAL /
   // ENOMEM as TryCreate for its units.

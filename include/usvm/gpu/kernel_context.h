@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "usvm/base/error.h"
+#include "usvm/gpu/access_counters.h"
 #include "usvm/gpu/phys_addr.h"
 
 namespace usvm::gpu {
@@ -42,6 +43,9 @@ struct MicroTlb {
     uint64_t vpn = UINT64_MAX;  // va >> 12; UINT64_MAX = empty
     std::byte* host = nullptr;  // bytes of that 4 KiB page
     uint8_t perms = 0;          // Access bits allowed
+    // The access counter of the page's region when the page is mapped
+    // remotely and counters are on; null otherwise (always, when off).
+    AccessCounters::Slot* counter = nullptr;
   };
   void Flush() {
     for (Entry& e : e_) e = Entry{};
@@ -113,22 +117,26 @@ class KernelContext {
  private:
   friend class ExecutionEngine;
   KernelContext(ExecutionEngine& engine, detail::LaunchState& launch, detail::MicroTlb& utlb,
-                const std::atomic<uint64_t>& gen, uint32_t engine_index, uint32_t thread_id,
-                uint32_t num_threads, uint64_t launch_id)
-      : exec_(engine), launch_(launch), utlb_(utlb), gen_(gen), engine_(engine_index),
+                const std::atomic<uint64_t>& gen, AccessCounters* counters, uint32_t engine_index,
+                uint32_t thread_id, uint32_t num_threads, uint64_t launch_id)
+      : exec_(engine), launch_(launch), utlb_(utlb), gen_(gen), counters_(counters), engine_(engine_index),
         thread_id_(thread_id), num_threads_(num_threads), launch_id_(launch_id) {}
 
   // The host bytes of `va` for `access`, or nullptr if the kernel is (now)
-  // cancelled. The hit path: one acquire load of the generation and one
-  // micro-TLB probe.
+  // cancelled. The hit path: one acquire load of the generation, one
+  // micro-TLB probe, and one predictable branch for the access counters
+  // (the entry's slot is null whenever counters are off).
   std::byte* Translate(uint64_t va, uint8_t access, uint64_t align_mask) {
     ++accesses_;
     const uint64_t gen = gen_.load(std::memory_order_acquire);
     const uint64_t vpn = va >> kPageShift;
     const detail::MicroTlb::Entry& e = utlb_.e_[vpn & (detail::MicroTlb::kEntries - 1)];
     if (gen == utlb_.gen && e.vpn == vpn && (e.perms & access) == access &&
-        (va & align_mask) == 0) [[likely]]
+        (va & align_mask) == 0) [[likely]] {
+      if (e.counter) [[unlikely]]
+        counters_->Count(e.counter);
       return e.host + (va & (kPageSize - 1));
+    }
     return TranslateSlow(va, access, align_mask);
   }
   std::byte* TranslateSlow(uint64_t va, uint8_t access, uint64_t align_mask);
@@ -150,6 +158,7 @@ class KernelContext {
   detail::LaunchState& launch_;
   detail::MicroTlb& utlb_;
   const std::atomic<uint64_t>& gen_;
+  AccessCounters* const counters_;  // the context's; null: none
   const uint32_t engine_;
   const uint32_t thread_id_;
   const uint32_t num_threads_;
