@@ -14,6 +14,7 @@ const char* EventKindName(EventKind k) {
     case EventKind::kEviction: return "eviction";
     case EventKind::kThrottle: return "throttle";
     case EventKind::kPin: return "pin";
+    case EventKind::kAccessCounter: return "access_counter";
   }
   return "?";
 }
@@ -29,6 +30,7 @@ const char* MigrateReasonName(MigrateReason r) {
     case MigrateReason::kPartialUnmap: return "partial_unmap";
     case MigrateReason::kPeer: return "peer";
     case MigrateReason::kPolicyPrefetch: return "policy_prefetch";
+    case MigrateReason::kAccessCounter: return "access_counter";
   }
   return "?";
 }

@@ -62,7 +62,8 @@ struct CounterSet {
   Counter faults{0}, faults_cancelled{0}, commit_retries{0}, evict_retries{0}, migrate_failures{0},
       leaves_4k{0}, leaves_64k{0}, leaves_2m{0}, peer_maps{0}, prefetches{0}, binds{0}, unbinds{0},
       rebinds{0}, bind_invalidations{0}, commit_flushes{0}, race_replays{0}, policy_prefetches{0}, policy_prefetch_bytes{0},
-      throttles{0}, pins{0}, pinned_faults{0};
+      throttles{0}, pins{0}, pinned_faults{0}, ac_notifications{0}, ac_migrations{0}, ac_migrated_bytes{0},
+      ac_thrashing_skips{0};
 };
 enum SizeField { kFaults, kValidFaults, kMigrations, kGetPages, kBinds, kBytesCopied, kTlbInvals };
 
@@ -272,6 +273,7 @@ class Svm::Impl final : public gpusvm::GpuSvmOps {
   // own leaf lock. Both are called under the driver lock.
   std::unique_ptr<MigrationPolicy> migration;
   std::unique_ptr<ThrashingPolicy> thrashing;
+  std::unique_ptr<AccessCounterPolicy> access_counters;  // stateless
 
   // Attached VMs by GPU id: written under the driver lock and the notifier
   // lock (write); read by callbacks under the notifier lock and by the
@@ -340,6 +342,10 @@ class Vm::Impl {
   // After a fault at va served from this GPU's VRAM: asks the migration
   // policy what else of va's 2 MiB block to bring, and brings it.
   void ExpandLocked(uint64_t va) USVM_REQUIRES(svm.svm->driver_lock());
+  // One access counter notification of this GPU: asks the access counter
+  // policy, and migrates the region's remotely mapped ranges here if it
+  // says so. The caller clears the region's counter afterwards.
+  void ServiceAccessCounterLocked(const gpu::AccessCounterNotification& n) USVM_REQUIRES(svm.svm->driver_lock());
   // Whether one VMA still holds the whole range (takes the mmap lock).
   bool FitsVma(const DrvRange* r) const;
   // The attached device at `loc` (kDevice), or null.

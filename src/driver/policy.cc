@@ -142,7 +142,9 @@ ThrashDecision UvmThrashing::OnMigrate(uint64_t block, uint32_t first_page, uint
   }
   ++b.throttles;
   ++stats_.throttles;
-  return {ThrashAction::kThrottle, uint64_t{p_.nap_lapses} * p_.lapse_ns, false};
+  const uint64_t nap = uint64_t{p_.nap_lapses} * p_.lapse_ns;
+  b.throttled_until = now_ns + nap;
+  return {ThrashAction::kThrottle, nap, false};
 }
 
 void UvmThrashing::NoteMigrated(uint64_t block, uint32_t first_page, uint32_t npages, uint64_t now_ns) {
@@ -156,6 +158,15 @@ void UvmThrashing::NoteMigrated(uint64_t block, uint32_t first_page, uint32_t np
     b.epoch_start = now_ns;
   }
   for (uint32_t i = first_page; i < first_page + npages && i < kBlockPages; ++i) b.in.set(i);
+}
+
+ThrashAction UvmThrashing::Hint(uint64_t block, uint64_t now_ns) const {
+  MutexLock l(lock_);
+  auto it = blocks_.find(block);
+  if (it == blocks_.end()) return ThrashAction::kNone;
+  if (it->second.pinned_until > now_ns) return ThrashAction::kPin;
+  if (it->second.throttled_until > now_ns) return ThrashAction::kThrottle;
+  return ThrashAction::kNone;
 }
 
 ThrashStats UvmThrashing::stats() const {
@@ -174,6 +185,7 @@ bool UvmThrashing::Pinned(uint64_t block, uint64_t now_ns) const {
 std::vector<std::string> MigrationPolicyNames() { return {"fault-only", "density", "tree"}; }
 std::vector<std::string> EvictionPolicyNames() { return {"lru", "lfu", "pseudo-lru"}; }
 std::vector<std::string> ThrashingPolicyNames() { return {"none", "uvm"}; }
+std::vector<std::string> AccessCounterPolicyNames() { return {"off", "on"}; }
 
 Result<std::unique_ptr<MigrationPolicy>> MakeMigrationPolicy(std::string_view name, const PolicyParams& p) {
   if (p.density_threshold < 1 || p.density_threshold > 100 || p.tree_threshold < 1 || p.tree_threshold > 100)
@@ -197,6 +209,12 @@ Result<std::unique_ptr<ThrashingPolicy>> MakeThrashingPolicy(std::string_view na
   if (name == "none") return std::unique_ptr<ThrashingPolicy>(new NoThrashing);
   if (name == "uvm") return std::unique_ptr<ThrashingPolicy>(new UvmThrashing(p));
   return Err(Errc::kInval, "driver: unknown thrashing policy (none, uvm)");
+}
+
+Result<std::unique_ptr<AccessCounterPolicy>> MakeAccessCounterPolicy(std::string_view name) {
+  if (name == "off") return std::unique_ptr<AccessCounterPolicy>(new NoAccessCounterMigration);
+  if (name == "on") return std::unique_ptr<AccessCounterPolicy>(new UvmAccessCounterMigration);
+  return Err(Errc::kInval, "driver: unknown access counter policy (off, on)");
 }
 
 }  // namespace usvm::driver

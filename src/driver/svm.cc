@@ -41,6 +41,7 @@ Result<std::unique_ptr<Svm>> Svm::TryCreate(std::shared_ptr<mm::Mm> mm, const Sv
   auto impl = std::make_unique<Impl>(mm, config);
   impl->migration = USVM_TRY(MakeMigrationPolicy(config.migration, config.policy));
   impl->thrashing = USVM_TRY(MakeThrashingPolicy(config.thrashing, config.policy));
+  impl->access_counters = USVM_TRY(MakeAccessCounterPolicy(config.access_counters));
   gpusvm::GpuSvmConfig c;
   c.name = config.name;
   c.mm = mm;

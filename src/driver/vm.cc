@@ -152,6 +152,10 @@ VmStats Vm::stats() const {
   s.throttles = Load(c.throttles);
   s.pins = Load(c.pins);
   s.pinned_faults = Load(c.pinned_faults);
+  s.ac_notifications = Load(c.ac_notifications);
+  s.ac_migrations = Load(c.ac_migrations);
+  s.ac_migrated_bytes = Load(c.ac_migrated_bytes);
+  s.ac_thrashing_skips = Load(c.ac_thrashing_skips);
   return s;
 }
 
@@ -324,6 +328,71 @@ void Vm::Impl::ExpandLocked(uint64_t va) {
       }
     }
     p = gr && gr->end() > p ? gr->end() : p + k4K;
+  }
+}
+
+void Vm::Impl::ServiceAccessCounterLocked(const gpu::AccessCounterNotification& n) {
+  Bump(c.ac_notifications);
+  const uint64_t win_lo = svm.config.va_start, win_hi = svm.config.va_start + svm.config.va_size;
+  RegionState rs;
+  rs.start = std::max(n.va, win_lo);
+  rs.end = std::min(n.va + n.size, win_hi);
+  rs.gpu = dev.id;
+  // The ranges of the region this GPU maps remotely now (UVM skips
+  // notifications for pages that moved since: stale), and whether the
+  // user placed them (a preferred location: the attribute decides, as it
+  // does for faults).
+  std::vector<std::pair<uint64_t, uint64_t>> remote;
+  if (rs.start < rs.end) {
+    ReadLock nl(svm.svm->notifier_lock());
+    svm.svm->ForEachNotifierSafe(rs.start, rs.end, [&](gpusvm::Notifier* nt) {
+      gpusvm::GpuSvm::ForEachRangeSafe(nt, rs.start, rs.end, [&](gpusvm::Range* gr) {
+        auto* r = static_cast<DrvRange*>(gr);
+        if (!(r->present.load() & (1u << dev.id)) || !svm.svm->PagesValid(r->rpages)) return;
+        const uint64_t s = std::max(r->start(), rs.start), e = std::min(r->end(), rs.end);
+        if (r->rpages.has_devmem_pages() && r->rpages.dpagemap() == dev.pagemap.get()) {
+          rs.local_bytes += e - s;
+          return;
+        }
+        if (!r->migrate_devmem()) return;  // shared or file-backed: stays
+        remote.emplace_back(r->start(), r->end());
+        rs.remote_bytes += e - s;
+      });
+    });
+  }
+  // Ranges the user placed elsewhere stay there.
+  std::erase_if(remote, [&](const std::pair<uint64_t, uint64_t>& r) {
+    uint64_t alo, ahi;
+    if (svm.AttrsAt(r.first, &alo, &ahi).preferred.kind == Location::Kind::kDefault) return false;
+    rs.remote_bytes -= std::min(r.second, rs.end) - std::max(r.first, rs.start);
+    return true;
+  });
+  rs.thrashing = svm.thrashing->Hint(n.va & ~(kBlockBytes - 1), svm.env.NowNs());
+  const bool migrate = svm.access_counters->Migrate(rs);
+  if (!migrate && rs.remote_bytes && rs.thrashing != ThrashAction::kNone) Bump(c.ac_thrashing_skips);
+  if (EventsEnabled()) {
+    const uint64_t now = svm.env.NowNs();
+    EmitEvent({.kind = EventKind::kAccessCounter, .gpu = dev.id, .detail = migrate ? 1u : 0u, .va = n.va,
+               .len = n.size, .begin_ns = now, .end_ns = now, .policy = svm.access_counters->name()});
+  }
+  if (!migrate) return;
+  MigrationReasonScope why(MigrateReason::kAccessCounter, svm.access_counters->name());
+  const Location here = Location::Device(dev.id);
+  for (const auto& [start, end] : remote) {
+    const uint64_t copied = Load(c.by_size[0][kBytesCopied]) + Load(c.by_size[1][kBytesCopied]) +
+                            Load(c.by_size[2][kBytesCopied]);
+    // The range as it is (clamped to itself): migrated whole, mapped here.
+    auto r = ServiceLocked(start, gpu::kAccessRead, &here, /*map_here=*/true, /*prefetch=*/true, start, end);
+    if (!r) continue;  // best effort: it stays mapped remotely (or faults again)
+    const uint64_t moved = Load(c.by_size[0][kBytesCopied]) + Load(c.by_size[1][kBytesCopied]) +
+                           Load(c.by_size[2][kBytesCopied]) - copied;
+    if (!moved) continue;
+    Bump(c.ac_migrations);
+    Bump(c.ac_migrated_bytes, moved);
+    // The thrashing policy remembers it (as a prefetch: never throttled).
+    const uint64_t blk = start & ~(kBlockBytes - 1);
+    const uint64_t e = std::min(end, blk + kBlockBytes);
+    svm.thrashing->NoteMigrated(blk, uint32_t((start - blk) / k4K), uint32_t((e - start) / k4K), svm.env.NowNs());
   }
 }
 
@@ -895,13 +964,34 @@ void ServeBatch(Vm::Impl* vm, gpu::FaultUnit& fu, std::vector<gpu::Fault>& batch
   for (auto& [id, e] : failed) (void)fu.Cancel(id, e);
 }
 
+// Services the access counter notifications queued on `ac` (after the
+// faults, in the same service path: the doorbell woke the fault loop), on
+// `vm` (null: no address space; they are only cleared). UVM clears the
+// counters of each serviced batch.
+void ServeNotifications(Vm::Impl* vm, gpu::AccessCounters& ac, size_t max) {
+  if (!ac.enabled()) return;
+  for (;;) {
+    std::vector<gpu::AccessCounterNotification> batch = ac.TryFetch(max);
+    if (batch.empty()) return;
+    if (vm && !vm->detached_.load()) {
+      gpusvm::DriverLockGuard g(vm->svm.svm->driver_lock());
+      (void)vm->svm.CollectLocked();
+      for (const gpu::AccessCounterNotification& n : batch) vm->ServiceAccessCounterLocked(n);
+    }
+    for (const gpu::AccessCounterNotification& n : batch) (void)ac.Clear(n.va);
+  }
+}
+
 }  // namespace
 
 Result<size_t> Device::Impl::ServiceBatch(uint64_t timeout_ns) {
-  gpu::FaultUnit& fu = gpu->default_context().fault_unit();
+  gpu::GpuContext& ctx = gpu->default_context();
+  gpu::FaultUnit& fu = ctx.fault_unit();
+  // An empty batch: the doorbell (access counter notifications).
   std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(config.fault_batch, timeout_ns));
   ReadLock al(attach_lock_);
-  ServeBatch(vm_, fu, batch);
+  if (!batch.empty()) ServeBatch(vm_, fu, batch);
+  ServeNotifications(vm_, ctx.access_counters(), config.fault_batch);
   return batch.size();
 }
 
@@ -915,7 +1005,8 @@ void Device::Impl::FaultLoop() {
 Result<size_t> Vm::Impl::ServiceBatch(uint64_t timeout_ns) {
   gpu::FaultUnit& fu = ctx->fault_unit();
   std::vector<gpu::Fault> batch = USVM_TRY(fu.Fetch(dev.config.fault_batch, timeout_ns));
-  ServeBatch(this, fu, batch);
+  if (!batch.empty()) ServeBatch(this, fu, batch);
+  ServeNotifications(this, ctx->access_counters(), dev.config.fault_batch);
   return batch.size();
 }
 

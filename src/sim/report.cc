@@ -240,6 +240,34 @@ std::string ReportHtml(const ReportData& d) {
     }
     o += "</table>\n";
   }
+  // Access counter notifications, per region.
+  struct HotRegion {
+    uint64_t len = 0, notifications = 0, migrated = 0;
+    uint32_t gpu = 0;
+    std::string policy;
+  };
+  std::map<uint64_t, HotRegion> ac_hot;
+  for (const driver::Event& e : d.events) {
+    if (e.kind != driver::EventKind::kAccessCounter) continue;
+    HotRegion& x = ac_hot[e.va];
+    x.len = e.len;
+    x.gpu = e.gpu;
+    ++x.notifications;
+    x.migrated += e.detail;
+    if (e.policy) x.policy = e.policy;
+  }
+  if (!ac_hot.empty()) {
+    o += "<h2>Access counter notifications</h2>\n<table id=\"access_counters\"><tr><th>region</th><th>buffer + offset</th>"
+         "<th>GPU</th><th>policy</th><th>notifications</th><th>migrated</th></tr>\n";
+    for (const auto& [va, x] : ac_hot) {
+      std::string where = "?";
+      for (const BufferExtent& b : d.buffers)
+        if (va >= b.va && va < b.va + b.size) where = fmt::format("{} + {:#x}", b.name, va - b.va);
+      o += fmt::format("<tr><td><code>{:#x}</code> ({})</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+                       va, Esc(FormatBytes(x.len)), Esc(where), x.gpu, Esc(x.policy), x.notifications, x.migrated);
+    }
+    o += "</table>\n";
+  }
   if (!m.runtime_faults.empty()) {
     o += "<h2>Runtime faults</h2>\n<table><tr><th>step</th><th>error</th><th>expected</th></tr>\n";
     for (const RuntimeFault& f : m.runtime_faults)

@@ -236,6 +236,9 @@ std::string Run::Setup() {
     if (s_.machine.link_bandwidth >= 0) dc.gpu.latency.link_bandwidth_bytes_per_s = uint64_t(s_.machine.link_bandwidth);
     dc.fault_batch = s_.machine.fault_batch;
     dc.eviction = s_.framework.eviction;
+    dc.gpu.access_counters.enabled = s_.framework.access_counters != "off";
+    dc.gpu.access_counters.threshold = s_.framework.access_counter_threshold;
+    dc.gpu.access_counters.granularity = s_.framework.access_counter_granularity;
     dc.owner = s_.machine.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
     auto d = driver::Device::TryCreate(i, dc, sysmem_.get(), *env_);
     if (!d) return fmt::format("cannot create GPU {}: {}", i, d.error().ToString());
@@ -262,6 +265,7 @@ std::string Run::Setup() {
   sc.atomic_tries = s_.framework.atomic_tries;
   sc.migration = s_.framework.migration;
   sc.thrashing = s_.framework.thrashing;
+  sc.access_counters = s_.framework.access_counters;
   sc.policy = s_.framework.policy;
   sc.env = env_.get();
   auto svm = driver::Svm::TryCreate(as_, sc);
@@ -1246,6 +1250,7 @@ Expected<RunResult, std::string> Run::Go() {
   m.migration_policy = s_.framework.migration;
   m.eviction_policy = s_.framework.eviction;
   m.thrashing_policy = s_.framework.thrashing;
+  m.access_counter_policy = s_.framework.access_counters;
   m.gpus = s_.machine.gpus;
   m.verify = s_.verify;
   m.per_gpu.resize(s_.machine.gpus);
@@ -1321,6 +1326,11 @@ Expected<RunResult, std::string> Run::Go() {
     m.throttles += vs.throttles;
     m.pins += vs.pins;
     m.pinned_faults += vs.pinned_faults;
+    m.ac_notifications += vs.ac_notifications;
+    m.ac_migrations += vs.ac_migrations;
+    m.ac_migrated_bytes += vs.ac_migrated_bytes;
+    m.ac_thrashing_skips += vs.ac_thrashing_skips;
+    m.ac_dropped += devs_[g]->gpu().access_counters().Stats().dropped;
     m.evictions += vr.evictions;
     m.bytes_evicted += vr.bytes_evicted;
   }

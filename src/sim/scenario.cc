@@ -231,7 +231,8 @@ struct Parser {
     if (auto k = Keys(n, "framework", {"notifier_size", "chunk_sizes", "check_pages_threshold", "invalidation",
                                        "placement", "peer_policy", "atomic_timeslice_ms", "atomic_tries",
                                        "migration", "eviction", "thrashing", "density_threshold", "tree_threshold",
-                                       "thrashing_threshold", "pin_threshold"});
+                                       "thrashing_threshold", "pin_threshold", "access_counters",
+                                       "access_counter_threshold", "access_counter_granularity"});
         !k)
       return k;
     if (n["notifier_size"]) {
@@ -265,6 +266,14 @@ struct Parser {
     if (n["density_threshold"]) { USVM_PTRY(v, U64(n["density_threshold"], "framework.density_threshold", 1, 100)); f.policy.density_threshold = uint32_t(v); }
     if (n["tree_threshold"]) { USVM_PTRY(v, U64(n["tree_threshold"], "framework.tree_threshold", 1, 100)); f.policy.tree_threshold = uint32_t(v); }
     if (n["thrashing_threshold"]) { USVM_PTRY(v, U64(n["thrashing_threshold"], "framework.thrashing_threshold", 1, 1000)); f.policy.thrashing_threshold = uint32_t(v); }
+    if (n["access_counters"]) { USVM_PTRY(v, OneOf(n["access_counters"], "framework.access_counters", driver::AccessCounterPolicyNames())); f.access_counters = v; }
+    if (n["access_counter_threshold"]) { USVM_PTRY(v, U64(n["access_counter_threshold"], "framework.access_counter_threshold", 1, 65535)); f.access_counter_threshold = uint32_t(v); }
+    if (n["access_counter_granularity"]) {
+      USVM_PTRY(v, Size(n["access_counter_granularity"], "framework.access_counter_granularity"));
+      if (v != (uint64_t{64} << 10) && v != (uint64_t{2} << 20))
+        return Fail(n["access_counter_granularity"], "framework.access_counter_granularity", "must be 64KiB or 2MiB");
+      f.access_counter_granularity = v;
+    }
     if (n["pin_threshold"]) { USVM_PTRY(v, U64(n["pin_threshold"], "framework.pin_threshold", 0, 1000)); f.policy.pin_threshold = uint32_t(v); }
     return {};
   }
@@ -694,7 +703,9 @@ const char* const kKeys[] = {"seed", "verify", "machine.gpus", "machine.vram", "
                              "framework.peer_policy", "framework.atomic_timeslice_ms", "framework.atomic_tries",
                              "framework.migration", "framework.eviction", "framework.thrashing",
                              "framework.density_threshold", "framework.tree_threshold",
-                             "framework.thrashing_threshold", "framework.pin_threshold"};
+                             "framework.thrashing_threshold", "framework.pin_threshold",
+                             "framework.access_counters", "framework.access_counter_threshold",
+                             "framework.access_counter_granularity"};
 }
 
 std::vector<std::string> OverrideKeys() {

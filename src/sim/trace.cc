@@ -56,6 +56,11 @@ bool WriteTrace(const std::string& path, uint64_t t0_ns, uint32_t gpus, const st
       case driver::EventKind::kEviction: cat = "eviction"; break;
       case driver::EventKind::kThrottle:
       case driver::EventKind::kPin: cat = "thrashing"; break;
+      case driver::EventKind::kAccessCounter:
+        cat = "access_counter";
+        args["migrated"] = e.detail != 0;
+        name += std::string(e.detail ? " (migrate" : " (stay") + (e.policy ? std::string(": ") + e.policy : "") + ")";
+        break;
     }
     if (e.policy) {
       args["policy"] = e.policy;
@@ -64,7 +69,8 @@ bool WriteTrace(const std::string& path, uint64_t t0_ns, uint32_t gpus, const st
         name += std::string(" (") + e.policy + ")";
     }
     json j = {{"name", name}, {"cat", cat}, {"pid", pid}, {"tid", e.thread}, {"ts", ts(e.begin_ns)}, {"args", args}};
-    if (e.kind == driver::EventKind::kTlbFlush || e.kind == driver::EventKind::kPin) {
+    if (e.kind == driver::EventKind::kTlbFlush || e.kind == driver::EventKind::kPin ||
+        e.kind == driver::EventKind::kAccessCounter) {
       j["ph"] = "i";
       j["s"] = "t";
     } else {

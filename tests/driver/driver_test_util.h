@@ -258,6 +258,10 @@ struct MachineConfig {
   uint32_t fault_batch = 256;            // DeviceConfig::fault_batch
   uint32_t fault_buffer_entries = 0;     // GpuConfig::fault_buffer_entries
   std::string eviction = "lru";          // DeviceConfig::eviction
+  gpu::AccessCounterConfig access_counters;  // GpuConfig::access_counters
+  // A ManualClock (advance it with Machine::AdvanceClock) instead of the
+  // real one: for policies that count time (thrashing pins).
+  bool manual_clock = false;
   // One address space with an Svm attached to every device (false: none;
   // the test adds its own with AddProcess).
   bool default_process = true;
@@ -271,7 +275,7 @@ class Machine {
     std::unique_ptr<Svm> svm;
   };
 
-  explicit Machine(const MachineConfig& c = {}) : config_(c), env_(std::make_unique<Env>()) {
+  explicit Machine(const MachineConfig& c = {}) : config_(c), env_(MakeEnv(c, &clock_)) {
     pool_ = std::move(mm::FramePool::TryCreate(c.pool_bytes, *env_).value());
     baseline_free_frames_ = pool_->GetStats().free_frames;
     sysmem_ = std::make_unique<FrameMemory>(*pool_);
@@ -285,6 +289,7 @@ class Machine {
       dc.fault_batch = c.fault_batch;
       dc.gpu.fault_buffer_entries = c.fault_buffer_entries;
       dc.eviction = c.eviction;
+      dc.gpu.access_counters = c.access_counters;
       dc.owner = c.shared_owner ? static_cast<const void*>(&owner_token_) : nullptr;
       auto d = Device::TryCreate(i, dc, sysmem_.get(), *env_);
       EXPECT_TRUE(d.has_value()) << "Device::TryCreate: " << d.error().ToString();
@@ -346,6 +351,8 @@ class Machine {
   void Keep(std::shared_ptr<AddressSpace> as) { extra_spaces_.push_back(std::move(as)); }
 
   Env& env() { return *env_; }
+  // REQUIRES: MachineConfig::manual_clock.
+  void AdvanceClock(uint64_t ns) { clock_->Advance(ns); }
   mm::FramePool& pool() { return *pool_; }
   FrameMemory& sysmem() { return *sysmem_; }
   Device& dev(uint32_t i = 0) { return *devs_.at(i); }
@@ -382,7 +389,15 @@ class Machine {
   }
 
  private:
+  static std::unique_ptr<Env> MakeEnv(const MachineConfig& c, ManualClock** clock) {
+    if (!c.manual_clock) return std::make_unique<Env>();
+    auto mc = std::make_unique<ManualClock>(1'000'000'000);
+    *clock = mc.get();
+    return std::make_unique<Env>(std::move(mc), 1);
+  }
+
   MachineConfig config_;
+  ManualClock* clock_ = nullptr;  // owned by env_; set when manual_clock
   std::unique_ptr<Env> env_;
   std::unique_ptr<mm::FramePool> pool_;
   uint64_t baseline_free_frames_ = 0;

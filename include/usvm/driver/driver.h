@@ -179,6 +179,11 @@ struct SvmConfig {
   // without policies.
   std::string migration = "fault-only";
   std::string thrashing = "none";
+  // What the driver does with its GPUs' access counter notifications
+  // (policy.h: off | on; the GPU counts only when its DeviceConfig's
+  // gpu.access_counters.enabled): on migrates hot remotely mapped regions
+  // to the notifying GPU's VRAM.
+  std::string access_counters = "off";
   PolicyParams policy;
   Env* env = nullptr;  // null: Env::Default()
 };
@@ -226,6 +231,10 @@ struct VmStats {
   // it started; faults served remotely because their block was pinned.
   uint64_t policy_prefetches = 0, policy_prefetch_bytes = 0;
   uint64_t throttles = 0, pins = 0, pinned_faults = 0;
+  // Access counters: notifications serviced; those the policy migrated
+  // (ranges and bytes moved to this GPU's VRAM); those it left because the
+  // thrashing policy throttles or pins their block.
+  uint64_t ac_notifications = 0, ac_migrations = 0, ac_migrated_bytes = 0, ac_thrashing_skips = 0;
 };
 
 struct SvmStats {
@@ -292,8 +301,10 @@ class Device {
 
   // Fault servicing of the default context without the thread
   // (config.fault_thread false): fetch one batch (waiting up to timeout_ns
-  // for the first fault) and serve it. The faults answered; ETIME if none
-  // came; ECANCELED after shutdown.
+  // for the first fault) and serve it, then the access counter
+  // notifications queued. The faults answered (0 when only the access
+  // counters' doorbell rang); ETIME if nothing came; ECANCELED after
+  // shutdown.
   Result<size_t> ServiceFaults(uint64_t timeout_ns);
 
   // Evicts allocations, least recently used first, until `bytes` are free
@@ -422,7 +433,9 @@ class Vm {
   // its own for others). Launch through it (or the calls below).
   gpu::GpuContext& context() const;
   // Fault servicing without threads (DeviceConfig::fault_thread false):
-  // one batch of this Vm's context. ETIME if none came within timeout_ns.
+  // one batch of this Vm's context, then its access counter
+  // notifications. The faults answered (0: only notifications); ETIME if
+  // nothing came within timeout_ns.
   Result<size_t> ServiceFaults(uint64_t timeout_ns);
 
   // Launch through this Vm: userptrs are revalidated first.

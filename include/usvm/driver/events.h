@@ -40,6 +40,10 @@ enum class EventKind : uint8_t {
                   // (the span is the nap)
   kPin,           // the thrashing policy pinned the block [va, va + len)
                   // in system memory, mapped remotely (an instant)
+  kAccessCounter, // a GPU's access counter notification for the region
+                  // [va, va + len) was serviced (an instant); detail: 1 if
+                  // the access counter policy migrated it, else 0; policy:
+                  // the access counter policy ("off", "access_counters")
 };
 
 // Why a migration ran: set on the migrating thread by the code that
@@ -56,6 +60,8 @@ enum class MigrateReason : uint8_t {
   kPeer,       // another GPU's device pages were migrated to this GPU
   kPolicyPrefetch,  // the migration policy brought it along with a fault
                     // (`policy` names it: density, tree)
+  kAccessCounter,   // a GPU's access counters found the remotely mapped
+                    // region hot (`policy`: "access_counters")
 };
 
 struct Event {
@@ -63,7 +69,7 @@ struct Event {
   MigrateReason reason = MigrateReason::kNone;
   uint32_t gpu = UINT32_MAX;  // UINT32_MAX: not one GPU
   // kGpuFault: the access bits; kInvalidate: the mm::NotifyEvent;
-  // else 0.
+  // kAccessCounter: 1 if migrated; else 0.
   uint32_t detail = 0;
   int32_t result = 0;     // 0, or the errno of a failed fault
   uint64_t va = 0;        // copies, evictions: the start of the range the

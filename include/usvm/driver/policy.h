@@ -14,12 +14,18 @@
 //   - ThrashingPolicy: what to do with a block that keeps moving back to a
 //     GPU: `none` (today's), `uvm` (uvm_perf_thrashing.c: throttle, then
 //     pin in system memory and map it remotely).
+//   - AccessCounterPolicy: on a GPU's access counter notification (a
+//     region it maps remotely became hot, gpu/access_counters.h), whether
+//     to migrate the region to that GPU's VRAM: `off` (never: today's),
+//     `on` (uvm_gpu_access_counters.c: migrate to the accessing GPU unless
+//     the thrashing policy throttles or pins the block).
 //
 // The defaults (`fault-only`, `lru`, `none`) keep the driver's behaviour
 // exactly as without policies.
 //
 // Calling context and locking:
-//   - MigrationPolicy::Expand and every ThrashingPolicy hook are called by
+//   - MigrationPolicy::Expand, AccessCounterPolicy::Migrate and every
+//     ThrashingPolicy hook are called by
 //     the fault handler with the Svm's driver lock held (docs/driver.md,
 //     lock 2), one call at a time per Svm. Expand is a pure function of its
 //     argument. ThrashingPolicy state is guarded by the policy's own leaf
@@ -213,6 +219,11 @@ class ThrashingPolicy {
   // Those pages were migrated without a fault's decision (a prefetch, the
   // migration policy's expansion): remembered, never throttled.
   virtual void NoteMigrated(uint64_t block, uint32_t first_page, uint32_t npages, uint64_t now_ns) {}
+  // The hint for `block` at now_ns without counting anything (UVM's
+  // uvm_perf_thrashing_get_hint, as the access counter service asks it):
+  // kPin while pinned, kThrottle while a throttled fault's nap lasts,
+  // else kNone.
+  virtual ThrashAction Hint(uint64_t block, uint64_t now_ns) const { return ThrashAction::kNone; }
   virtual ThrashStats stats() const = 0;
 };
 
@@ -245,6 +256,7 @@ class UvmThrashing final : public ThrashingPolicy {
   ThrashDecision OnMigrate(uint64_t block, uint32_t first_page, uint32_t npages, uint32_t gpu,
                            uint64_t now_ns) override;
   void NoteMigrated(uint64_t block, uint32_t first_page, uint32_t npages, uint64_t now_ns) override;
+  ThrashAction Hint(uint64_t block, uint64_t now_ns) const override;
   ThrashStats stats() const override;
   // Whether `block` is pinned at now_ns (tests).
   bool Pinned(uint64_t block, uint64_t now_ns) const;
@@ -253,6 +265,7 @@ class UvmThrashing final : public ThrashingPolicy {
   struct Block {
     uint64_t epoch_start = 0;
     uint64_t pinned_until = 0;
+    uint64_t throttled_until = 0;  // the last throttled fault's nap ends
     std::bitset<kBlockPages> in;  // pages brought to a GPU in this epoch
     uint32_t events = 0;      // in this epoch
     uint32_t throttles = 0;   // in this epoch
@@ -263,12 +276,59 @@ class UvmThrashing final : public ThrashingPolicy {
   ThrashStats stats_ USVM_GUARDED_BY(lock_);
 };
 
+// ---- access counters ------------------------------------------------------------
+
+// What the driver knows of a notified region when it asks the policy.
+struct RegionState {
+  uint64_t start = 0, end = 0;  // the region (the counters' granularity)
+  uint32_t gpu = 0;             // the GPU whose counters notified
+  // Bytes of the region mapped on that GPU from system memory or a peer's
+  // VRAM (migratable: anonymous, no preferred location set), and bytes
+  // already in its own VRAM.
+  uint64_t remote_bytes = 0, local_bytes = 0;
+  // The thrashing policy's hint for the region's 2 MiB block.
+  ThrashAction thrashing = ThrashAction::kNone;
+};
+
+class AccessCounterPolicy {
+ public:
+  virtual ~AccessCounterPolicy() = default;
+  virtual const char* name() const = 0;
+  // Whether to migrate the region's remotely mapped ranges to the GPU's
+  // VRAM. REQUIRES: the driver lock.
+  virtual bool Migrate(const RegionState& r) const = 0;
+};
+
+// off: notifications are serviced (cleared) and counted, nothing moves
+// (UVM's default on systems without ATS: uvm_perf_access_counter_
+// migration_enable = -1 resolves to off).
+class NoAccessCounterMigration final : public AccessCounterPolicy {
+ public:
+  const char* name() const override { return "off"; }
+  bool Migrate(const RegionState&) const override { return false; }
+};
+
+// on: UVM's access counter servicing (uvm_gpu_access_counters.c,
+// service_va_block_locked): the accessed pages move to the accessing GPU;
+// a page whose block is throttling is skipped (the notification is
+// ignored), a pinned one stays where the pin keeps it (UVM passes the pin
+// hint to residency selection); stale notifications (nothing mapped
+// remotely any more) do nothing. The trace names it "access_counters".
+class UvmAccessCounterMigration final : public AccessCounterPolicy {
+ public:
+  const char* name() const override { return "access_counters"; }
+  bool Migrate(const RegionState& r) const override {
+    return r.remote_bytes > 0 && r.thrashing == ThrashAction::kNone;
+  }
+};
+
 // ---- by name -------------------------------------------------------------------
 
 // The names each hook accepts, in the order the docs list them.
 std::vector<std::string> MigrationPolicyNames();
 std::vector<std::string> EvictionPolicyNames();
 std::vector<std::string> ThrashingPolicyNames();
+std::vector<std::string> AccessCounterPolicyNames();  // off, on
 
 // The policy called `name`; EINVAL naming the known ones when unknown, or
 // when a parameter is out of range (thresholds 1..100, counts and times
@@ -276,6 +336,7 @@ std::vector<std::string> ThrashingPolicyNames();
 Result<std::unique_ptr<MigrationPolicy>> MakeMigrationPolicy(std::string_view name, const PolicyParams& p);
 Result<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
 Result<std::unique_ptr<ThrashingPolicy>> MakeThrashingPolicy(std::string_view name, const PolicyParams& p);
+Result<std::unique_ptr<AccessCounterPolicy>> MakeAccessCounterPolicy(std::string_view name);
 
 }  // namespace usvm::driver
 

@@ -85,6 +85,12 @@ struct Metrics {
   std::string migration_policy, eviction_policy, thrashing_policy;
   uint64_t policy_prefetches = 0, policy_prefetch_bytes = 0;
   uint64_t throttles = 0, pins = 0, pinned_faults = 0;
+  // Access counters: the policy (off | on), notifications serviced, the
+  // migrations they caused (ranges, bytes), notifications left alone
+  // because the thrashing policy throttled or pinned the block, and
+  // notifications lost to a full buffer (the default context's).
+  std::string access_counter_policy = "off";
+  uint64_t ac_notifications = 0, ac_migrations = 0, ac_migrated_bytes = 0, ac_thrashing_skips = 0, ac_dropped = 0;
   // Eviction and collection.
   uint64_t evictions = 0, bytes_evicted = 0;
   uint64_t ranges_collected = 0, gc_runs = 0;

@@ -67,6 +67,11 @@ struct FrameworkSpec {
   std::string migration = "fault-only";       // fault-only | density | tree
   std::string eviction = "lru";               // lru | lfu | pseudo-lru
   std::string thrashing = "none";             // none | uvm
+  // Access counters (gpu/access_counters.h, driver/policy.h): on makes
+  // every GPU count its remote accesses and the driver migrate hot regions.
+  std::string access_counters = "off";        // off | on
+  uint32_t access_counter_threshold = 256;    // [1, 65535] (UVM: 256)
+  uint64_t access_counter_granularity = uint64_t{64} << 10;  // 64KiB | 2MiB
   driver::PolicyParams policy;
 };
 
