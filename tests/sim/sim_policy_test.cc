@@ -3,8 +3,12 @@
 // on the shipped scenarios' short variants -- density prefetch cuts GPU
 // faults >= 4x against fault-only (scenarios/prefetch.yaml), and UVM's
 // thrashing control cuts the bytes migrated >= 2x on an oversubscribed
-// ping-pong (scenarios/thrashing.yaml). Counts, not times.
+// ping-pong (scenarios/thrashing.yaml); and access counters migrate the
+// hot remotely mapped table of scenarios/hot_remote.yaml, not its cold
+// log. Counts, not times.
 #include <gtest/gtest.h>
+
+#include <fmt/format.h>
 
 #include <string>
 
@@ -65,14 +69,44 @@ TEST(PolicyKeys, UnknownNamesNameFileLineAndField) {
   EXPECT_EQ(ok->framework.thrashing, "none");  // unchanged
 }
 
+TEST(PolicyKeys, AccessCounterKeys) {
+  auto s = ParseScenarioString(std::string(kBase) + R"(framework:
+  access_counters: "on"
+  access_counter_threshold: 100
+  access_counter_granularity: 2MiB
+)", "p.yaml");
+  ASSERT_TRUE(s.has_value()) << s.error().ToString();
+  EXPECT_EQ(s->framework.access_counters, "on");
+  EXPECT_EQ(s->framework.access_counter_threshold, 100u);
+  EXPECT_EQ(s->framework.access_counter_granularity, uint64_t{2} << 20);
+  ASSERT_TRUE(ApplyOverride(*s, "framework.access_counters=off").has_value());
+  EXPECT_EQ(s->framework.access_counters, "off");
+  ASSERT_TRUE(ApplyOverride(*s, "framework.access_counter_granularity=64KiB").has_value());
+  EXPECT_EQ(s->framework.access_counter_granularity, uint64_t{64} << 10);
+  for (const char* bad : {"framework.access_counters=sometimes", "framework.access_counter_threshold=0",
+                          "framework.access_counter_threshold=65536", "framework.access_counter_granularity=4KiB"}) {
+    auto r = ApplyOverride(*s, bad);
+    ASSERT_FALSE(r.has_value()) << bad;
+    EXPECT_EQ(r.error().file, "--set");
+  }
+  EXPECT_EQ(s->framework.access_counter_granularity, uint64_t{64} << 10);  // unchanged
+  auto b = ParseScenarioString(std::string(kBase) + "framework:\n  access_counter_granularity: 1MiB\n", "bad.yaml");
+  ASSERT_FALSE(b.has_value());
+  EXPECT_EQ(b.error().field, "framework.access_counter_granularity");
+}
+
 // The scenario's short variant under setting `name`.
 Metrics RunSetting(const std::string& file, const std::string& name, bool long_epoch = false) {
   auto s = ParseScenarioFile(std::string(USVM_SOURCE_DIR) + "/scenarios/" + file);
   EXPECT_TRUE(s.has_value()) << s.error().ToString();
   if (!s) return {};
   Scenario v = *s;
-  for (const char* setting : {"short", name.c_str()})
-    for (const auto& [k, val] : v.settings.at(setting)) EXPECT_TRUE(ApplyOverride(v, k, val).has_value()) << k;
+  // A copy of each setting's overrides: ApplyOverride replaces v (and
+  // with it v.settings) on success.
+  for (const char* setting : {"short", name.c_str()}) {
+    const auto overrides = v.settings.at(setting);
+    for (const auto& [k, val] : overrides) EXPECT_TRUE(ApplyOverride(v, k, val).has_value()) << k;
+  }
   // The thrashing epoch is time: keep a slow machine (sanitizers) within one.
   if (long_epoch) v.framework.policy.epoch_lapses = 1'000'000;
   auto r = RunScenario(v);
@@ -114,6 +148,26 @@ TEST(PolicyEndToEnd, ThrashingControlCutsBytesAtLeast2x) {
   ASSERT_GT(uvm.bytes_to_vram, 0u);
   EXPECT_GE(none.bytes_to_vram, 2 * uvm.bytes_to_vram) << none.bytes_to_vram << " vs " << uvm.bytes_to_vram;
   EXPECT_GT(ByReason(none, "to_ram:eviction(lru)"), 0u);
+}
+
+TEST(PolicyEndToEnd, AccessCountersMigrateTheHotRemoteTableOnly) {
+  const Metrics off = RunSetting("hot_remote.yaml", "ac_off");
+  const Metrics on = RunSetting("hot_remote.yaml", "ac_on");
+  // Placement "system": without access counters nothing moves.
+  EXPECT_EQ(off.bytes_to_vram, 0u);
+  EXPECT_EQ(off.ac_notifications, 0u);
+  EXPECT_EQ(off.access_counter_policy, "off");
+  // With them the table's 64 KiB regions pass the threshold in the first
+  // pass and its (2 MiB) range moves once; the log's regions see one
+  // access per pass and never notify.
+  EXPECT_GT(on.ac_notifications, 0u);
+  const std::string why = fmt::format("notifications {}, migrations {}, to RAM {}, gpu faults {}", on.ac_notifications,
+                                      on.ac_migrations, on.bytes_to_ram, on.gpu_faults);
+  EXPECT_EQ(on.ac_migrations, 1u) << why;
+  EXPECT_EQ(on.ac_migrated_bytes, uint64_t{2} << 20);
+  EXPECT_EQ(on.bytes_to_vram, uint64_t{2} << 20);
+  EXPECT_EQ(ByReason(on, "to_vram:access_counter(access_counters)"), 1u);
+  EXPECT_EQ(on.ac_dropped, 0u);
 }
 
 }  // namespace

@@ -58,7 +58,9 @@ TEST(ShippedScenarios, DocsExampleRuns) {
   auto s = ParseScenarioString(doc.substr(a + 8, b - a - 8), "docs/scenarios.md example");
   ASSERT_TRUE(s.has_value()) << s.error().ToString();
   Scenario v = *s;
-  for (const auto& [k, val] : v.settings.at("short")) ASSERT_TRUE(ApplyOverride(v, k, val).has_value()) << k;
+  // A copy: ApplyOverride replaces v (and v.settings with it) on success.
+  const auto overrides = v.settings.at("short");
+  for (const auto& [k, val] : overrides) ASSERT_TRUE(ApplyOverride(v, k, val).has_value()) << k;
   auto r = RunScenario(v);
   ASSERT_TRUE(r.has_value()) << r.error();
   EXPECT_TRUE(r->metrics.verified) << (r->mismatch ? r->mismatch->ToString() : "");
