@@ -288,6 +288,7 @@ void Vm::Impl::ExpandLocked(uint64_t va) {
     svm.svm->ForEachNotifierSafe(b.start, b.start + kBlockBytes, [&](gpusvm::Notifier* n) {
       gpusvm::GpuSvm::ForEachRangeSafe(n, b.start, b.start + kBlockBytes, [&](gpusvm::Range* gr) {
         auto* r = static_cast<DrvRange*>(gr);
+        svm.svm->notifier_lock().AssertReaderHeld();  // nl, above (the analysis does not follow lambdas)
         if (!(r->present.load() & (1u << dev.id)) || !r->rpages.has_devmem_pages() ||
             r->rpages.dpagemap() != dev.pagemap.get() || !svm.svm->PagesValid(r->rpages))
           return;
@@ -348,6 +349,7 @@ void Vm::Impl::ServiceAccessCounterLocked(const gpu::AccessCounterNotification& 
     svm.svm->ForEachNotifierSafe(rs.start, rs.end, [&](gpusvm::Notifier* nt) {
       gpusvm::GpuSvm::ForEachRangeSafe(nt, rs.start, rs.end, [&](gpusvm::Range* gr) {
         auto* r = static_cast<DrvRange*>(gr);
+        svm.svm->notifier_lock().AssertReaderHeld();  // nl, above (the analysis does not follow lambdas)
         if (!(r->present.load() & (1u << dev.id)) || !svm.svm->PagesValid(r->rpages)) return;
         const uint64_t s = std::max(r->start(), rs.start), e = std::min(r->end(), rs.end);
         if (r->rpages.has_devmem_pages() && r->rpages.dpagemap() == dev.pagemap.get()) {
@@ -819,6 +821,7 @@ void Vm::Impl::DestroyBinding(Binding* b) {
   // cut out, yet count as valid here: invalidate them, so the next fault
   // in the span maps it (else it is replayed as valid and faults again,
   // forever; found by usvm fuzz, seed 11 op 13631).
+  svm.svm->driver_lock().AssertHeld();  // every caller holds it (Unbind, Detach, the userptr path)
   svm.svm->ForEachNotifierSafe(start, end, [&](gpusvm::Notifier* n) {
     gpusvm::GpuSvm::ForEachRangeSafe(n, start, end, [&](gpusvm::Range* gr) {
       auto* r = static_cast<DrvRange*>(gr);
