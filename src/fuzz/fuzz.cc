@@ -152,6 +152,16 @@ class Worker {
   Op Generate();
   // Runs one op against the machine and the model: "" or the mismatch.
   std::string Execute(const Op& op);
+  // FuzzConfig::watch_va: after an op, prints the op and the page's state
+  // at that address if it changed (stderr).
+  void Watch(const Op& op) {
+    if (!c_.watch_va) return;
+    const uint64_t va = c_.watch_va & ~(kPage - 1);
+    std::string d = Describe(model_, *m_.as, va);
+    if (d == watched_) return;
+    fmt::print(stderr, "watch #{} [{}]: {}\n", op_index_, OpToString(op), d);
+    watched_ = std::move(d);
+  }
   std::string FullCheck(const char* when);
   std::string CheckPin(const PinRec& pin, const Op* op);
   // Unpins, unbinds, ends the children (end of run).
@@ -235,6 +245,7 @@ class Worker {
   std::vector<Op> ops_;
   std::vector<OpNote> notes_;
   uint64_t op_index_ = 0;
+  std::string watched_;
   OpNote* note_ = nullptr;
 
  public:
@@ -1251,6 +1262,7 @@ Outcome RunOne(const FuzzConfig& c, const std::vector<Op>* fixed, std::atomic<bo
         break;
       const Op op = fixed ? (*fixed)[i] : w.Generate();
       if (auto e = w.Execute(op); !e.empty()) return e;
+      w.Watch(op);
       w.progress.fetch_add(1, std::memory_order_relaxed);
       if (c.check_every && ++since_check >= c.check_every) {
         since_check = 0;

@@ -193,6 +193,7 @@ struct FuzzArgs {
   bool no_shrink = false;
   double shrink_time = 60;
   bool racer = false;
+  std::string watch;
 };
 
 // `usvm fuzz`: random programs against the reference model (docs/fuzz.md).
@@ -210,6 +211,11 @@ int Fuzz(const FuzzArgs& a) {
   c.shrink = !a.no_shrink;
   c.shrink_time_s = a.shrink_time;
   c.racer = a.racer;
+  if (!a.watch.empty()) {
+    char* end = nullptr;
+    c.watch_va = std::strtoull(a.watch.c_str(), &end, 0);
+    if (!end || *end || c.watch_va == 0) return Fail(fmt::format("fuzz: --watch: not an address: {}", a.watch));
+  }
   if (c.slots < c.threads) c.slots = c.threads;
   auto r = usvm::fuzz::RunFuzz(c);
   if (!r) return Fail(fmt::format("fuzz: {}", r.error().ToString()));
@@ -298,6 +304,7 @@ int main(int argc, char** argv) {
   fuzz->add_option("--repro", fa.repro, "where to write the reproducer scenario (default fuzz-repro-seedS.yaml)");
   fuzz->add_option("--shrink-time", fa.shrink_time, "seconds the shrinker may take")->check(CLI::Range(0.0, 1e6));
   fuzz->add_flag("--no-shrink", fa.no_shrink, "report the failing op without shrinking");
+  fuzz->add_option("--watch", fa.watch, "print every change of the page at this address (model, CPU and GPU views)");
   fuzz->add_flag("--racer", fa.racer,
                  "a thread beside the workers that migrates, evicts, reads and forks at random (docs/fuzz.md)");
 

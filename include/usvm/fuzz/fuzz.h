@@ -96,6 +96,9 @@ struct FuzzConfig {
   // racer moves bytes, never changes them); runs are not reproducible op
   // for op. Not with --inject.
   bool racer = false;
+  // Debugging: after every op that changed it, print what the model, the
+  // CPU page table and each GPU hold at this address (0: off).
+  uint64_t watch_va = 0;
   bool verbose = false;
 };
 
