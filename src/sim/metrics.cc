@@ -116,9 +116,9 @@ std::string Us(uint64_t ns) {
 std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
   const Metrics& m = r.metrics;
   std::vector<std::pair<std::string, std::string>> rows;
-  rows.push_back({"policies (migration / eviction / thrashing / access counters)",
-                  fmt::format("{} / {} / {} / {}", m.migration_policy, m.eviction_policy, m.thrashing_policy,
-                              m.access_counter_policy)});
+  rows.push_back({"policies", fmt::format("migration {}, eviction {}, thrashing {}, access counters {}",
+                                          m.migration_policy, m.eviction_policy, m.thrashing_policy,
+                                          m.access_counter_policy)});
   rows.push_back({"GPU faults (cancelled)", fmt::format("{} ({})", m.gpu_faults, m.gpu_faults_cancelled)});
   rows.push_back({"fault service p50 / p99", fmt::format("{} / {}", Us(m.fault_latency_p50_ns), Us(m.fault_latency_p99_ns))});
   rows.push_back({"migrations to VRAM", fmt::format("{} ({})", m.migrations_to_vram, FormatBytes(m.bytes_to_vram))});
@@ -133,9 +133,9 @@ std::vector<std::pair<std::string, std::string>> Rows(const RunResult& r) {
   }
   rows.push_back({"policy prefetches", fmt::format("{} ({})", m.policy_prefetches, FormatBytes(m.policy_prefetch_bytes))});
   rows.push_back({"throttles / pins (pinned faults)", fmt::format("{} / {} ({})", m.throttles, m.pins, m.pinned_faults)});
-  rows.push_back({"access counter notifications (migrated, thrashing skips, dropped)",
-                  fmt::format("{} ({}: {}, {}, {})", m.ac_notifications, m.ac_migrations, FormatBytes(m.ac_migrated_bytes),
-                              m.ac_thrashing_skips, m.ac_dropped)});
+  rows.push_back({"access counter notifications",
+                  fmt::format("{} (migrated {}: {}; thrashing skips {}; dropped {})", m.ac_notifications,
+                              m.ac_migrations, FormatBytes(m.ac_migrated_bytes), m.ac_thrashing_skips, m.ac_dropped)});
   rows.push_back({"invalidations (TLB flushes)", fmt::format("{} ({})", m.invalidations, m.tlb_flushes)});
   rows.push_back({"invalidation time (p50, p99)", fmt::format("{} ({}, {})", Us(m.invalidation_ns),
                                                             Us(m.invalidation_p50_ns), Us(m.invalidation_p99_ns))});
