@@ -20,7 +20,7 @@ TEST(FuzzConcurrency, TwoThreadsTwoGpus) {
   EXPECT_GT(r->ops_done, 0u);
 }
 
-// The racer migrates, evicts, reads and forks over every slot beside the
+// The racer migrates, evicts, faults pages in and forks over every slot beside the
 // workers, and holds every 4th fault between get-pages and commit: the
 // commits that raced must retry (docs/fuzz.md: without the retry this
 // fails within a few hundred ops).
